@@ -1,0 +1,165 @@
+//! `agentq enqueue`, `agentq jobs`, `agentq inspect`.
+
+use std::io::Read;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::output::{self, opt};
+use super::{CliError, CliResult, Global, duration_arg, size_arg};
+use crate::queue::JobSpec;
+use crate::queue::inspect::{self, JobState};
+
+/// `agentq enqueue`.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Queue name.
+    #[arg(long)]
+    queue: String,
+    /// Tenant the job belongs to.
+    #[arg(long)]
+    tenant: String,
+    /// Task kind (a folder in the workers directory).
+    #[arg(long)]
+    kind: String,
+    /// Payload: JSON text, @file, or - for stdin.
+    #[arg(long, default_value = "{}", allow_hyphen_values = true)]
+    payload: String,
+    /// Timeout, e.g. 30s (default: the kind's).
+    #[arg(long, value_parser = duration_arg)]
+    timeout: Option<Duration>,
+    /// Memory cap, e.g. 256MiB (default: the kind's).
+    #[arg(long, value_parser = size_arg)]
+    memory: Option<u64>,
+    /// Start no earlier than this from now, e.g. 5m.
+    #[arg(long, value_parser = duration_arg)]
+    delay: Option<Duration>,
+    /// -100..=100, higher runs first within the tenant.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Attempts before the job goes dead (default 3).
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// A second enqueue with the same key returns the first job's id.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+}
+
+fn read_payload(arg: &str) -> Result<String, CliError> {
+    if arg == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| CliError::Usage(format!("cannot read the payload from stdin: {e}")))?;
+        Ok(s)
+    } else if let Some(path) = arg.strip_prefix('@') {
+        std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("cannot read payload file {path}: {e}")))
+    } else {
+        Ok(arg.to_string())
+    }
+}
+
+pub(super) async fn enqueue(g: &Global, a: EnqueueArgs) -> CliResult {
+    let spec = JobSpec {
+        tenant: a.tenant,
+        queue: a.queue,
+        kind: a.kind,
+        payload: read_payload(&a.payload)?.trim().to_string(),
+        timeout: a.timeout,
+        memory: a.memory,
+        delay: a.delay,
+        priority: a.priority,
+        max_attempts: a.max_attempts,
+        idempotency_key: a.idempotency_key,
+    };
+    // Check the input before touching the network: bad input is exit 2 even when Redis is down.
+    spec.validate(1 << 20)?;
+    let queue = g.queue().await?;
+    let e = queue.enqueue(&spec).await?;
+    println!("{}", e.id);
+    Ok(())
+}
+
+/// `agentq jobs`.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Queue name.
+    #[arg(long)]
+    queue: String,
+    /// Only this tenant's jobs.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// ready, delayed, running or dead (default: all).
+    #[arg(long)]
+    state: Option<JobState>,
+    /// Most jobs to list.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(super) async fn list(g: &Global, a: JobsArgs) -> CliResult {
+    crate::queue::job::validate_name("queue", &a.queue)?;
+    if let Some(t) = &a.tenant {
+        crate::queue::job::validate_name("tenant", t)?;
+    }
+    let queue = g.queue().await?;
+    let jobs = inspect::list_jobs(&queue, &a.queue, a.tenant.as_deref(), a.state, a.limit.clamp(1, 10_000)).await?;
+    if a.json {
+        output::json(&jobs);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.tenant.clone(),
+                j.kind.clone(),
+                j.state.clone(),
+                j.attempts.to_string(),
+                opt(&j.enqueued_at),
+                j.last_error.as_deref().map(|e| e.lines().next().unwrap_or("").chars().take(60).collect()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(&["id", "tenant", "kind", "state", "attempts", "enqueued_at", "last_error"], &rows);
+    Ok(())
+}
+
+/// `agentq inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Job id (as printed by enqueue).
+    id: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(super) async fn inspect(g: &Global, a: InspectArgs) -> CliResult {
+    let queue = g.queue().await?;
+    let info = inspect::job_info(&queue, &a.id).await?;
+    if a.json {
+        output::json(&info);
+        return Ok(());
+    }
+    let v = serde_json::to_value(&info).map_err(anyhow::Error::from)?;
+    if let serde_json::Value::Object(map) = v {
+        let rows: Vec<Vec<String>> = map
+            .into_iter()
+            .map(|(k, v)| {
+                let s = match v {
+                    serde_json::Value::Null => "-".into(),
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                vec![k, s]
+            })
+            .collect();
+        output::table(&["field", "value"], &rows);
+    }
+    Ok(())
+}

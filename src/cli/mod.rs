@@ -1,0 +1,174 @@
+//! The `agentq` command line (DESIGN.md, "Command-line surface").
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (one
+//! line saying what was wrong and how to fix it; nothing is written).
+
+mod jobs;
+mod ops;
+pub mod output;
+mod run;
+
+pub use run::cancel_on_signals;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Overrides, Settings};
+use crate::queue::{Queue, QueueConfig, QueueError};
+
+/// A command's failure, carrying its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad usage or input: exit 2.
+    #[error("{0}")]
+    Usage(String),
+    /// Runtime failure: exit 1.
+    #[error("{0:#}")]
+    Runtime(#[from] anyhow::Error),
+}
+
+impl From<QueueError> for CliError {
+    fn from(e: QueueError) -> Self {
+        if e.is_input() { CliError::Usage(e.to_string()) } else { CliError::Runtime(e.into()) }
+    }
+}
+
+impl From<crate::config::ConfigError> for CliError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        CliError::Usage(e.to_string())
+    }
+}
+
+/// Result of a command.
+pub type CliResult = Result<(), CliError>;
+
+/// agentq: durable, multi-tenant job queue workers with fair scheduling, hard limits and a usage ledger.
+#[derive(Debug, Parser)]
+#[command(name = "agentq", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Connection settings.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Redis URL [env: AGENTQ_REDIS_URL, REDIS_URL] [default: redis://127.0.0.1:6379]
+    #[arg(long, global = true)]
+    pub redis_url: Option<String>,
+    /// PostgreSQL URL [env: AGENTQ_DATABASE_URL, DATABASE_URL]
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+    /// Redis key namespace [env: AGENTQ_NAMESPACE] [default: agentq]
+    #[arg(long, global = true)]
+    pub namespace: Option<String>,
+    /// Redis partitions tenants are spread over [env: AGENTQ_PARTITIONS] [default: 1]
+    #[arg(long, global = true)]
+    pub partitions: Option<u32>,
+    /// Config file [default: ./agentq.toml if present]
+    #[arg(long, global = true)]
+    pub config: Option<String>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a worker until SIGINT/SIGTERM.
+    Worker(run::WorkerArgs),
+    /// Enqueue one job; prints its id.
+    Enqueue(jobs::EnqueueArgs),
+    /// Per queue: ready, delayed, running, dead, paused.
+    Queues(ops::ListArgs),
+    /// Per tenant: ready, running/cap, why held.
+    Tenants(ops::TenantsArgs),
+    /// List jobs of a queue.
+    Jobs(jobs::JobsArgs),
+    /// Every field of one job.
+    Inspect(jobs::InspectArgs),
+    /// Stop new starts on a queue (or one tenant on it).
+    Pause(ops::PauseArgs),
+    /// Undo a pause.
+    Resume(ops::PauseArgs),
+    /// Tenant limits.
+    #[command(subcommand)]
+    Tenant(ops::TenantCommand),
+    /// Run the demo: a worker pool and a mixed multi-tenant workload.
+    Demo(crate::demo::DemoArgs),
+}
+
+/// Parse `500ms`, `30s`, `5m` for clap.
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    crate::units::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Parse `256MiB` for clap.
+pub fn size_arg(s: &str) -> Result<u64, String> {
+    crate::units::parse_size(s).map_err(|e| e.to_string())
+}
+
+impl Global {
+    /// Resolve the settings.
+    pub fn settings(&self) -> Result<Settings, CliError> {
+        Ok(Settings::resolve(&Overrides {
+            redis_url: self.redis_url.clone(),
+            database_url: self.database_url.clone(),
+            namespace: self.namespace.clone(),
+            partitions: self.partitions,
+            config: self.config.clone(),
+        })?)
+    }
+
+    /// Connect to the queue.
+    pub async fn queue(&self) -> Result<Queue, CliError> {
+        let s = self.settings()?;
+        connect(&s, &s.redis_url).await
+    }
+}
+
+/// Connect to Redis at `url` with the layout in `s`.
+pub async fn connect(s: &Settings, url: &str) -> Result<Queue, CliError> {
+    let mut cfg = QueueConfig::new(url);
+    cfg.namespace = s.namespace.clone();
+    cfg.partitions = s.partitions;
+    Queue::connect(cfg).await.map_err(|e| match e {
+        QueueError::Redis(re) => CliError::Runtime(anyhow::anyhow!(
+            "cannot reach Redis at {}: {re}; is redis-server running? (set AGENTQ_REDIS_URL or --redis-url)",
+            crate::config::redact_url(url)
+        )),
+        other => other.into(),
+    })
+}
+
+/// Run a parsed command line and map the result to an exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let g = &cli.global;
+    let result = match cli.command {
+        Command::Worker(a) => run::worker(g, a).await,
+        Command::Enqueue(a) => jobs::enqueue(g, a).await,
+        Command::Queues(a) => ops::queues(g, a).await,
+        Command::Tenants(a) => ops::tenants(g, a).await,
+        Command::Jobs(a) => jobs::list(g, a).await,
+        Command::Inspect(a) => jobs::inspect(g, a).await,
+        Command::Pause(a) => ops::pause(g, a, true).await,
+        Command::Resume(a) => ops::pause(g, a, false).await,
+        Command::Tenant(c) => ops::tenant(g, c).await,
+        Command::Demo(a) => crate::demo::run(g, a).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Usage(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(2)
+        }
+        Err(CliError::Runtime(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! `agentq worker`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::{CliError, CliResult, Global, duration_arg};
+use crate::executor::{Handlers, Registry};
+use crate::worker::{Worker, WorkerConfig};
+
+/// `agentq worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Queues to claim from, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "default")]
+    queues: Vec<String>,
+    /// Attempts run at once by this worker.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Folder of task kinds (`<kind>/worker.toml`).
+    #[arg(long, env = "AGENTQ_WORKERS_DIR", default_value = "workers")]
+    workers_dir: PathBuf,
+    /// Wait this long for running attempts on SIGTERM before handing them back.
+    #[arg(long, value_parser = duration_arg, default_value = "30s")]
+    shutdown_grace: Duration,
+    /// Lease duration: a crashed worker's jobs run again after this.
+    #[arg(long, value_parser = duration_arg, default_value = "30s")]
+    lease: Duration,
+    /// SIGTERM-to-SIGKILL grace for task processes at their timeout.
+    #[arg(long, value_parser = duration_arg, default_value = "5s")]
+    kill_grace: Duration,
+    /// First retry delay (doubles per attempt, with jitter).
+    #[arg(long, value_parser = duration_arg, default_value = "1s")]
+    backoff_base: Duration,
+    /// Worker id [default: host-pid-random].
+    #[arg(long)]
+    id: Option<String>,
+}
+
+impl WorkerArgs {
+    /// The worker configuration these flags describe.
+    pub fn config(&self) -> Result<WorkerConfig, CliError> {
+        for q in &self.queues {
+            crate::queue::job::validate_name("queue", q)?;
+        }
+        if !(1..=4096).contains(&self.concurrency) {
+            return Err(CliError::Usage("--concurrency must be 1..=4096".into()));
+        }
+        if self.lease < Duration::from_millis(300) {
+            return Err(CliError::Usage("--lease must be at least 300ms".into()));
+        }
+        let mut cfg = WorkerConfig::new(self.queues.clone());
+        if let Some(id) = &self.id {
+            crate::queue::job::validate_name("worker id", id)?;
+            cfg.id = id.clone();
+        }
+        cfg.concurrency = self.concurrency;
+        cfg.shutdown_grace = self.shutdown_grace;
+        cfg.lease = self.lease;
+        cfg.kill_grace = self.kill_grace;
+        cfg.backoff_base = self.backoff_base;
+        cfg.reap_interval = (self.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        Ok(cfg)
+    }
+}
+
+/// Cancel `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) -> Result<(), CliError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(anyhow::Error::from)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(anyhow::Error::from)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
+    let cfg = a.config()?;
+    let registry = Registry::load(&a.workers_dir).map_err(|e| CliError::Usage(e.to_string()))?;
+    if registry.is_empty() {
+        tracing::warn!(dir = %a.workers_dir.display(), "no task kinds found; only in-process kinds (noop) will run");
+    }
+    let queue = g.queue().await?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone())?;
+    let summary = Worker::new(queue, cfg, registry, Handlers::with_builtins()).run(shutdown).await?;
+    tracing::info!(
+        started = summary.started,
+        completed = summary.completed,
+        refused = summary.refused,
+        released = summary.released,
+        "worker stopped"
+    );
+    Ok(())
+}

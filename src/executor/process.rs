@@ -1,0 +1,916 @@
+//! One task attempt as its own process (Linux).
+//!
+//! Lifecycle of [`run_process`]:
+//! 1. Resolve the program, create a fresh temporary working directory.
+//! 2. Spawn with `std::process::Command`: clean environment (only the
+//!    manifest's `env` names), its own process group, stdin/stdout/stderr
+//!    piped, and a `pre_exec` hook that sets the memory cap (`RLIMIT_DATA`)
+//!    and marks every descriptor >= 3 close-on-exec.
+//! 3. Write the job JSON to stdin from a separate task (a program that never
+//!    reads stdin cannot block the worker), read stdout and stderr
+//!    concurrently into bounded tail buffers.
+//! 4. Wait for the exit without reaping (pidfd + `waitid(WNOWAIT)`), racing
+//!    the timeout and the cancel token. At the deadline (or on cancel) the
+//!    group gets SIGTERM, then SIGKILL after the grace.
+//! 5. Once the main process has exited, SIGKILL the whole group (while the
+//!    zombie leader still pins the group id) so descendants that outlive it
+//!    die too, then reap it with `wait4` to get CPU times and peak RSS.
+//! 6. Classify the result and remove the working directory.
+//!
+//! If the future is dropped midway, a guard kills the group and reaps the
+//! child on a helper thread, so no process or zombie is left behind.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
+use tokio_util::sync::CancellationToken;
+
+use super::{EXIT_PERMANENT, INTERRUPTED, Limits, Manifest, Outcome, Report, TaskInput, TaskUsage};
+use crate::units::{format_duration, format_size};
+
+/// At most this much of stdout is kept (the tail); the result is its last
+/// non-empty line.
+pub const STDOUT_KEEP: usize = 1 << 20;
+/// At most this much of stderr is kept (the tail).
+pub const STDERR_KEEP: usize = 4 << 10;
+/// At most this much of the stderr tail goes into [`Report::error`].
+pub const ERROR_TAIL: usize = 2 << 10;
+/// How long to keep reading stdout/stderr after the process group was
+/// killed. Only matters when a descendant escaped the group (setsid) and
+/// still holds the pipes open.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Spawn retries on ETXTBSY (a program file that is still open for writing
+/// in a concurrently forked process; transient).
+const TXTBSY_RETRIES: u32 = 10;
+
+/// Markers in stderr that mean an allocation failed (matched case-insensitively).
+const ALLOC_FAILURE_MARKERS: [&str; 6] = [
+    "memoryerror",
+    "memory allocation of",
+    "out of memory",
+    "cannot allocate memory",
+    "bad_alloc",
+    "enomem",
+];
+
+/// Decides whether a failed attempt ran out of memory.
+///
+/// True when a cap was set, the attempt failed (non-zero exit or signal), and
+/// either stderr shows an allocation failure (`MemoryError`, `memory
+/// allocation of`, `out of memory`, `Cannot allocate memory`, `bad_alloc`,
+/// `ENOMEM`, case-insensitive) or the peak RSS reached 90% of the cap.
+///
+/// With `RLIMIT_DATA` the kernel does not kill the program: its allocations
+/// fail and it usually dies with one of these messages (or aborts), which is
+/// why the classification looks at stderr.
+pub fn is_memory_exceeded(cap: Option<u64>, failed: bool, peak_rss: u64, stderr_tail: &str) -> bool {
+    let Some(cap) = cap else { return false };
+    if !failed {
+        return false;
+    }
+    let lower = stderr_tail.to_ascii_lowercase();
+    ALLOC_FAILURE_MARKERS.iter().any(|m| lower.contains(m))
+        || u128::from(peak_rss) * 10 >= u128::from(cap) * 9
+}
+
+/// Runs one attempt of `m` with `input` on stdin under `limits`.
+///
+/// Never panics and always returns a [`Report`]: spawn failures (missing
+/// program, permission denied) are permanent failures; timeouts are
+/// [`Outcome::TimedOut`]; hitting the memory cap is
+/// [`Outcome::MemoryExceeded`]; exit code 65 is a permanent failure. When
+/// `cancel` fires (worker shutdown) the group gets SIGTERM, SIGKILL after
+/// `limits.kill_grace`, and the report is a retryable failure with error
+/// `"interrupted: worker shutting down"`.
+pub async fn run_process(
+    m: &Manifest,
+    input: &TaskInput,
+    limits: &Limits,
+    cancel: CancellationToken,
+) -> Report {
+    if cancel.is_cancelled() {
+        return Report::failed(INTERRUPTED, false);
+    }
+    let Some(program_name) = m.command.first() else {
+        return Report::failed(
+            format!("kind {:?} has an empty command in its manifest", m.kind),
+            true,
+        );
+    };
+    let program = match resolve_program(program_name, &m.dir, std::env::var_os("PATH")) {
+        Ok(p) => p,
+        Err(e) => return Report::failed(e, true),
+    };
+    let stdin_bytes = encode_input(input);
+    let workdir = match tempfile::Builder::new().prefix("agentq-task-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            return Report::failed(
+                format!("cannot create a working directory for the task: {e}"),
+                false,
+            );
+        }
+    };
+
+    let mut cmd = std::process::Command::new(&program);
+    cmd.args(&m.command[1..])
+        .env_clear()
+        .current_dir(workdir.path())
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for name in &m.env {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    let memory = limits.memory;
+    // SAFETY: the hook only calls async-signal-safe functions (setrlimit,
+    // the close_range syscall) and does not allocate.
+    unsafe {
+        cmd.pre_exec(move || child_setup(memory));
+    }
+
+    let mut attempt = 0;
+    let (start, mut child) = loop {
+        let start = Instant::now();
+        match cmd.spawn() {
+            Ok(child) => break (start, child),
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < TXTBSY_RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
+            }
+            Err(e) => {
+                let _ = workdir.close();
+                return Report::failed(
+                    format!(
+                        "cannot start task program {:?} ({}): {e}",
+                        program_name,
+                        program.display()
+                    ),
+                    spawn_error_is_permanent(&e),
+                );
+            }
+        }
+    };
+    let pid = child.id() as libc::pid_t;
+    let mut guard = ChildGuard { pid, reaped: false };
+
+    // Pipes: stdin is written by its own task; stdout/stderr read into
+    // bounded buffers. `stop` ends the readers early (drain timeout, drop).
+    let stop = CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
+    let stdin_task = AbortOnDrop(child.stdin.take().map(|s| {
+        tokio::spawn(async move {
+            if let Ok(mut s) = tokio::process::ChildStdin::from_std(s) {
+                // BrokenPipe (the program closed stdin or exited) is fine.
+                let _ = s.write_all(&stdin_bytes).await;
+                let _ = s.shutdown().await;
+            }
+        })
+    }));
+    let stdout_task = child
+        .stdout
+        .take()
+        .and_then(|s| tokio::process::ChildStdout::from_std(s).ok())
+        .map(|s| tokio::spawn(read_tail(s, STDOUT_KEEP, stop.clone())));
+    let stderr_task = child
+        .stderr
+        .take()
+        .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
+        .map(|s| tokio::spawn(read_tail(s, STDERR_KEEP, stop.clone())));
+    // The std Child is only a pid now; dropping it neither waits nor kills.
+    drop(child);
+
+    // Wait for the exit, the deadline or the cancel token.
+    let mut exited = pin!(wait_exit(pid));
+    let mut exit_result = None;
+    let mut ended_by = None;
+    tokio::select! {
+        r = &mut exited => exit_result = Some(r),
+        _ = tokio::time::sleep(limits.timeout) => ended_by = Some(EndedBy::Timeout),
+        _ = cancel.cancelled() => ended_by = Some(EndedBy::Cancel),
+    }
+    let exit_result = match exit_result {
+        Some(r) => r,
+        None => {
+            signal_group(pid, libc::SIGTERM);
+            // A stopped process would not act on SIGTERM until continued.
+            signal_group(pid, libc::SIGCONT);
+            match tokio::time::timeout(limits.kill_grace, &mut exited).await {
+                Ok(r) => r,
+                Err(_) => {
+                    signal_group(pid, libc::SIGKILL);
+                    exited.await
+                }
+            }
+        }
+    };
+    let wall = start.elapsed();
+
+    // Kill whatever is left of the group while the (zombie) leader still pins
+    // the group id, then reap the leader.
+    signal_group(pid, libc::SIGKILL);
+    let reaped = match exit_result {
+        Ok(()) => reap_now(pid),
+        Err(_) => {
+            // Could not observe the exit; make sure it dies and reap blocking.
+            // SAFETY: plain syscall; pid is our unreaped child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            match tokio::task::spawn_blocking(move || reap_now(pid)).await {
+                Ok(r) => r,
+                Err(e) => Err(io::Error::other(e.to_string())),
+            }
+        }
+    };
+    if reaped.is_ok() {
+        guard.reaped = true;
+    }
+
+    // Collect output; bounded in time in case a descendant escaped the group.
+    let stopper = AbortOnDrop(Some({
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+            stop.cancel();
+        })
+    }));
+    let stdout = match stdout_task {
+        Some(t) => t.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let stderr = match stderr_task {
+        Some(t) => t.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    drop(stopper);
+    drop(stdin_task);
+    let _ = tokio::task::spawn_blocking(move || workdir.close()).await;
+
+    let stderr_text = tail_text(&stderr, ERROR_TAIL);
+    let (status, usage) = match reaped {
+        Ok(r) => r,
+        Err(e) => {
+            let mut r = Report::failed(
+                format!("lost track of the task program (pid {pid}): wait4 failed: {e}"),
+                false,
+            );
+            r.wall_ms = millis(wall);
+            return r;
+        }
+    };
+    classify(Finished {
+        ended_by,
+        status,
+        usage,
+        wall,
+        limits,
+        stdout: &stdout,
+        stderr_tail: &stderr_text,
+    })
+}
+
+/// Why the runtime stopped the process (if it did).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EndedBy {
+    Timeout,
+    Cancel,
+}
+
+/// How the main process ended, decoded from the wait status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Resource usage from wait4.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Usage {
+    cpu_user_ms: u64,
+    cpu_sys_ms: u64,
+    peak_rss_bytes: u64,
+}
+
+struct Finished<'a> {
+    ended_by: Option<EndedBy>,
+    status: Status,
+    usage: Usage,
+    wall: Duration,
+    limits: &'a Limits,
+    stdout: &'a [u8],
+    stderr_tail: &'a str,
+}
+
+/// Turns what was observed into a [`Report`] (pure).
+fn classify(f: Finished<'_>) -> Report {
+    let (exit_code, signal) = match f.status {
+        Status::Exited(c) => (Some(c), None),
+        Status::Signaled(s) => (None, Some(s)),
+    };
+    let result = parse_result(f.stdout);
+    let (output, usage, garbage) = match result {
+        Ok((o, u)) => (o, u, None),
+        Err(e) => (None, TaskUsage::default(), Some(e)),
+    };
+    let with_tail = |summary: String| {
+        if f.stderr_tail.is_empty() {
+            summary
+        } else {
+            format!("{summary}\nstderr:\n{}", f.stderr_tail)
+        }
+    };
+    let failed = f.status != Status::Exited(0);
+    let (outcome, permanent, error) = match f.ended_by {
+        Some(EndedBy::Cancel) => (Outcome::Failed, false, Some(INTERRUPTED.to_string())),
+        Some(EndedBy::Timeout) => (
+            Outcome::TimedOut,
+            false,
+            Some(with_tail(format!(
+                "timed out after {}",
+                format_duration(f.limits.timeout)
+            ))),
+        ),
+        None if !failed => match garbage {
+            None => (Outcome::Succeeded, false, None),
+            Some(g) => (Outcome::Failed, false, Some(with_tail(g))),
+        },
+        None if exit_code == Some(EXIT_PERMANENT) => (
+            Outcome::Failed,
+            true,
+            Some(with_tail(format!(
+                "task program failed permanently (exit code {EXIT_PERMANENT})"
+            ))),
+        ),
+        None if is_memory_exceeded(
+            f.limits.memory,
+            failed,
+            f.usage.peak_rss_bytes,
+            f.stderr_tail,
+        ) =>
+        {
+            (
+                Outcome::MemoryExceeded,
+                false,
+                Some(with_tail(format!(
+                    "memory cap {} exceeded ({}, peak RSS {})",
+                    format_size(f.limits.memory.unwrap_or(0)),
+                    describe_status(f.status),
+                    format_size(f.usage.peak_rss_bytes)
+                ))),
+            )
+        }
+        None => (
+            Outcome::Failed,
+            false,
+            Some(with_tail(format!("task program {}", describe_status(f.status)))),
+        ),
+    };
+    Report {
+        outcome,
+        permanent,
+        exit_code,
+        signal,
+        wall_ms: millis(f.wall),
+        cpu_user_ms: f.usage.cpu_user_ms,
+        cpu_sys_ms: f.usage.cpu_sys_ms,
+        peak_rss_bytes: f.usage.peak_rss_bytes,
+        output,
+        usage,
+        error,
+    }
+}
+
+fn describe_status(s: Status) -> String {
+    match s {
+        Status::Exited(c) => format!("exited with code {c}"),
+        Status::Signaled(sig) => match signal_name(sig) {
+            Some(name) => format!("was killed by signal {sig} ({name})"),
+            None => format!("was killed by signal {sig}"),
+        },
+    }
+}
+
+fn signal_name(sig: i32) -> Option<&'static str> {
+    Some(match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        _ => return None,
+    })
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Parses the result line: the last non-empty line of stdout must be a JSON
+/// object with optional `output` and `usage` keys. Empty stdout is a valid
+/// empty result. Returns the error text for garbage.
+fn parse_result(stdout: &[u8]) -> Result<(Option<serde_json::Value>, TaskUsage), String> {
+    let text = String::from_utf8_lossy(stdout);
+    let Some(line) = text.lines().map(str::trim).rev().find(|l| !l.is_empty()) else {
+        return Ok((None, TaskUsage::default()));
+    };
+    let garbage = || {
+        let shown: String = line.chars().take(200).collect();
+        format!("task program printed a result that is not a JSON object: {shown}")
+    };
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|_| garbage())?;
+    let serde_json::Value::Object(mut obj) = value else {
+        return Err(garbage());
+    };
+    let output = match obj.remove("output") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(v),
+    };
+    let usage = match obj.get("usage") {
+        None | Some(serde_json::Value::Null) => TaskUsage::default(),
+        Some(serde_json::Value::Object(u)) => {
+            let field = |key: &str| -> Result<u64, String> {
+                match u.get(key) {
+                    None | Some(serde_json::Value::Null) => Ok(0),
+                    Some(v) => v.as_u64().ok_or_else(|| {
+                        let shown: String = v.to_string().chars().take(50).collect();
+                        format!(
+                            "task program printed a result with invalid usage: usage.{key} must be a non-negative integer, got {shown}"
+                        )
+                    }),
+                }
+            };
+            TaskUsage {
+                api_calls: field("api_calls")?,
+                input_tokens: field("input_tokens")?,
+                output_tokens: field("output_tokens")?,
+            }
+        }
+        Some(_) => {
+            return Err(
+                "task program printed a result with invalid usage: usage must be an object like {\"api_calls\": 1, \"input_tokens\": 10, \"output_tokens\": 5}"
+                    .to_string(),
+            );
+        }
+    };
+    Ok((output, usage))
+}
+
+/// The last `max` bytes of `bytes` as trimmed text (lossy UTF-8).
+fn tail_text(bytes: &[u8], max: usize) -> String {
+    let start = bytes.len().saturating_sub(max);
+    let text = String::from_utf8_lossy(&bytes[start..]);
+    text.trim().to_string()
+}
+
+/// The job as one JSON line: `{"id","tenant","queue","kind","attempt","payload"}`.
+/// The payload is passed through verbatim except that insignificant
+/// whitespace is removed, so the object always fits on one line.
+fn encode_input(input: &TaskInput) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        id: &'a str,
+        tenant: &'a str,
+        queue: &'a str,
+        kind: &'a str,
+        attempt: u32,
+        payload: &'a RawValue,
+    }
+    let compacted = RawValue::from_string(compact_json(input.payload.get())).ok();
+    let payload: &RawValue = compacted.as_deref().unwrap_or(&input.payload);
+    let wire = Wire {
+        id: &input.id,
+        tenant: &input.tenant,
+        queue: &input.queue,
+        kind: &input.kind,
+        attempt: input.attempt,
+        payload,
+    };
+    let mut out = serde_json::to_vec(&wire).unwrap_or_else(|_| b"{}".to_vec());
+    out.push(b'\n');
+    out
+}
+
+/// Removes whitespace outside strings from (valid) JSON text.
+fn compact_json(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in s.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Finds the program: absolute as is; containing a `/`: relative to the
+/// kind's folder; a bare name: searched on the worker's `PATH`.
+fn resolve_program(name: &str, dir: &Path, path_var: Option<OsString>) -> Result<PathBuf, String> {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    if name.contains('/') {
+        let base = if dir.is_absolute() {
+            dir.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map_err(|e| format!("cannot resolve {name:?}: current directory: {e}"))?
+                .join(dir)
+        };
+        return Ok(base.join(p));
+    }
+    if let Some(path_var) = path_var {
+        for d in std::env::split_paths(&path_var) {
+            let candidate = d.join(p);
+            if is_executable_file(&candidate) {
+                return Ok(if candidate.is_absolute() {
+                    candidate
+                } else {
+                    std::env::current_dir().map(|c| c.join(&candidate)).unwrap_or(candidate)
+                });
+            }
+        }
+    }
+    Err(format!(
+        "cannot start task program {name:?}: not found on the worker's PATH (write an absolute path or ./name relative to the kind's folder)"
+    ))
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Spawn errors that retrying cannot fix.
+fn spawn_error_is_permanent(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::ENOEXEC | libc::ENOTDIR | libc::ELOOP | libc::ENAMETOOLONG | libc::EISDIR | libc::E2BIG)
+    )
+}
+
+/// Runs in the child between fork and exec: async-signal-safe calls only.
+fn child_setup(memory: Option<u64>) -> io::Result<()> {
+    if let Some(cap) = memory {
+        // RLIMIT_DATA rather than RLIMIT_AS: since Linux 4.7 RLIMIT_DATA
+        // counts private writable mappings (heap, anonymous mmap, i.e. the
+        // memory a program actually allocates) but not PROT_NONE
+        // reservations, shared file mappings or thread stacks. Runtimes such
+        // as Go, the JVM, V8/Node and anything using jemalloc or large
+        // guard regions reserve gigabytes of address space up front and
+        // would fail to even start under an RLIMIT_AS of a few hundred MiB.
+        let rl = libc::rlimit {
+            rlim_cur: cap as libc::rlim_t,
+            rlim_max: cap as libc::rlim_t,
+        };
+        // SAFETY: plain syscall with a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_DATA, &rl) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // No inherited descriptors beyond 0/1/2: mark everything else
+    // close-on-exec (not closed outright: std reports exec failures through
+    // its own CLOEXEC pipe, which must stay open until exec). Needs Linux
+    // 5.11; on older kernels std's and tokio's descriptors are already
+    // CLOEXEC, so failure is ignored.
+    // SAFETY: plain syscall with integer arguments.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+    }
+    Ok(())
+}
+
+/// Sends `sig` to the process group `pgid`; ESRCH (nothing left) is fine.
+fn signal_group(pgid: libc::pid_t, sig: libc::c_int) {
+    // SAFETY: plain syscall.
+    unsafe {
+        libc::killpg(pgid, sig);
+    }
+}
+
+/// Waits until `pid` (our child) has exited, without reaping it.
+async fn wait_exit(pid: libc::pid_t) -> io::Result<()> {
+    match pidfd_open(pid) {
+        // SAFETY: the OwnedFd is a valid open descriptor owned by the AsyncFd
+        // for its whole lifetime.
+        Ok(fd) => match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+            Ok(afd) => loop {
+                let mut ready = afd.readable().await?;
+                if has_exited(pid)? {
+                    return Ok(());
+                }
+                ready.clear_ready();
+            },
+            Err(_) => wait_exit_blocking(pid).await,
+        },
+        Err(_) => wait_exit_blocking(pid).await,
+    }
+}
+
+async fn wait_exit_blocking(pid: libc::pid_t) -> io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        loop {
+            // SAFETY: zeroed siginfo_t is a valid out-parameter.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: valid pointer; pid is our child.
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    })
+    .await
+    .map_err(|e| io::Error::other(e.to_string()))?
+}
+
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // pidfd_open sets O_CLOEXEC itself.
+    // SAFETY: the syscall returned a new descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Non-blocking: has our child `pid` exited (not yet reaped)?
+fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
+    loop {
+        // SAFETY: zeroed siginfo_t is a valid out-parameter.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer; pid is our child.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            // SAFETY: waitid filled in info (si_pid is 0 when nothing exited).
+            return Ok(unsafe { info.si_pid() } != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Reaps `pid` with wait4 (blocking until it exits) and decodes status and
+/// rusage.
+fn reap_now(pid: libc::pid_t) -> io::Result<(Status, Usage)> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: zeroed rusage is a valid out-parameter.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointers; pid is our child.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            let st = if libc::WIFSIGNALED(status) {
+                Status::Signaled(libc::WTERMSIG(status))
+            } else {
+                Status::Exited(libc::WEXITSTATUS(status))
+            };
+            let ms = |tv: libc::timeval| -> u64 {
+                (tv.tv_sec.max(0) as u64) * 1000 + (tv.tv_usec.max(0) as u64) / 1000
+            };
+            let usage = Usage {
+                cpu_user_ms: ms(ru.ru_utime),
+                cpu_sys_ms: ms(ru.ru_stime),
+                // ru_maxrss is in KiB on Linux.
+                peak_rss_bytes: (ru.ru_maxrss.max(0) as u64).saturating_mul(1024),
+            };
+            return Ok((st, usage));
+        }
+        let e = io::Error::last_os_error();
+        if r < 0 && e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Err(if r < 0 { e } else { io::Error::other("wait4 returned an unexpected pid") });
+    }
+}
+
+/// Reads `r` to the end (or until `stop`), keeping only the last `keep` bytes.
+async fn read_tail<R: AsyncRead + Unpin>(mut r: R, keep: usize, stop: CancellationToken) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            res = r.read(&mut chunk) => match res {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            },
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        // Amortized trimming: let the buffer grow to 2x before cutting.
+        if buf.len() > keep * 2 {
+            buf.drain(..buf.len() - keep);
+        }
+    }
+    if buf.len() > keep {
+        buf.drain(..buf.len() - keep);
+    }
+    buf
+}
+
+/// Kills and reaps the child if `run_process` is dropped before it did.
+struct ChildGuard {
+    pid: libc::pid_t,
+    reaped: bool,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let pid = self.pid;
+        signal_group(pid, libc::SIGKILL);
+        // SAFETY: plain syscall; pid is our unreaped child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = std::thread::Builder::new()
+            .name("agentq-reap".into())
+            .spawn(move || {
+                let _ = reap_now(pid);
+            });
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_classification() {
+        let mib = 1 << 20;
+        // No cap or not failed: never.
+        assert!(!is_memory_exceeded(None, true, 10 * mib, "MemoryError"));
+        assert!(!is_memory_exceeded(Some(64 * mib), false, 64 * mib, "MemoryError"));
+        // Markers, case-insensitive.
+        for s in [
+            "Traceback...\nMemoryError",
+            "memory allocation of 1048576 bytes failed",
+            "fatal: Out of memory",
+            "mmap: Cannot allocate memory",
+            "terminate called after throwing an instance of 'std::bad_alloc'",
+            "error: enomem",
+        ] {
+            assert!(is_memory_exceeded(Some(64 * mib), true, mib, s), "{s}");
+        }
+        // Peak RSS at >= 90% of the cap.
+        assert!(is_memory_exceeded(Some(100 * mib), true, 90 * mib, ""));
+        assert!(!is_memory_exceeded(Some(100 * mib), true, 89 * mib, "segfault"));
+        assert!(is_memory_exceeded(Some(u64::MAX), true, u64::MAX, ""));
+    }
+
+    #[test]
+    fn result_line() {
+        assert_eq!(parse_result(b"").unwrap(), (None, TaskUsage::default()));
+        assert_eq!(parse_result(b"\n  \n").unwrap(), (None, TaskUsage::default()));
+        let (o, u) = parse_result(
+            b"log line\n{\"output\": {\"a\": 1}, \"usage\": {\"api_calls\": 2, \"input_tokens\": 3}}\n\n",
+        )
+        .unwrap();
+        assert_eq!(o, Some(serde_json::json!({"a": 1})));
+        assert_eq!(
+            u,
+            TaskUsage {
+                api_calls: 2,
+                input_tokens: 3,
+                output_tokens: 0
+            }
+        );
+        assert_eq!(parse_result(b"{}").unwrap(), (None, TaskUsage::default()));
+        for bad in [
+            &b"not json"[..],
+            b"[1,2]",
+            b"42",
+            b"{\"usage\": {\"api_calls\": -1}}",
+            b"{\"usage\": {\"api_calls\": 1.5}}",
+            b"{\"usage\": 3}",
+            b"{\"output\": 1}\ntrailing",
+        ] {
+            assert!(parse_result(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let e = parse_result(b"hello").unwrap_err();
+        assert_eq!(e, "task program printed a result that is not a JSON object: hello");
+    }
+
+    #[test]
+    fn compacting_keeps_strings() {
+        assert_eq!(
+            compact_json("{ \"a b\" : [1,\n 2],\r\n\t\"c\\\" d\": \" x \" }"),
+            "{\"a b\":[1,2],\"c\\\" d\":\" x \"}"
+        );
+        let input = TaskInput {
+            id: "1".into(),
+            tenant: "t".into(),
+            queue: "q".into(),
+            kind: "k".into(),
+            attempt: 1,
+            payload: RawValue::from_string("{\n \"x\": \"a\\nb\"\n}".into()).unwrap(),
+        };
+        let line = encode_input(&input);
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert!(line.ends_with(b"}\n"));
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["payload"]["x"], "a\nb");
+    }
+
+    #[test]
+    fn program_resolution() {
+        let dir = Path::new("/w/k");
+        assert_eq!(resolve_program("./run", dir, None).unwrap(), Path::new("/w/k/./run"));
+        assert_eq!(resolve_program("/bin/sh", dir, None).unwrap(), Path::new("/bin/sh"));
+        assert!(resolve_program("sh", dir, Some("/usr/bin:/bin".into())).is_ok());
+        let e = resolve_program("no-such-prog-xyz", dir, Some("/usr/bin".into())).unwrap_err();
+        assert!(e.contains("no-such-prog-xyz"), "{e}");
+    }
+
+    #[test]
+    fn tails_are_bounded() {
+        let t = tail_text(&[b'a'; 10_000], ERROR_TAIL);
+        assert_eq!(t.len(), ERROR_TAIL);
+    }
+
+    #[tokio::test]
+    async fn read_tail_keeps_the_end() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let out = read_tail(&data[..], STDOUT_KEEP, CancellationToken::new()).await;
+        assert_eq!(out.len(), STDOUT_KEEP);
+        assert_eq!(&out[..], &data[data.len() - STDOUT_KEEP..]);
+    }
+}

@@ -1,0 +1,109 @@
+//! Redis key layout.
+//!
+//! Every key of a partition starts with the partition base `{<ns>:<p>}`; the
+//! braces make the whole base the Redis Cluster hash tag, so each script
+//! touches exactly one slot. With `B` the base:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `B:seq` | string | job sequence counter |
+//! | `B:job:<id>` | hash | one job: spec, state, attempts, timestamps, last error, result |
+//! | `B:idem:<tenant>:<key>` | string (TTL) | job id for an idempotency key |
+//! | `B:queues`, `B:tenants` | set | names seen |
+//! | `B:q:<q>:t:<t>` | zset | tenant `t`'s ready jobs in queue `q`, by priority then age |
+//! | `B:q:<q>:sched` | zset | admissible tenants with ready work in `q`, by pass (virtual time) |
+//! | `B:q:<q>:delayed` | zset | delayed jobs (retries and `--delay`), by run-at ms |
+//! | `B:q:<q>:dead` | zset | dead jobs, by time of death |
+//! | `B:q:<q>:stats` | hash | counters `ready`, `delayed`, `running`, `dead` and `<state>:<tenant>` |
+//! | `B:tq:<t>` | set | queues where tenant `t` has ready jobs |
+//! | `B:tenant:<t>` | hash | tenant limits (`max_concurrency`, `max_timeout_ms`, `max_memory`, `weight`, `tier`) |
+//! | `B:defaults` | hash | limits for tenants that set none, and partition settings |
+//! | `B:running` | hash | tenant -> running jobs (the fleet-wide concurrency count) |
+//! | `B:pass`, `B:vt` | hash, string | tenant pass and the partition's virtual time |
+//! | `B:paused` | set | `q:<q>` (queue paused) and `qt:<q>:<t>` (tenant paused on a queue) |
+//! | `B:leases` | zset | running job id -> lease deadline (Redis time, ms) |
+//! | `B:outbox` | stream | ledger records waiting for PostgreSQL |
+//! | `B:reaper` | string (PX) | guard: one reaper run per interval across the fleet |
+//! | `B:wake` | pub/sub channel | "a tenant became claimable" for idle workers |
+
+/// The base key (hash tag included) of partition `p` in namespace `ns`.
+pub fn base(ns: &str, p: u32) -> String {
+    format!("{{{ns}:{p}}}")
+}
+
+/// The partition a tenant's jobs and limits live in: FNV-1a (32-bit) of the
+/// tenant name modulo the partition count. Part of the wire format: clients
+/// that enqueue through the script directly must compute the same.
+pub fn partition_of(tenant: &str, partitions: u32) -> u32 {
+    if partitions <= 1 {
+        return 0;
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in tenant.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % partitions
+}
+
+/// The partition encoded in a job id (`<partition>-<hex>`), if well formed.
+pub fn partition_of_job(id: &str) -> Option<u32> {
+    let (p, rest) = id.split_once('-')?;
+    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    p.parse().ok()
+}
+
+/// Key builder for one partition, for the few reads done outside scripts.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    base: String,
+}
+
+impl Keys {
+    /// Keys of partition `p` in namespace `ns`.
+    pub fn new(ns: &str, p: u32) -> Self {
+        Keys { base: base(ns, p) }
+    }
+    /// The partition base (`KEYS[1]` of every script).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+    /// `B:<parts joined by ':'>`.
+    pub fn key(&self, parts: &[&str]) -> String {
+        let mut s = self.base.clone();
+        for p in parts {
+            s.push(':');
+            s.push_str(p);
+        }
+        s
+    }
+    /// The hash of one job.
+    pub fn job(&self, id: &str) -> String {
+        self.key(&["job", id])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_name_their_partition() {
+        assert_eq!(partition_of_job("3-18f3a2b4c5d00002a"), Some(3));
+        assert_eq!(partition_of_job("x-12"), None);
+        assert_eq!(partition_of_job("0-"), None);
+        assert_eq!(partition_of_job("0-zz"), None);
+    }
+
+    #[test]
+    fn tenants_spread_over_partitions_stably() {
+        assert_eq!(partition_of("acme", 1), 0);
+        // FNV-1a 32 of "a" is 0xe40c292c
+        assert_eq!(partition_of("a", 1 << 31), 0xe40c292c % (1 << 31));
+        let used: std::collections::HashSet<u32> =
+            (0..100).map(|i| partition_of(&format!("t{i}"), 4)).collect();
+        assert_eq!(used.len(), 4);
+    }
+}

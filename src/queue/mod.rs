@@ -1,0 +1,394 @@
+//! The Redis data model and the atomic scripts that change it.
+//!
+//! [`Queue`] is a cheap-to-clone handle: one multiplexed connection, the
+//! scripts loaded once, and the namespace/partition layout ([`keys`]). Every
+//! state change is one script call (see `src/queue/scripts/*.lua`); reads for
+//! operators live in [`inspect`].
+
+pub mod inspect;
+pub mod job;
+pub mod keys;
+mod scripts;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::*;
+
+pub use job::{ClaimedJob, CompleteStatus, Completion, Enqueued, JobSpec};
+pub use keys::{Keys, partition_of, partition_of_job};
+pub use scripts::{ScriptName, script_source};
+
+/// Errors from the queue. `Invalid` and `OverCap` are the caller's input
+/// (exit code 2, HTTP 4xx); the rest are runtime failures.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Bad input: names, payload, numbers out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// A requested timeout or memory above the tenant's cap.
+    #[error("{0}")]
+    OverCap(String),
+    /// No such job.
+    #[error("no job {0}: check the id (agentq jobs --queue Q lists ids)")]
+    NotFound(String),
+    /// Redis failed or is unreachable.
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    /// Redis answered something agentq does not understand.
+    #[error("unexpected reply from redis: {0}")]
+    Protocol(String),
+}
+
+impl QueueError {
+    /// True for errors caused by the caller's input.
+    pub fn is_input(&self) -> bool {
+        matches!(self, QueueError::Invalid(_) | QueueError::OverCap(_) | QueueError::NotFound(_))
+    }
+
+    /// Map the scripts' `ERR agentq <kind>: ...` replies to typed errors.
+    fn from_script(e: QueueError) -> QueueError {
+        let QueueError::Redis(ref re) = e else { return e };
+        let d = re.details();
+        let d = d.strip_prefix("ERR ").unwrap_or(d);
+        if let Some(rest) = d.strip_prefix("agentq invalid: ") {
+            return QueueError::Invalid(rest.to_string());
+        }
+        if let Some(rest) = d.strip_prefix("agentq over_cap: ") {
+            return QueueError::OverCap(rest.to_string());
+        }
+        e
+    }
+}
+
+/// Where the queue lives and how it is laid out.
+#[derive(Clone, Debug)]
+pub struct QueueConfig {
+    /// `redis://`, `rediss://` (TLS) or `redis-cluster://` URL.
+    pub redis_url: String,
+    /// Key namespace: every key starts with `{<namespace>:<partition>}`.
+    pub namespace: String,
+    /// Number of partitions tenants are spread over (1 unless on a cluster).
+    pub partitions: u32,
+    /// Payload limit checked client-side before sending (the script checks
+    /// the partition's `max_payload` setting again).
+    pub max_payload: usize,
+}
+
+impl QueueConfig {
+    /// A config for `redis_url` with the default namespace `agentq`, one
+    /// partition and a 1 MiB payload limit.
+    pub fn new(redis_url: impl Into<String>) -> Self {
+        QueueConfig {
+            redis_url: redis_url.into(),
+            namespace: "agentq".into(),
+            partitions: 1,
+            max_payload: 1 << 20,
+        }
+    }
+}
+
+/// A handle on the queue: clone it freely.
+#[derive(Clone)]
+pub struct Queue {
+    client: Client,
+    cfg: Arc<QueueConfig>,
+    scripts: Arc<scripts::Scripts>,
+}
+
+/// Build a fred client that reconnects forever with capped backoff, so a
+/// Redis restart pauses agentq instead of killing it.
+pub(crate) fn build_client(url: &str) -> Result<Client, QueueError> {
+    let config = Config::from_url(url).map_err(|e| {
+        QueueError::Invalid(format!(
+            "redis URL is not valid ({e}); use redis://host:port, rediss:// for TLS"
+        ))
+    })?;
+    let client = Builder::from_config(config)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(5);
+            c.internal_command_timeout = Duration::from_secs(10);
+            c.max_command_attempts = 3;
+            c.tcp = TcpConfig { nodelay: Some(true), ..Default::default() };
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = Duration::from_secs(10);
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build()?;
+    Ok(client)
+}
+
+impl Queue {
+    /// Connect, load the scripts and return a handle.
+    pub async fn connect(cfg: QueueConfig) -> Result<Queue, QueueError> {
+        if cfg.namespace.is_empty() || cfg.namespace.contains(['{', '}', ':']) {
+            return Err(QueueError::Invalid(format!(
+                "namespace {:?} must be non-empty without '{{', '}}' or ':'",
+                cfg.namespace
+            )));
+        }
+        if cfg.partitions == 0 || cfg.partitions > 1024 {
+            return Err(QueueError::Invalid("partitions must be 1..=1024".into()));
+        }
+        let client = build_client(&cfg.redis_url)?;
+        client.init().await?;
+        let scripts = scripts::Scripts::new();
+        scripts.load(&client).await?;
+        Ok(Queue { client, cfg: Arc::new(cfg), scripts: Arc::new(scripts) })
+    }
+
+    /// The underlying fred client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The configuration this handle was built with.
+    pub fn config(&self) -> &QueueConfig {
+        &self.cfg
+    }
+
+    /// Number of partitions.
+    pub fn partitions(&self) -> u32 {
+        self.cfg.partitions
+    }
+
+    /// Key builder for partition `p`.
+    pub fn keys(&self, p: u32) -> Keys {
+        Keys::new(&self.cfg.namespace, p)
+    }
+
+    /// The partition of a tenant.
+    pub fn partition_of(&self, tenant: &str) -> u32 {
+        partition_of(tenant, self.cfg.partitions)
+    }
+
+    /// The partition of a job id, checked against this layout.
+    pub fn partition_of_job(&self, id: &str) -> Result<u32, QueueError> {
+        match partition_of_job(id) {
+            Some(p) if p < self.cfg.partitions => Ok(p),
+            _ => Err(QueueError::NotFound(id.to_string())),
+        }
+    }
+
+    async fn call(&self, name: ScriptName, p: u32, args: Vec<String>) -> Result<Value, QueueError> {
+        let args = args.into_iter().map(Value::from).collect();
+        self.scripts
+            .call(&self.client, name, self.keys(p).base(), args)
+            .await
+            .map_err(QueueError::from_script)
+    }
+
+    /// Enqueue one job.
+    pub async fn enqueue(&self, spec: &JobSpec) -> Result<Enqueued, QueueError> {
+        let strip = |m: String| m.strip_prefix("job 1: ").map(str::to_string).unwrap_or(m);
+        let mut v = self.enqueue_batch(std::slice::from_ref(spec)).await.map_err(|e| match e {
+            QueueError::Invalid(m) => QueueError::Invalid(strip(m)),
+            QueueError::OverCap(m) => QueueError::OverCap(strip(m)),
+            other => other,
+        })?;
+        v.pop().ok_or_else(|| QueueError::Protocol("empty enqueue reply".into()))
+    }
+
+    /// Enqueue many jobs: one script call per partition touched. Within a
+    /// partition the batch is all-or-nothing.
+    pub async fn enqueue_batch(&self, specs: &[JobSpec]) -> Result<Vec<Enqueued>, QueueError> {
+        for (i, s) in specs.iter().enumerate() {
+            s.validate(self.cfg.max_payload).map_err(|e| match e {
+                QueueError::Invalid(m) if specs.len() > 1 => QueueError::Invalid(format!("job {}: {m}", i + 1)),
+                other => other,
+            })?;
+        }
+        let mut by_part: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, s) in specs.iter().enumerate() {
+            by_part.entry(self.partition_of(&s.tenant)).or_default().push(i);
+        }
+        let mut out: Vec<Option<Enqueued>> = vec![None; specs.len()];
+        for (p, idx) in by_part {
+            let mut args = Vec::with_capacity(1 + idx.len() * 10);
+            args.push("1".to_string());
+            for &i in &idx {
+                args.extend(specs[i].wire_fields());
+            }
+            let reply = self.call(ScriptName::Enqueue, p, args).await?;
+            let flat = strings(reply)?;
+            if flat.len() != idx.len() * 2 {
+                return Err(QueueError::Protocol(format!("enqueue returned {} values", flat.len())));
+            }
+            for (n, &i) in idx.iter().enumerate() {
+                out[i] = Some(Enqueued { id: flat[2 * n].clone(), created: flat[2 * n + 1] == "1" });
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Claim up to `batch` jobs of partition `p` from `queues` for `worker`,
+    /// each with a lease of `lease`. Also returns the next delayed job's due
+    /// time (ms since the epoch, Redis clock), 0 if none.
+    pub async fn claim(
+        &self,
+        p: u32,
+        worker: &str,
+        batch: usize,
+        lease: Duration,
+        queues: &[String],
+    ) -> Result<(i64, Vec<ClaimedJob>), QueueError> {
+        let mut args = vec![worker.to_string(), batch.to_string(), lease.as_millis().to_string()];
+        args.extend(queues.iter().cloned());
+        let flat = strings(self.call(ScriptName::Claim, p, args).await?)?;
+        let Some((first, rest)) = flat.split_first() else {
+            return Err(QueueError::Protocol("empty claim reply".into()));
+        };
+        let next_due = first.parse().unwrap_or(0);
+        if rest.len() % 12 != 0 {
+            return Err(QueueError::Protocol(format!("claim returned {} values", flat.len())));
+        }
+        let num = |s: &String| s.parse::<i64>().unwrap_or(0);
+        let jobs = rest
+            .chunks_exact(12)
+            .map(|c| ClaimedJob {
+                id: c[0].clone(),
+                attempt: num(&c[1]) as u32,
+                partition: p,
+                tenant: c[2].clone(),
+                queue: c[3].clone(),
+                kind: c[4].clone(),
+                payload: c[5].clone(),
+                timeout_ms: num(&c[6]).max(0) as u64,
+                memory: num(&c[7]).max(0) as u64,
+                enqueued_at_ms: num(&c[8]),
+                started_at_ms: num(&c[9]),
+                max_timeout_ms: num(&c[10]).max(0) as u64,
+                max_memory: num(&c[11]).max(0) as u64,
+            })
+            .collect();
+        Ok((next_due, jobs))
+    }
+
+    /// Complete attempts of partition `p` (fenced by attempt number).
+    pub async fn complete(&self, p: u32, done: &[Completion]) -> Result<Vec<CompleteStatus>, QueueError> {
+        let mut args = Vec::with_capacity(done.len() * 15);
+        for c in done {
+            args.extend(c.wire_fields());
+        }
+        strings(self.call(ScriptName::Complete, p, args).await?)?
+            .iter()
+            .map(|s| CompleteStatus::parse(s).ok_or_else(|| QueueError::Protocol(format!("complete said {s:?}"))))
+            .collect()
+    }
+
+    /// Extend leases of partition `p`; returns the ids whose lease is lost.
+    pub async fn extend(&self, p: u32, lease: Duration, held: &[(String, u32)]) -> Result<Vec<String>, QueueError> {
+        let mut args = vec![lease.as_millis().to_string()];
+        for (id, token) in held {
+            args.push(id.clone());
+            args.push(token.to_string());
+        }
+        strings(self.call(ScriptName::Extend, p, args).await?)
+    }
+
+    /// Run the reaper on partition `p` unless another worker ran it within
+    /// `guard`. Returns how many expired attempts were reaped (None: skipped).
+    pub async fn reap(&self, p: u32, guard: Duration, max: usize) -> Result<Option<u64>, QueueError> {
+        let args = vec![guard.as_millis().max(1).to_string(), max.to_string()];
+        match self.call(ScriptName::Reap, p, args).await? {
+            Value::Integer(n) if n >= 0 => Ok(Some(n as u64)),
+            Value::Integer(_) => Ok(None),
+            other => Err(QueueError::Protocol(format!("reap said {other:?}"))),
+        }
+    }
+
+    /// Hand running attempts back to ready at once: `(id, attempt, run_ms)`.
+    pub async fn release(&self, p: u32, reason: &str, held: &[(String, u32, u64)]) -> Result<u64, QueueError> {
+        let mut args = vec![reason.to_string()];
+        for (id, token, run_ms) in held {
+            args.extend([id.clone(), token.to_string(), run_ms.to_string()]);
+        }
+        match self.call(ScriptName::Release, p, args).await? {
+            Value::Integer(n) => Ok(n.max(0) as u64),
+            other => Err(QueueError::Protocol(format!("release said {other:?}"))),
+        }
+    }
+
+    /// Pause (`on`) or resume a queue, or one tenant on it. Returns whether
+    /// anything changed. A queue pause applies to every partition.
+    pub async fn set_paused(&self, queue: &str, tenant: Option<&str>, on: bool) -> Result<bool, QueueError> {
+        job::validate_name("queue", queue)?;
+        let flag = if on { "1" } else { "0" }.to_string();
+        if let Some(t) = tenant {
+            job::validate_name("tenant", t)?;
+            let v = self
+                .call(ScriptName::Pause, self.partition_of(t), vec![queue.into(), t.into(), flag])
+                .await?;
+            return Ok(matches!(v, Value::Integer(1)));
+        }
+        let mut changed = false;
+        for p in 0..self.partitions() {
+            let v = self.call(ScriptName::Pause, p, vec![queue.into(), String::new(), flag.clone()]).await?;
+            changed |= matches!(v, Value::Integer(1));
+        }
+        Ok(changed)
+    }
+
+    /// Delete every key of this namespace (all partitions). For tests and the
+    /// demo's own namespace; never call it on a namespace in use.
+    pub async fn delete_namespace(&self) -> Result<u64, QueueError> {
+        use futures::TryStreamExt;
+        let pattern = format!("{{{}:*", self.cfg.namespace);
+        let keys: Vec<fred::types::Key> = self.client.scan_buffered(pattern, Some(500), None).try_collect().await?;
+        let mut n = 0;
+        for chunk in keys.chunks(500) {
+            for k in chunk {
+                let d: u64 = self.client.del(k.clone()).await?;
+                n += d;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Write tenant settings (`tenant` = None: the defaults, on every
+    /// partition). A value of `None` resets that field.
+    pub async fn set_tenant_fields(
+        &self,
+        tenant: Option<&str>,
+        fields: &[(&str, Option<String>)],
+    ) -> Result<(), QueueError> {
+        let mut args = vec![tenant.unwrap_or("").to_string()];
+        for (f, v) in fields {
+            args.push(f.to_string());
+            args.push(v.clone().unwrap_or_default());
+        }
+        match tenant {
+            Some(t) => {
+                job::validate_name("tenant", t)?;
+                self.call(ScriptName::TenantSet, self.partition_of(t), args).await?;
+            }
+            None => {
+                for p in 0..self.partitions() {
+                    self.call(ScriptName::TenantSet, p, args.clone()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Flatten a script reply (array of strings/integers) into strings.
+fn strings(v: Value) -> Result<Vec<String>, QueueError> {
+    match v {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::String(s) => Ok(s.to_string()),
+                Value::Bytes(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+                Value::Integer(n) => Ok(n.to_string()),
+                Value::Double(d) => Ok(d.to_string()),
+                Value::Null => Ok(String::new()),
+                other => Err(QueueError::Protocol(format!("unexpected item {other:?}"))),
+            })
+            .collect(),
+        Value::Null => Ok(Vec::new()),
+        other => Err(QueueError::Protocol(format!("expected an array, got {other:?}"))),
+    }
+}

@@ -1,0 +1,127 @@
+//! The Lua scripts, loaded once per connection and called by SHA.
+//!
+//! Each script in `scripts/` is prepended with `scripts/lib.lua` (shared
+//! helpers) at build time; the result is what `SCRIPT LOAD` receives and what
+//! [`script_source`] publishes for clients in other languages.
+
+use fred::prelude::*;
+use fred::types::scripts::Script as FredScript;
+
+use super::QueueError;
+
+const LIB: &str = include_str!("scripts/lib.lua");
+
+/// The scripts agentq runs; one atomic script per state change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ScriptName {
+    /// Add jobs (the published wire format).
+    Enqueue,
+    /// Fair, capped batch claim.
+    Claim,
+    /// Fenced batch completion, with the ledger outbox append.
+    Complete,
+    /// Batched lease extension.
+    Extend,
+    /// Return expired leases to ready.
+    Reap,
+    /// Hand running attempts back on shutdown.
+    Release,
+    /// Pause or resume a queue or a tenant on it.
+    Pause,
+    /// Change tenant limits or defaults.
+    TenantSet,
+}
+
+impl ScriptName {
+    /// Every script, in load order.
+    pub const ALL: [ScriptName; 8] = [
+        ScriptName::Enqueue,
+        ScriptName::Claim,
+        ScriptName::Complete,
+        ScriptName::Extend,
+        ScriptName::Reap,
+        ScriptName::Release,
+        ScriptName::Pause,
+        ScriptName::TenantSet,
+    ];
+
+    /// The script's file name without `.lua`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScriptName::Enqueue => "enqueue",
+            ScriptName::Claim => "claim",
+            ScriptName::Complete => "complete",
+            ScriptName::Extend => "extend",
+            ScriptName::Reap => "reap",
+            ScriptName::Release => "release",
+            ScriptName::Pause => "pause",
+            ScriptName::TenantSet => "tenant_set",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            ScriptName::Enqueue => include_str!("scripts/enqueue.lua"),
+            ScriptName::Claim => include_str!("scripts/claim.lua"),
+            ScriptName::Complete => include_str!("scripts/complete.lua"),
+            ScriptName::Extend => include_str!("scripts/extend.lua"),
+            ScriptName::Reap => include_str!("scripts/reap.lua"),
+            ScriptName::Release => include_str!("scripts/release.lua"),
+            ScriptName::Pause => include_str!("scripts/pause.lua"),
+            ScriptName::TenantSet => include_str!("scripts/tenant_set.lua"),
+        }
+    }
+}
+
+/// The full source of a script as loaded into Redis (library + body).
+pub fn script_source(name: ScriptName) -> String {
+    format!("{LIB}\n-- ==== {}.lua ====\n{}", name.as_str(), name.body())
+}
+
+/// All scripts with their SHA1s, ready to call.
+#[derive(Clone)]
+pub(crate) struct Scripts {
+    scripts: Vec<FredScript>,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        let scripts = ScriptName::ALL
+            .iter()
+            .map(|n| FredScript::from_lua(script_source(*n)))
+            .collect();
+        Scripts { scripts }
+    }
+
+    fn get(&self, name: ScriptName) -> &FredScript {
+        // ALL and the vector share one order.
+        let i = ScriptName::ALL.iter().position(|n| *n == name).unwrap_or(0);
+        &self.scripts[i]
+    }
+
+    /// `SCRIPT LOAD` every script (on every primary, in a cluster).
+    pub(crate) async fn load(&self, client: &Client) -> Result<(), QueueError> {
+        for s in &self.scripts {
+            s.load(client).await?;
+        }
+        Ok(())
+    }
+
+    /// `EVALSHA`, loading the scripts again if the server lost them (restart).
+    pub(crate) async fn call(
+        &self,
+        client: &Client,
+        name: ScriptName,
+        base: &str,
+        args: Vec<Value>,
+    ) -> Result<Value, QueueError> {
+        let script = self.get(name);
+        match script.evalsha::<Value, _, _, _>(client, base, args.clone()).await {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                self.load(client).await?;
+                Ok(script.evalsha(client, base, args).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+}

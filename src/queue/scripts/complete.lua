@@ -1,0 +1,37 @@
+-- complete.lua: record the end of one or more running attempts (fenced ack).
+--
+-- KEYS[1]  partition base, e.g. "{agentq:0}"
+-- ARGV[1..] fifteen fields per attempt, repeated:
+--          id, token (the attempt number handed out by claim), outcome
+--          (succeeded|failed|timed_out|memory_exceeded), permanent (0|1),
+--          error, result (JSON text or ""), exit_code, signal, run_ms, cpu_ms,
+--          peak_rss_bytes, api_calls, input_tokens, output_tokens, backoff_ms
+-- Returns  one status per attempt, in order: the job's new state (succeeded,
+--          delayed, ready or dead), or "refused" when the lease is no longer
+--          this attempt's (it expired and the job was handed to another worker,
+--          or the job is gone): a fenced-out completion changes nothing.
+-- Invariant: in one atomic step the tenant slot is released, the outcome is
+--          recorded, the retry or dead-letter is scheduled and the ledger
+--          record is appended to the outbox stream, so none can happen without
+--          the others.
+
+local N = 15
+local now = now_ms()
+local out = {}
+for o = 0, #ARGV - N, N do
+  local id, token = ARGV[o + 1], ARGV[o + 2]
+  local job = load_job(id)
+  if not job or job.state ~= 'running' or job.attempts ~= token then
+    out[#out + 1] = 'refused'
+  else
+    out[#out + 1] = finish_attempt(id, job, {
+      outcome = ARGV[o + 3], permanent = ARGV[o + 4] == '1', error = ARGV[o + 5],
+      result = ARGV[o + 6], exit_code = ARGV[o + 7], signal = ARGV[o + 8],
+      run_ms = tonumber(ARGV[o + 9]), cpu_ms = ARGV[o + 10], peak_rss = ARGV[o + 11],
+      api_calls = ARGV[o + 12], input_tokens = ARGV[o + 13], output_tokens = ARGV[o + 14],
+      backoff_ms = tonumber(ARGV[o + 15]) or 0,
+    }, now)
+  end
+end
+wake_if_needed()
+return out

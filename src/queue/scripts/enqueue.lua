@@ -1,0 +1,122 @@
+-- enqueue.lua: add one or more jobs to a partition (wire format v1).
+--
+-- KEYS[1]  partition base, e.g. "{agentq:0}"
+-- ARGV[1]  wire format version, must be "1"
+-- ARGV[2..] ten fields per job, repeated:
+--          tenant, queue, kind, payload (JSON text), timeout_ms (0 = kind's
+--          default), memory_bytes (0 = kind's default), delay_ms, priority
+--          (-100..100, higher runs first), max_attempts (0 = default),
+--          idempotency_key ("" = none)
+-- Returns  a flat array: id1, created1, id2, created2, ... where created is 1
+--          for a new job and 0 when an idempotency key returned an earlier job.
+-- Errors   "ERR agentq invalid: job N: ..." or "ERR agentq over_cap: job N: ..."
+--          The whole batch is validated before anything is written, so a
+--          refused batch writes nothing.
+-- Invariant: a requested timeout or memory above the tenant's cap is refused,
+--          never clipped; each job is counted in exactly one state counter.
+
+if ARGV[1] ~= '1' then
+  return redis.error_reply('ERR agentq invalid: unsupported wire format version ' ..
+    tostring(ARGV[1]) .. ' (this server speaks 1)')
+end
+local N = 10
+local count = (#ARGV - 1) / N
+if count < 1 or count ~= math.floor(count) then
+  return redis.error_reply('ERR agentq invalid: expected 1 + 10*n arguments, got ' .. #ARGV)
+end
+
+local function name_ok(s)
+  return #s >= 1 and #s <= 64 and s:match('^[%w][%w_%.%-]*$') ~= nil
+end
+local function int_field(s, lo, hi)
+  local n = tonumber(s)
+  if n == nil or n ~= math.floor(n) or n < lo or n > hi then return nil end
+  return n
+end
+
+local jobs = {}
+for j = 1, count do
+  local o = 1 + (j - 1) * N
+  local job = {
+    tenant = ARGV[o + 1], queue = ARGV[o + 2], kind = ARGV[o + 3], payload = ARGV[o + 4],
+    timeout_ms = int_field(ARGV[o + 5], 0, 1e15), memory = int_field(ARGV[o + 6], 0, 1e18),
+    delay_ms = int_field(ARGV[o + 7], 0, 1e15), priority = int_field(ARGV[o + 8], -100, 100),
+    max_attempts = int_field(ARGV[o + 9], 0, 1000), idem = ARGV[o + 10],
+  }
+  local function bad(kind, msg)
+    return redis.error_reply('ERR agentq ' .. kind .. ': job ' .. j .. ': ' .. msg)
+  end
+  for _, f in ipairs({ 'tenant', 'queue', 'kind' }) do
+    if not name_ok(job[f]) then
+      return bad('invalid', f .. ' "' .. job[f]:sub(1, 80) ..
+        '" must be 1-64 characters of letters, digits, "_", "." or "-", starting with a letter or digit')
+    end
+  end
+  for _, f in ipairs({ 'timeout_ms', 'memory', 'delay_ms', 'priority', 'max_attempts' }) do
+    if job[f] == nil then return bad('invalid', f .. ' is not an integer in range') end
+  end
+  if #job.payload > default('max_payload') then
+    return bad('invalid', 'payload is ' .. #job.payload .. ' bytes, over the limit of ' ..
+      default('max_payload') .. ' bytes; store large inputs elsewhere and pass a reference')
+  end
+  local ok = pcall(cjson.decode, job.payload)
+  if not ok then return bad('invalid', 'payload is not valid JSON') end
+  if #job.idem > 200 then return bad('invalid', 'idempotency key is longer than 200 bytes') end
+  local l = limits(job.tenant)
+  if job.timeout_ms > l.max_timeout_ms then
+    return bad('over_cap', 'requested timeout ' .. fmt_ms(job.timeout_ms) .. ' exceeds tenant ' ..
+      job.tenant .. "'s max_timeout of " .. fmt_ms(l.max_timeout_ms) ..
+      ': ask for less, or raise it with agentq tenant set ' .. job.tenant .. ' --max-timeout')
+  end
+  if job.memory > l.max_memory then
+    return bad('over_cap', 'requested memory ' .. fmt_bytes(job.memory) .. ' exceeds tenant ' ..
+      job.tenant .. "'s max_memory of " .. fmt_bytes(l.max_memory) ..
+      ': ask for less, or raise it with agentq tenant set ' .. job.tenant .. ' --max-memory')
+  end
+  jobs[j] = job
+end
+
+local now = now_ms()
+local partition = B:match(':(%d+)}$') or '0'
+local out = {}
+local touched = {}
+for _, job in ipairs(jobs) do
+  local existing = nil
+  local idem_key = nil
+  if job.idem ~= '' then
+    idem_key = k('idem', job.tenant, job.idem)
+    existing = redis.call('GET', idem_key)
+  end
+  if existing then
+    out[#out + 1] = existing
+    out[#out + 1] = 0
+  else
+    local seq = redis.call('INCR', k('seq'))
+    local id = string.format('%s-%x%06x', partition, now, seq % 16777216)
+    if idem_key then redis.call('SET', idem_key, id, 'PX', default('idem_ttl_ms')) end
+    local score = (100 - job.priority) * 1099511627776 + seq
+    local max_attempts = job.max_attempts
+    if max_attempts == 0 then max_attempts = default('default_max_attempts') end
+    local ready_at = now + job.delay_ms
+    redis.call('HSET', k('job', id), 'tenant', job.tenant, 'queue', job.queue,
+      'kind', job.kind, 'payload', job.payload, 'timeout_ms', job.timeout_ms,
+      'memory', job.memory, 'priority', job.priority, 'max_attempts', max_attempts,
+      'attempts', 0, 'base', 0, 'enqueued_at', now, 'ready_at', ready_at,
+      'score', score, 'idem', job.idem)
+    redis.call('SADD', k('queues'), job.queue)
+    redis.call('SADD', k('tenants'), job.tenant)
+    if job.delay_ms > 0 then
+      redis.call('HSET', k('job', id), 'state', 'delayed', 'run_at', ready_at)
+      redis.call('ZADD', k('q', job.queue, 'delayed'), ready_at, id)
+      stat(job.queue, job.tenant, 'delayed', 1)
+    else
+      make_ready(id, job.queue, job.tenant, score)
+      touched[job.tenant] = true
+    end
+    out[#out + 1] = id
+    out[#out + 1] = 1
+  end
+end
+for t in pairs(touched) do sync_tenant(t) end
+wake_if_needed()
+return out

@@ -1,0 +1,212 @@
+-- lib.lua: shared helpers prepended to every agentq script at load time.
+--
+-- Every script receives KEYS[1] = the partition base, e.g. "{agentq:0}". All
+-- other keys are derived from it, so every key a script touches carries the
+-- same hash tag and lives in one Redis Cluster slot (no CROSSSLOT by
+-- construction). The key layout is documented in README.md ("Redis key
+-- layout") and in src/queue/keys.rs; keep the three in step.
+--
+-- Invariants kept by the helpers below (and therefore by every script):
+--  * B:running[t] equals the number of jobs of tenant t in state "running"
+--    (every transition in or out of "running" goes through claim_one,
+--    finish_attempt or the reaper, each of which adjusts it exactly once).
+--  * tenant t is a member of B:q:<q>:sched iff it has ready jobs in q, is not
+--    paused on q, and is admissible (running < cap); its score is its pass.
+--  * the counters in B:q:<q>:stats equal the cardinalities they describe.
+
+local B = KEYS[1]
+local function k(...) return B .. ':' .. table.concat({...}, ':') end
+
+-- Built-in defaults, used when neither the tenant nor B:defaults sets a field.
+local BUILTIN = {
+  max_concurrency = 10,
+  max_timeout_ms = 3600000,       -- 1h
+  max_memory = 4294967296,        -- 4GiB
+  weight = 1,
+  max_payload = 1048576,          -- 1MiB
+  idem_ttl_ms = 86400000,         -- 24h
+  retention_ms = 86400000,        -- 24h for finished jobs
+  default_max_attempts = 3,
+}
+
+-- Human units for error messages: 3600000 -> "1h", 268435456 -> "256MiB".
+local function fmt_ms(ms)
+  for _, u in ipairs({ { 86400000, 'd' }, { 3600000, 'h' }, { 60000, 'm' }, { 1000, 's' } }) do
+    if ms >= u[1] and ms % u[1] == 0 then return (ms / u[1]) .. u[2] end
+  end
+  return ms .. 'ms'
+end
+local function fmt_bytes(b)
+  for _, u in ipairs({ { 1099511627776, 'TiB' }, { 1073741824, 'GiB' }, { 1048576, 'MiB' }, { 1024, 'KiB' } }) do
+    if b >= u[1] and b % u[1] == 0 then return (b / u[1]) .. u[2] end
+  end
+  return b .. 'B'
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local defaults_cache = nil
+local function default(field)
+  if defaults_cache == nil then
+    defaults_cache = {}
+    local flat = redis.call('HGETALL', k('defaults'))
+    for i = 1, #flat, 2 do defaults_cache[flat[i]] = tonumber(flat[i + 1]) end
+  end
+  return defaults_cache[field] or BUILTIN[field]
+end
+
+-- Limits of a tenant: its own setting, else the partition default, else built-in.
+local limits_cache = {}
+local LIMIT_FIELDS = { 'max_concurrency', 'max_timeout_ms', 'max_memory', 'weight' }
+local function limits(t)
+  local l = limits_cache[t]
+  if l then return l end
+  local v = redis.call('HMGET', k('tenant', t), unpack(LIMIT_FIELDS))
+  l = {}
+  for i, f in ipairs(LIMIT_FIELDS) do l[f] = tonumber(v[i]) or default(f) end
+  limits_cache[t] = l
+  return l
+end
+
+local function stat(q, t, state, delta)
+  local key = k('q', q, 'stats')
+  redis.call('HINCRBY', key, state, delta)
+  redis.call('HINCRBY', key, state .. ':' .. t, delta)
+end
+
+local function running(t)
+  return tonumber(redis.call('HGET', k('running'), t)) or 0
+end
+
+local function paused_on(q, t)
+  return redis.call('SISMEMBER', k('paused'), 'qt:' .. q .. ':' .. t) == 1
+end
+
+-- Set when a tenant entered a sched set in this call; see wake_if_needed().
+local entered_any = false
+
+-- Recompute tenant t's membership in the sched set of every queue where it has
+-- ready work. A tenant (re)entering a sched set starts at max(pass, vt), so
+-- idle time earns no credit. Returns true if it entered any set (callers wake
+-- idle workers then).
+local function sync_tenant(t)
+  local qs = redis.call('SMEMBERS', k('tq', t))
+  if #qs == 0 then return false end
+  local admissible = running(t) < limits(t).max_concurrency
+  local pass = tonumber(redis.call('HGET', k('pass'), t)) or 0
+  local want, entering = {}, false
+  for i, q in ipairs(qs) do
+    want[i] = admissible and not paused_on(q, t)
+    if want[i] and not redis.call('ZSCORE', k('q', q, 'sched'), t) then entering = true end
+  end
+  if entering then
+    entered_any = true
+    local vt = tonumber(redis.call('GET', k('vt'))) or 0
+    if pass < vt then
+      pass = vt
+      redis.call('HSET', k('pass'), t, pass)
+    end
+  end
+  for i, q in ipairs(qs) do
+    if want[i] then
+      redis.call('ZADD', k('q', q, 'sched'), pass, t)
+    else
+      redis.call('ZREM', k('q', q, 'sched'), t)
+    end
+  end
+  return entering
+end
+
+-- Put job id (fields already in its hash) into its tenant's ready set.
+local function make_ready(id, q, t, score)
+  redis.call('ZADD', k('q', q, 't', t), score, id)
+  redis.call('SADD', k('tq', t), q)
+  redis.call('HSET', k('job', id), 'state', 'ready')
+  stat(q, t, 'ready', 1)
+end
+
+-- Append one attempt's usage record to the ledger outbox. `r` holds the fields.
+local OUTBOX_FIELDS = {
+  'job', 'attempt', 'tenant', 'queue', 'kind', 'outcome', 'enqueued_at',
+  'started_at', 'finished_at', 'wait_ms', 'run_ms', 'cpu_ms', 'peak_rss',
+  'exit_code', 'signal', 'worker', 'api_calls', 'input_tokens', 'output_tokens',
+  'error',
+}
+local function outbox(r)
+  local args = { k('outbox'), '*' }
+  for _, f in ipairs(OUTBOX_FIELDS) do
+    args[#args + 1] = f
+    args[#args + 1] = tostring(r[f] or '')
+  end
+  redis.call('XADD', unpack(args))
+end
+
+-- Close a running attempt: free the tenant slot, drop the lease, write the
+-- outbox record, then route the job: succeeded, retry (delayed by backoff_ms,
+-- or ready at once when backoff_ms is 0), or dead. `a` carries the attempt's
+-- outcome and usage. Returns the job's new state.
+local function finish_attempt(id, job, a, now)
+  local q, t = job.queue, job.tenant
+  redis.call('ZREM', k('leases'), id)
+  redis.call('HINCRBY', k('running'), t, -1)
+  stat(q, t, 'running', -1)
+  local started = tonumber(job.started_at) or now
+  local enq = tonumber(job.enqueued_at) or started
+  local finished = a.finished_at or now
+  outbox({
+    job = id, attempt = job.attempts, tenant = t, queue = q, kind = job.kind,
+    outcome = a.outcome, enqueued_at = enq, started_at = started,
+    finished_at = finished, wait_ms = math.max(0, started - (tonumber(job.ready_at) or enq)),
+    run_ms = a.run_ms or math.max(0, finished - started), cpu_ms = a.cpu_ms,
+    peak_rss = a.peak_rss, exit_code = a.exit_code, signal = a.signal,
+    worker = job.worker, api_calls = a.api_calls, input_tokens = a.input_tokens,
+    output_tokens = a.output_tokens, error = a.error,
+  })
+  local jk = k('job', id)
+  redis.call('HSET', jk, 'outcome', a.outcome, 'finished_at', finished,
+    'last_error', a.error or '', 'result', a.result or '')
+  redis.call('HDEL', jk, 'worker')
+  local state
+  local used = (tonumber(job.attempts) or 0) - (tonumber(job.base) or 0)
+  if a.outcome == 'succeeded' then
+    state = 'succeeded'
+    redis.call('HSET', jk, 'state', state)
+    redis.call('PEXPIRE', jk, default('retention_ms'))
+  elseif a.permanent or used >= (tonumber(job.max_attempts) or 1) then
+    state = 'dead'
+    redis.call('HSET', jk, 'state', state)
+    redis.call('ZADD', k('q', q, 'dead'), now, id)
+    stat(q, t, 'dead', 1)
+  elseif (a.backoff_ms or 0) > 0 then
+    state = 'delayed'
+    redis.call('HSET', jk, 'state', state, 'run_at', now + a.backoff_ms)
+    redis.call('ZADD', k('q', q, 'delayed'), now + a.backoff_ms, id)
+    stat(q, t, 'delayed', 1)
+  else
+    state = 'ready'
+    redis.call('HSET', jk, 'ready_at', now)
+    make_ready(id, q, t, tonumber(job.score))
+  end
+  sync_tenant(t)
+  return state
+end
+
+local JOB_FIELDS = { 'state', 'tenant', 'queue', 'kind', 'attempts', 'base',
+  'max_attempts', 'enqueued_at', 'ready_at', 'started_at', 'score', 'worker' }
+local function load_job(id)
+  local v = redis.call('HMGET', k('job', id), unpack(JOB_FIELDS))
+  if not v[1] then return nil end
+  local job = {}
+  for i, f in ipairs(JOB_FIELDS) do job[f] = v[i] end
+  return job
+end
+
+-- Tell idle workers (subscribed to B:wake) that a tenant became claimable.
+-- Published only when some tenant entered a sched set, so a busy fleet is not
+-- woken by every completion.
+local function wake_if_needed()
+  if entered_any then redis.call('PUBLISH', k('wake'), '1') end
+end

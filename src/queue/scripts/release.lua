@@ -1,0 +1,28 @@
+-- release.lua: hand running attempts back at once (graceful worker shutdown).
+--
+-- KEYS[1]  partition base, e.g. "{agentq:0}"
+-- ARGV[1]  reason, recorded as the attempt's error
+-- ARGV[2..] triples: id, token, run_ms
+-- Returns  the number of attempts released (stale tokens are skipped).
+-- Invariant: like the reaper but without waiting for the lease to expire: the
+--          slot is freed, a "lost" ledger record is written for the time used,
+--          and the job is ready again at once; the interrupted attempt does
+--          not count against max_attempts (B:job:<id>.base is raised).
+
+local now = now_ms()
+local released = 0
+for i = 2, #ARGV - 2, 3 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  local job = load_job(id)
+  if job and job.state == 'running' and job.attempts == token then
+    redis.call('HINCRBY', k('job', id), 'base', 1)
+    job.base = (tonumber(job.base) or 0) + 1
+    finish_attempt(id, job, {
+      outcome = 'lost', permanent = false, error = ARGV[1],
+      run_ms = tonumber(ARGV[i + 2]), backoff_ms = 0,
+    }, now)
+    released = released + 1
+  end
+end
+wake_if_needed()
+return released

@@ -1,0 +1,457 @@
+//! The worker pool: claim fairly in batches, run each attempt, acknowledge
+//! completions in batches, shut down gracefully.
+//!
+//! One loop claims (one script call per partition for all free slots), one
+//! task per attempt runs it ([`crate::executor`]), one completer batches the
+//! acks ([`Queue::complete`]), and the [`crate::lease`] tasks keep leases
+//! alive and reap dead workers' leases.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::executor::{self, Handlers, Limits, Outcome, Registry, Report, TaskInput};
+use crate::lease::{self, Held, HeldLease, StopReason};
+use crate::queue::{ClaimedJob, CompleteStatus, Completion, Queue, QueueError};
+
+/// How a worker runs.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Worker id (host-pid-random by default), recorded on jobs and ledger rows.
+    pub id: String,
+    /// Queues to claim from.
+    pub queues: Vec<String>,
+    /// Attempts run at once by this worker.
+    pub concurrency: usize,
+    /// Lease duration; extended every third of it.
+    pub lease: Duration,
+    /// How long shutdown waits for running attempts before handing them back.
+    pub shutdown_grace: Duration,
+    /// SIGTERM-to-SIGKILL grace for task processes.
+    pub kill_grace: Duration,
+    /// First retry delay; doubles per attempt, with jitter.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Reaper interval (fleet-wide guard).
+    pub reap_interval: Duration,
+    /// Longest idle wait between claims when nothing wakes the worker.
+    pub idle_poll: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults for `queues`: concurrency 8, 30 s leases, 30 s shutdown grace.
+    pub fn new(queues: Vec<String>) -> Self {
+        WorkerConfig {
+            id: default_worker_id(),
+            queues,
+            concurrency: 8,
+            lease: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            kill_grace: executor::DEFAULT_KILL_GRACE,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            reap_interval: Duration::from_secs(1),
+            idle_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `<host>-<pid>-<4 hex>`.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerSummary {
+    /// Attempts started.
+    pub started: u64,
+    /// Completions acknowledged.
+    pub completed: u64,
+    /// Completions refused (lease lost).
+    pub refused: u64,
+    /// Attempts handed back at shutdown.
+    pub released: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    started: AtomicU64,
+    completed: AtomicU64,
+    refused: AtomicU64,
+    released: AtomicU64,
+}
+
+/// What a finished attempt sends to the completer.
+enum Finished {
+    Complete(u32, Completion),
+    Release(u32, String, u32, u64),
+}
+
+/// A worker: a queue handle, the task programs and handlers it can run.
+pub struct Worker {
+    queue: Queue,
+    cfg: WorkerConfig,
+    registry: Arc<Registry>,
+    handlers: Arc<Handlers>,
+}
+
+struct Ctx {
+    queue: Queue,
+    cfg: WorkerConfig,
+    registry: Arc<Registry>,
+    handlers: Arc<Handlers>,
+    held: Arc<Held>,
+    done: mpsc::UnboundedSender<Finished>,
+}
+
+impl Worker {
+    /// A worker over `queue` running `registry`'s programs and `handlers`.
+    pub fn new(queue: Queue, cfg: WorkerConfig, registry: Registry, handlers: Handlers) -> Self {
+        Worker { queue, cfg, registry: Arc::new(registry), handlers: Arc::new(handlers) }
+    }
+
+    /// Run until `shutdown` fires, then stop claiming, wait up to the grace
+    /// for running attempts, hand the rest back to ready and return.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerSummary, QueueError> {
+        let held = Arc::new(Held::default());
+        let counters = Arc::new(Counters::default());
+        let slot_freed = Arc::new(Notify::new());
+        let wake = Arc::new(Notify::new());
+        let background = CancellationToken::new();
+        let (tx, rx) = mpsc::unbounded_channel();
+
+        let _sub = subscribe_wake(&self.queue, wake.clone()).await?;
+        let heartbeat = tokio::spawn(lease::heartbeat(self.queue.clone(), held.clone(), self.cfg.lease, background.clone()));
+        let reaper = tokio::spawn(lease::reaper(self.queue.clone(), self.cfg.reap_interval, background.clone()));
+        let completer = tokio::spawn(complete_loop(self.queue.clone(), rx, held.clone(), slot_freed.clone(), counters.clone()));
+        tracing::info!(worker = %self.cfg.id, queues = ?self.cfg.queues, concurrency = self.cfg.concurrency, "worker started");
+
+        let ctx = Arc::new(Ctx {
+            queue: self.queue.clone(),
+            cfg: self.cfg.clone(),
+            registry: self.registry.clone(),
+            handlers: self.handlers.clone(),
+            held: held.clone(),
+            done: tx,
+        });
+        claim_loop(&ctx, &counters, &slot_freed, &wake, &shutdown).await;
+
+        // Graceful stop: no new claims; let running attempts finish within the grace.
+        tracing::info!(running = held.len(), grace = ?self.cfg.shutdown_grace, "shutting down: waiting for running attempts");
+        let deadline = Instant::now() + self.cfg.shutdown_grace;
+        while !held.is_empty() && Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(100), slot_freed.notified()).await;
+        }
+        if !held.is_empty() {
+            tracing::warn!(running = held.len(), "grace over: handing the remaining attempts back to ready");
+            held.stop_all(StopReason::Shutdown);
+        }
+        drop(ctx); // the completer ends once every job task has dropped its sender
+        let _ = completer.await;
+        background.cancel();
+        let _ = heartbeat.await;
+        let _ = reaper.await;
+        Ok(WorkerSummary {
+            started: counters.started.load(Ordering::Relaxed),
+            completed: counters.completed.load(Ordering::Relaxed),
+            refused: counters.refused.load(Ordering::Relaxed),
+            released: counters.released.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Subscribe to every partition's wake channel; each message wakes the claim loop.
+async fn subscribe_wake(queue: &Queue, wake: Arc<Notify>) -> Result<fred::clients::SubscriberClient, QueueError> {
+    let config = Config::from_url(&queue.config().redis_url)?;
+    let sub = Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build_subscriber_client()?;
+    sub.init().await?;
+    let _ = sub.manage_subscriptions();
+    let channels: Vec<String> = (0..queue.partitions()).map(|p| queue.keys(p).key(&["wake"])).collect();
+    sub.subscribe(channels).await?;
+    let mut rx = sub.message_rx();
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(_) => wake.notify_one(),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => wake.notify_one(),
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(sub)
+}
+
+async fn claim_loop(
+    ctx: &Arc<Ctx>,
+    counters: &Arc<Counters>,
+    slot_freed: &Notify,
+    wake: &Notify,
+    shutdown: &CancellationToken,
+) {
+    let parts = ctx.queue.partitions();
+    let mut rr = 0u32;
+    let mut error_backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let mut free = ctx.cfg.concurrency.saturating_sub(ctx.held.len());
+        if free == 0 {
+            tokio::select! {
+                _ = slot_freed.notified() => {}
+                _ = shutdown.cancelled() => {}
+            }
+            continue;
+        }
+        let mut claimed = 0;
+        let mut next_due = 0i64;
+        let mut failed = false;
+        for i in 0..parts {
+            let p = (rr + i) % parts;
+            match ctx.queue.claim(p, &ctx.cfg.id, free, ctx.cfg.lease, &ctx.cfg.queues).await {
+                Ok((due, jobs)) => {
+                    if due > 0 && (next_due == 0 || due < next_due) {
+                        next_due = due;
+                    }
+                    free -= jobs.len().min(free);
+                    claimed += jobs.len();
+                    for job in jobs {
+                        counters.started.fetch_add(1, Ordering::Relaxed);
+                        start_attempt(ctx, job);
+                    }
+                }
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(error = %e, partition = p, retry_in = ?error_backoff, "claim failed; pausing claims");
+                }
+            }
+            if free == 0 {
+                break;
+            }
+        }
+        rr = rr.wrapping_add(1);
+        if failed {
+            tokio::select! {
+                _ = tokio::time::sleep(error_backoff) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
+            continue;
+        }
+        error_backoff = Duration::from_millis(100);
+        if claimed == 0 {
+            let mut wait = ctx.cfg.idle_poll;
+            if next_due > 0 {
+                let now = chrono::Utc::now().timestamp_millis();
+                // next_due is Redis time; a skewed local clock only makes this poll early or late
+                wait = wait.min(Duration::from_millis((next_due - now).clamp(1, i64::MAX) as u64));
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+}
+
+fn start_attempt(ctx: &Arc<Ctx>, job: ClaimedJob) {
+    let cancel = CancellationToken::new();
+    ctx.held.insert(
+        job.id.clone(),
+        HeldLease { partition: job.partition, attempt: job.attempt, started: Instant::now(), cancel: cancel.clone(), reason: None },
+    );
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let report = execute(&ctx, &job, cancel).await;
+        let finished = match ctx.held.reason(&job.id) {
+            Some(StopReason::Shutdown) => Finished::Release(job.partition, job.id.clone(), job.attempt, started.elapsed().as_millis() as u64),
+            _ => Finished::Complete(job.partition, completion(&ctx.cfg, &job, report)),
+        };
+        // The completer outlives every job task (it ends when all senders drop).
+        let _ = ctx.done.send(finished);
+    });
+}
+
+/// Resolve the attempt's caps: what the job asked for, else the kind's
+/// default, never above the tenant's cap.
+fn limits_for(job: &ClaimedJob, default_timeout: Duration, default_memory: Option<u64>, kill_grace: Duration) -> Limits {
+    let timeout = if job.timeout_ms > 0 {
+        Duration::from_millis(job.timeout_ms)
+    } else {
+        default_timeout.min(Duration::from_millis(job.max_timeout_ms.max(1)))
+    };
+    let memory = if job.memory > 0 {
+        Some(job.memory)
+    } else {
+        Some(default_memory.map_or(job.max_memory, |m| m.min(job.max_memory)))
+    };
+    Limits { timeout, memory, kill_grace }
+}
+
+async fn execute(ctx: &Ctx, job: &ClaimedJob, cancel: CancellationToken) -> Report {
+    let payload = match serde_json::value::RawValue::from_string(job.payload.clone()) {
+        Ok(p) => p,
+        Err(e) => return Report::failed(format!("stored payload is not valid JSON: {e}"), true),
+    };
+    let input = TaskInput {
+        id: job.id.clone(),
+        tenant: job.tenant.clone(),
+        queue: job.queue.clone(),
+        kind: job.kind.clone(),
+        attempt: job.attempt,
+        payload,
+    };
+    if let Some(h) = ctx.handlers.get(&job.kind) {
+        let limits = limits_for(job, executor::manifest::DEFAULT_TIMEOUT, None, ctx.cfg.kill_grace);
+        return executor::run_handler(h.as_ref(), input, &limits, cancel).await;
+    }
+    match ctx.registry.get(&job.kind) {
+        Some(m) => {
+            let limits = limits_for(job, m.timeout, m.memory, ctx.cfg.kill_grace);
+            executor::run_process(m, &input, &limits, cancel).await
+        }
+        None => {
+            let known: Vec<&str> = ctx.registry.kinds().chain(ctx.handlers.kinds()).collect();
+            Report::failed(
+                format!(
+                    "unknown kind {:?}: worker {} has no program for it in {} (it knows: {})",
+                    job.kind,
+                    ctx.cfg.id,
+                    ctx.registry.dir().display(),
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                ),
+                true,
+            )
+        }
+    }
+}
+
+/// Exponential backoff with jitter: uniform in [d/2, d] with d = base * 2^(attempt-1), capped.
+fn backoff(cfg: &WorkerConfig, attempt: u32) -> Duration {
+    let exp = cfg.backoff_base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let d = exp.min(cfg.backoff_max);
+    let half = d / 2;
+    half + Duration::from_millis(rand::random_range(0..=half.as_millis().max(1) as u64))
+}
+
+fn completion(cfg: &WorkerConfig, job: &ClaimedJob, r: Report) -> Completion {
+    let backoff_ms = if r.outcome == Outcome::Succeeded { 0 } else { backoff(cfg, job.attempt).as_millis() as u64 };
+    if r.outcome != Outcome::Succeeded {
+        tracing::info!(job = %job.id, tenant = %job.tenant, kind = %job.kind, attempt = job.attempt,
+            outcome = r.outcome.as_str(), error = r.error.as_deref().unwrap_or(""), "attempt failed");
+    }
+    Completion {
+        id: job.id.clone(),
+        attempt: job.attempt,
+        outcome: r.outcome,
+        permanent: r.permanent,
+        error: r.error.unwrap_or_default(),
+        result: r.output.map(|o| o.to_string()),
+        exit_code: r.exit_code,
+        signal: r.signal,
+        run_ms: r.wall_ms,
+        cpu_ms: r.cpu_user_ms + r.cpu_sys_ms,
+        peak_rss: r.peak_rss_bytes,
+        usage: r.usage,
+        backoff_ms,
+    }
+}
+
+/// Acknowledge finished attempts in batches, one script call per partition.
+/// Retries until Redis takes them: an unacknowledged attempt keeps its lease
+/// (the heartbeat goes on), so nothing is lost or run twice meanwhile.
+async fn complete_loop(
+    queue: Queue,
+    mut rx: mpsc::UnboundedReceiver<Finished>,
+    held: Arc<Held>,
+    slot_freed: Arc<Notify>,
+    counters: Arc<Counters>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let mut done: BTreeMap<u32, Vec<Completion>> = BTreeMap::new();
+        let mut back: BTreeMap<u32, Vec<(String, u32, u64)>> = BTreeMap::new();
+        for f in batch {
+            match f {
+                Finished::Complete(p, c) => done.entry(p).or_default().push(c),
+                Finished::Release(p, id, a, ms) => back.entry(p).or_default().push((id, a, ms)),
+            }
+        }
+        for (p, list) in done {
+            let statuses = retry("complete", || queue.complete(p, &list)).await;
+            for (c, s) in list.iter().zip(statuses) {
+                if s == CompleteStatus::Refused {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(job = %c.id, attempt = c.attempt, "completion refused: the lease was lost and the job handed to another worker");
+                } else {
+                    counters.completed.fetch_add(1, Ordering::Relaxed);
+                }
+                held.remove(&c.id);
+            }
+        }
+        for (p, list) in back {
+            let n = retry("release", || queue.release(p, "interrupted: worker shutting down", &list)).await;
+            counters.released.fetch_add(n, Ordering::Relaxed);
+            for (id, _, _) in &list {
+                held.remove(id);
+            }
+        }
+        slot_freed.notify_one();
+    }
+}
+
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, QueueError>>,
+{
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "{what} failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut cfg = WorkerConfig::new(vec!["q".into()]);
+        cfg.backoff_base = Duration::from_millis(100);
+        cfg.backoff_max = Duration::from_secs(1);
+        for _ in 0..50 {
+            let b1 = backoff(&cfg, 1);
+            assert!(b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(101), "{b1:?}");
+            let b3 = backoff(&cfg, 3);
+            assert!(b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(401), "{b3:?}");
+            assert!(backoff(&cfg, 30) <= Duration::from_millis(1001));
+        }
+    }
+}

@@ -1,0 +1,664 @@
+//! Integration tests for the executor: real processes, the real `workers/`
+//! directory, and ad-hoc task kinds written into temporary directories.
+//!
+//! Timing assertions only have generous upper bounds so that a slow or busy
+//! machine does not make them flaky.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agentq::executor::*;
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+const MIB: u64 = 1 << 20;
+
+fn workers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("workers")
+}
+
+fn registry() -> Registry {
+    Registry::load(&workers_dir()).expect("workers/ loads")
+}
+
+fn input(kind: &str, payload: serde_json::Value) -> TaskInput {
+    TaskInput {
+        id: "job-1".into(),
+        tenant: "acme".into(),
+        queue: "default".into(),
+        kind: kind.into(),
+        attempt: 1,
+        payload: RawValue::from_string(payload.to_string()).unwrap(),
+    }
+}
+
+fn limits(timeout: Duration, memory: Option<u64>) -> Limits {
+    Limits {
+        timeout,
+        memory,
+        kill_grace: Duration::from_secs(1),
+    }
+}
+
+async fn run_kind(kind: &str, payload: serde_json::Value, lim: &Limits) -> Report {
+    let reg = registry();
+    let m = reg.get(kind).unwrap_or_else(|| panic!("kind {kind} exists"));
+    run_process(m, &input(kind, payload), lim, CancellationToken::new()).await
+}
+
+/// Writes `tmp/<kind>/worker.toml` (and `run` when a script is given) and
+/// returns the parsed manifest.
+fn adhoc(tmp: &Path, kind: &str, toml: &str, script: Option<&str>) -> Manifest {
+    let dir = tmp.join(kind);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("worker.toml"), toml).unwrap();
+    if let Some(script) = script {
+        let run = dir.join("run");
+        std::fs::write(&run, script).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    parse_manifest(kind, &dir, toml).unwrap()
+}
+
+async fn run_adhoc(toml: &str, script: Option<&str>, payload: serde_json::Value, lim: &Limits) -> Report {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = adhoc(tmp.path(), "adhoc", toml, script);
+    run_process(&m, &input("adhoc", payload), lim, CancellationToken::new()).await
+}
+
+/// True when `pid` no longer runs (gone, or a zombie waiting for init).
+fn is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+            .unwrap_or(false),
+    }
+}
+
+async fn wait_dead(pid: i32) -> bool {
+    for _ in 0..100 {
+        if is_dead(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn echo_round_trips_the_job() {
+    let payload = json!({"a": [1, 2, {"b": null}], "s": "x y\nz \"q\"", "n": 12345678901234567u64});
+    let r = run_kind("echo", payload.clone(), &limits(Duration::from_secs(30), Some(256 * MIB))).await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert!(!r.permanent);
+    assert_eq!(r.exit_code, Some(0));
+    assert_eq!(r.signal, None);
+    assert_eq!(r.error, None);
+    assert_eq!(
+        r.output,
+        Some(json!({
+            "id": "job-1", "tenant": "acme", "queue": "default", "kind": "echo",
+            "attempt": 1, "payload": payload
+        }))
+    );
+    assert_eq!(r.usage, TaskUsage::default());
+}
+
+#[tokio::test]
+async fn payload_whitespace_is_compacted_to_one_line() {
+    let reg = registry();
+    let mut i = input("echo", json!(null));
+    i.payload = RawValue::from_string("{\n  \"k\" : [1,\n 2]\n}".into()).unwrap();
+    let r = run_process(
+        reg.get("echo").unwrap(),
+        &i,
+        &limits(Duration::from_secs(30), None),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert_eq!(r.output.unwrap()["payload"], json!({"k": [1, 2]}));
+}
+
+#[tokio::test]
+async fn exit_65_is_permanent() {
+    let r = run_kind(
+        "fail",
+        json!({"code": 65, "message": "bad input: no such customer"}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(r.permanent);
+    assert!(!r.retryable());
+    assert_eq!(r.exit_code, Some(65));
+    let e = r.error.unwrap();
+    assert!(e.contains("exit code 65"), "{e}");
+    assert!(e.contains("bad input: no such customer"), "{e}");
+}
+
+#[tokio::test]
+async fn other_exit_codes_are_retryable() {
+    let r = run_kind(
+        "fail",
+        json!({"code": 3, "message": "upstream 503"}),
+        &limits(Duration::from_secs(30), Some(256 * MIB)),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(!r.permanent);
+    assert!(r.retryable());
+    assert_eq!(r.exit_code, Some(3));
+    let e = r.error.unwrap();
+    assert!(e.starts_with("task program exited with code 3"), "{e}");
+    assert!(e.contains("upstream 503"), "{e}");
+}
+
+#[tokio::test]
+async fn garbage_result_line_is_a_clear_failure() {
+    let r = run_adhoc(
+        "command = [\"./run\"]",
+        Some("#!/bin/sh\necho '{\"output\": 1}'\necho 'hello, not json'\n"),
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(!r.permanent);
+    assert_eq!(r.exit_code, Some(0));
+    let e = r.error.unwrap();
+    assert!(
+        e.starts_with("task program printed a result that is not a JSON object: hello, not json"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn negative_usage_is_garbage() {
+    let r = run_adhoc(
+        "command = [\"./run\"]",
+        Some("#!/bin/sh\necho '{\"usage\": {\"api_calls\": -2}}'\n"),
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(r.error.unwrap().contains("usage.api_calls"));
+}
+
+#[tokio::test]
+async fn empty_stdout_is_success_without_output() {
+    let r = run_adhoc(
+        "command = [\"./run\"]",
+        Some("#!/bin/sh\nexit 0\n"),
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert_eq!(r.output, None);
+}
+
+#[tokio::test]
+async fn reported_usage_is_kept() {
+    let r = run_kind(
+        "agent-sim",
+        json!({"mean_ms": 20, "seed": 7}),
+        &limits(Duration::from_secs(30), Some(256 * MIB)),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert!(r.usage.api_calls >= 1);
+    assert!(r.usage.input_tokens > 0 && r.usage.output_tokens > 0);
+    assert!(r.output.unwrap()["answer"].is_string());
+}
+
+#[tokio::test]
+async fn program_that_never_reads_stdin_gets_a_large_payload() {
+    let blob = "x".repeat(200 * 1024);
+    // One program ignores stdin, one closes it right away.
+    for script in [
+        "#!/bin/sh\necho '{\"output\": \"ignored\"}'\n",
+        "#!/bin/sh\nexec 0<&-\necho '{\"output\": \"ignored\"}'\n",
+    ] {
+        let r = run_adhoc(
+            "command = [\"./run\"]",
+            Some(script),
+            json!({"blob": blob}),
+            &limits(Duration::from_secs(30), None),
+        )
+        .await;
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+        assert_eq!(r.output, Some(json!("ignored")));
+    }
+}
+
+#[tokio::test]
+async fn large_stdout_keeps_the_last_line() {
+    let r = run_adhoc(
+        "command = [\"./run\"]\nenv = [\"PATH\"]",
+        Some("#!/bin/sh\nhead -c 5000000 /dev/zero | tr '\\0' 'x'\necho\necho '{\"output\": \"end\"}'\n"),
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert_eq!(r.output, Some(json!("end")));
+}
+
+#[tokio::test]
+async fn timeout_kills_the_group() {
+    let timeout = Duration::from_secs(1);
+    let started = Instant::now();
+    let r = run_kind("sleep", json!({"ms": 60000}), &limits(timeout, None)).await;
+    let took = started.elapsed();
+    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    assert!(!r.permanent);
+    assert_eq!(r.error_summary(), Some("timed out after 1s"));
+    assert!(r.wall_ms >= 1000, "{}", r.wall_ms);
+    assert!(took < timeout + Duration::from_secs(10), "{took:?}");
+    assert_eq!(r.signal, Some(libc::SIGTERM));
+}
+
+#[tokio::test]
+async fn sigterm_ignored_gets_sigkill_after_grace() {
+    let lim = Limits {
+        timeout: Duration::from_millis(500),
+        memory: None,
+        kill_grace: Duration::from_millis(700),
+    };
+    let started = Instant::now();
+    let r = run_adhoc(
+        "command = [\"./run\"]\nenv = [\"PATH\"]",
+        Some("#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 0.1; done\n"),
+        json!({}),
+        &lim,
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    assert_eq!(r.signal, Some(libc::SIGKILL));
+    assert!(r.wall_ms >= 1200, "{}", r.wall_ms);
+    assert!(took < Duration::from_secs(12), "{took:?}");
+}
+
+#[tokio::test]
+async fn memory_cap_is_reported_as_memory_exceeded() {
+    let r = run_kind(
+        "memhog",
+        json!({"mib": 300}),
+        &limits(Duration::from_secs(60), Some(64 * MIB)),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::MemoryExceeded, "{r:?}");
+    assert!(!r.permanent);
+    let e = r.error.unwrap();
+    assert!(e.starts_with("memory cap 64MiB exceeded"), "{e}");
+    assert!(e.contains("MemoryError"), "{e}");
+    assert!(r.peak_rss_bytes < 64 * MIB);
+}
+
+#[tokio::test]
+async fn memory_within_cap_succeeds_and_peak_rss_is_measured() {
+    let r = run_kind(
+        "memhog",
+        json!({"mib": 16}),
+        &limits(Duration::from_secs(60), Some(256 * MIB)),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert_eq!(r.output, Some(json!({"mib": 16})));
+    assert!(r.peak_rss_bytes >= 16 * MIB, "{}", r.peak_rss_bytes);
+    assert!(r.peak_rss_bytes < 256 * MIB, "{}", r.peak_rss_bytes);
+}
+
+#[tokio::test]
+async fn grandchild_that_outlives_the_parent_is_killed() {
+    let started = Instant::now();
+    let r = run_adhoc(
+        r#"command = ['/bin/sh', '-c', '/bin/sleep 60 & printf "{\"output\": %s}\n" $!']"#,
+        None,
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    let pid = r.output.as_ref().and_then(|o| o.as_i64()).expect("pid output") as i32;
+    assert!(wait_dead(pid).await, "grandchild {pid} still running");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn environment_is_clean() {
+    // No variables at all: /usr/bin/env prints nothing -> empty result.
+    let r = run_adhoc(
+        "command = [\"/usr/bin/env\"]\nenv = []",
+        None,
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert_eq!(r.output, None);
+
+    // Only the listed variables that are set in the worker are passed.
+    let r = run_adhoc(
+        "command = [\"/usr/bin/python3\", \"-c\", \"import os, json; print(json.dumps({'output': sorted(os.environ)}))\"]\nenv = [\"PATH\", \"AGENTQ_SURELY_UNSET_VAR\"]",
+        None,
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    let names: Vec<String> = serde_json::from_value(r.output.unwrap()).unwrap();
+    assert!(names.contains(&"PATH".to_string()), "{names:?}");
+    assert!(!names.contains(&"HOME".to_string()), "{names:?}");
+    assert!(!names.contains(&"AGENTQ_SURELY_UNSET_VAR".to_string()), "{names:?}");
+    // python may add LC_CTYPE on its own; nothing else from the worker.
+    assert!(names.iter().all(|n| n == "PATH" || n == "LC_CTYPE"), "{names:?}");
+}
+
+#[tokio::test]
+async fn working_directory_is_fresh_and_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = adhoc(
+        tmp.path(),
+        "pwd",
+        "command = [\"./run\"]\nenv = [\"PATH\"]",
+        Some("#!/bin/sh\nn=$(ls -A | wc -l)\necho data > scratch.txt\nprintf '{\"output\":{\"pwd\":\"%s\",\"entries\":%s}}\\n' \"$(pwd)\" \"$n\"\n"),
+    );
+    let mut dirs = Vec::new();
+    for _ in 0..2 {
+        let r = run_process(
+            &m,
+            &input("pwd", json!({})),
+            &limits(Duration::from_secs(30), None),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+        let out = r.output.unwrap();
+        assert_eq!(out["entries"], json!(0));
+        let pwd = PathBuf::from(out["pwd"].as_str().unwrap());
+        assert_ne!(pwd, m.dir);
+        assert!(!pwd.exists(), "{} was not removed", pwd.display());
+        dirs.push(pwd);
+    }
+    assert_ne!(dirs[0], dirs[1]);
+}
+
+#[tokio::test]
+async fn no_descriptors_are_inherited() {
+    // A pipe without O_CLOEXEC in the worker must not reach the child.
+    let mut fds = [0i32; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let r = run_adhoc(
+        "command = [\"/usr/bin/python3\", \"-c\", \"import os, json; print(json.dumps({'output': sorted(int(f) for f in os.listdir('/proc/self/fd'))}))\"]",
+        None,
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    let open: Vec<i32> = serde_json::from_value(r.output.unwrap()).unwrap();
+    assert!(!open.contains(&fds[0]) && !open.contains(&fds[1]), "{open:?}");
+    // 0, 1, 2 and the directory listing itself.
+    assert!(open.len() <= 4, "{open:?}");
+}
+
+#[tokio::test]
+async fn missing_program_is_a_permanent_failure_naming_it() {
+    let r = run_adhoc(
+        "command = [\"./does-not-exist\"]",
+        None,
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(r.permanent);
+    let e = r.error.unwrap();
+    assert!(e.contains("does-not-exist"), "{e}");
+    assert!(e.contains("No such file"), "{e}");
+
+    let r = run_adhoc(
+        "command = [\"agentq-no-such-program\"]",
+        None,
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert!(r.permanent);
+    assert!(r.error.unwrap().contains("agentq-no-such-program"));
+
+    // Present but not executable.
+    let tmp = tempfile::tempdir().unwrap();
+    let m = adhoc(tmp.path(), "noexec", "command = [\"./run\"]", Some("#!/bin/sh\n"));
+    std::fs::set_permissions(m.dir.join("run"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = run_process(
+        &m,
+        &input("noexec", json!({})),
+        &limits(Duration::from_secs(30), None),
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(r.permanent, "{r:?}");
+    assert!(r.error.unwrap().contains("Permission denied"));
+}
+
+#[tokio::test]
+async fn cancel_interrupts_quickly() {
+    let reg = registry();
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.cancel();
+    });
+    let started = Instant::now();
+    let r = run_process(
+        reg.get("sleep").unwrap(),
+        &input("sleep", json!({"ms": 60000})),
+        &limits(Duration::from_secs(60), None),
+        cancel,
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    assert!(!r.permanent);
+    assert_eq!(r.error.as_deref(), Some("interrupted: worker shutting down"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Already cancelled: nothing is started.
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let r = run_process(
+        reg.get("sleep").unwrap(),
+        &input("sleep", json!({"ms": 60000})),
+        &limits(Duration::from_secs(60), None),
+        cancel,
+    )
+    .await;
+    assert_eq!(r.error.as_deref(), Some("interrupted: worker shutting down"));
+}
+
+#[tokio::test]
+async fn dropping_the_future_kills_the_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("pid");
+    let m = adhoc(
+        tmp.path(),
+        "drop",
+        &format!(
+            "command = [\"/bin/sh\", \"-c\", \"echo $$ > {}; exec /bin/sleep 60\"]",
+            pidfile.display()
+        ),
+        None,
+    );
+    let lim = limits(Duration::from_secs(60), None);
+    let i = input("drop", json!({}));
+    let fut = run_process(&m, &i, &lim, CancellationToken::new());
+    let r = tokio::time::timeout(Duration::from_millis(500), fut).await;
+    assert!(r.is_err(), "should still be running");
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(wait_dead(pid).await, "{pid} still running");
+}
+
+#[tokio::test]
+async fn cpu_time_is_measured() {
+    let r = run_adhoc(
+        "command = [\"./run\"]",
+        Some("#!/bin/sh\ni=0\nwhile [ $i -lt 300000 ]; do i=$((i+1)); done\necho '{\"output\": \"done\"}'\n"),
+        json!({}),
+        &limits(Duration::from_secs(60), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert!(r.cpu_user_ms + r.cpu_sys_ms > 0, "{r:?}");
+    assert!(r.wall_ms > 0);
+    assert!(r.peak_rss_bytes > 0);
+}
+
+#[tokio::test]
+async fn signal_death_is_retryable() {
+    let r = run_adhoc(
+        "command = [\"/bin/sh\", \"-c\", \"kill -SEGV $$\"]",
+        None,
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    assert!(!r.permanent);
+    assert_eq!(r.signal, Some(libc::SIGSEGV));
+    assert!(r.error.unwrap().contains("SIGSEGV"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_attempts_do_not_interfere() {
+    let reg = registry();
+    let m = reg.get("sleep").unwrap().clone();
+    let lim = limits(Duration::from_secs(30), None);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8u64 {
+        let (m, lim) = (m.clone(), lim.clone());
+        set.spawn(async move {
+            let r = run_process(&m, &input("sleep", json!({"ms": 50 * i})), &lim, CancellationToken::new()).await;
+            (i, r)
+        });
+    }
+    while let Some(res) = set.join_next().await {
+        let (i, r) = res.unwrap();
+        assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+        assert_eq!(r.output, Some(json!({"slept_ms": 50 * i})));
+    }
+}
+
+// ---- in-process handlers ----
+
+#[tokio::test]
+async fn handler_noop_succeeds() {
+    let hs = Handlers::with_builtins();
+    let h = hs.get("noop").unwrap();
+    let r = run_handler(
+        &*h,
+        input("noop", json!({})),
+        &limits(Duration::from_secs(5), None),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert_eq!(r.output, None);
+    assert_eq!(r.error, None);
+}
+
+#[tokio::test]
+async fn handler_timeout() {
+    let h = handler_fn(|_i| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok(HandlerOutput::default())
+    });
+    let started = Instant::now();
+    let r = run_handler(
+        &*h,
+        input("slow", json!({})),
+        &limits(Duration::from_millis(200), None),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    assert_eq!(r.error.as_deref(), Some("timed out after 200ms"));
+    assert!(r.wall_ms >= 200);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn handler_panic_is_caught() {
+    let h = handler_fn(|_i| async {
+        if true {
+            panic!("boom");
+        }
+        Ok(HandlerOutput::default())
+    });
+    let r = run_handler(
+        &*h,
+        input("panics", json!({})),
+        &limits(Duration::from_secs(5), None),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(!r.permanent);
+    assert_eq!(r.error.as_deref(), Some("handler panicked: boom"));
+}
+
+#[tokio::test]
+async fn handler_output_errors_and_cancel() {
+    let mut hs = Handlers::new();
+    hs.register(
+        "double",
+        handler_fn(|i: TaskInput| async move {
+            let v: serde_json::Value = serde_json::from_str(i.payload.get())
+                .map_err(|e| HandlerError::permanent(e.to_string()))?;
+            let n = v["n"].as_u64().ok_or_else(|| HandlerError::permanent("n missing"))?;
+            Ok(HandlerOutput {
+                output: Some(json!(n * 2)),
+                usage: TaskUsage {
+                    api_calls: 1,
+                    ..Default::default()
+                },
+            })
+        }),
+    );
+    let h = hs.get("double").unwrap();
+    let lim = limits(Duration::from_secs(5), None);
+    let r = run_handler(&*h, input("double", json!({"n": 21})), &lim, CancellationToken::new()).await;
+    assert_eq!(r.outcome, Outcome::Succeeded);
+    assert_eq!(r.output, Some(json!(42)));
+    assert_eq!(r.usage.api_calls, 1);
+    let r = run_handler(&*h, input("double", json!({})), &lim, CancellationToken::new()).await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    assert!(r.permanent);
+    assert_eq!(r.error.as_deref(), Some("n missing"));
+
+    let slow = handler_fn(|_i| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok(HandlerOutput::default())
+    });
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.cancel();
+    });
+    let r = run_handler(&*slow, input("slow", json!({})), &lim, cancel).await;
+    assert_eq!(r.error.as_deref(), Some("interrupted: worker shutting down"));
+    assert!(!r.permanent);
+}
