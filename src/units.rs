@@ -5,6 +5,8 @@
 //! `parse_duration(&format_duration(d)) == Ok(d)` and
 //! `parse_size(&format_size(n)) == Ok(n)` hold for every value.
 
+#![warn(missing_docs)]
+
 use std::time::Duration;
 
 /// Longest part of the offending input quoted back in an error message.
@@ -188,10 +190,7 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
             ));
         }
         _ => {
-            return Err(size_err(
-                s,
-                format!("unknown unit {:?}; {SIZE_HINT}", unit),
-            ));
+            return Err(size_err(s, format!("unknown unit {:?}; {SIZE_HINT}", unit)));
         }
     };
     let too_large = || size_err(s, "too large (the maximum is 16EiB - 1)");
@@ -220,12 +219,16 @@ pub fn format_duration(d: Duration) -> String {
         (60 * NANOS_PER_S, "m"),
         (NANOS_PER_S, "s"),
     ] {
-        if nanos % unit == 0 {
+        if nanos.is_multiple_of(unit) {
             return format!("{}{}", nanos / unit, name);
         }
     }
     if nanos >= NANOS_PER_S {
-        return format!("{}{}s", nanos / NANOS_PER_S, frac_text(nanos % NANOS_PER_S, 9));
+        return format!(
+            "{}{}s",
+            nanos / NANOS_PER_S,
+            frac_text(nanos % NANOS_PER_S, 9)
+        );
     }
     format!(
         "{}{}ms",
@@ -265,14 +268,14 @@ pub fn format_size(bytes: u64) -> String {
         (1_000_000, "MB"),
         (1_000, "kB"),
     ];
-    if let Some((unit, name)) = BINARY.into_iter().find(|(unit, _)| b >= *unit) {
-        if (b * 1000) % unit == 0 {
-            let milli = b * 1000 / unit;
-            return format!("{}{}{}", milli / 1000, frac_text(milli % 1000, 3), name);
-        }
+    if let Some((unit, name)) = BINARY.into_iter().find(|(unit, _)| b >= *unit)
+        && (b * 1000).is_multiple_of(unit)
+    {
+        let milli = b * 1000 / unit;
+        return format!("{}{}{}", milli / 1000, frac_text(milli % 1000, 3), name);
     }
     for (unit, name) in DECIMAL.into_iter().chain(BINARY) {
-        if b % unit == 0 {
+        if b.is_multiple_of(unit) {
             return format!("{}{}", b / unit, name);
         }
     }
@@ -292,7 +295,10 @@ mod tests {
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86400));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration(" 1.5 S ").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration(" 1.5 S ").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert_eq!(parse_duration(".5s").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2.s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("0.5ms").unwrap(), Duration::from_micros(500));
@@ -309,7 +315,16 @@ mod tests {
             e,
             r#"invalid duration "5x": unknown unit "x"; expected a number followed by ms, s, m, h or d (for example 500ms, 30s, 5m or 1.5h)"#
         );
-        for bad in ["", "s", ".s", "-1s", "1..5s", "1.2.3s", "abc", "99999999999999999999999d"] {
+        for bad in [
+            "",
+            "s",
+            ".s",
+            "-1s",
+            "1..5s",
+            "1.2.3s",
+            "abc",
+            "99999999999999999999999d",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
         let e = parse_duration("a\nb").unwrap_err().to_string();

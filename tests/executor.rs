@@ -44,7 +44,9 @@ fn limits(timeout: Duration, memory: Option<u64>) -> Limits {
 
 async fn run_kind(kind: &str, payload: serde_json::Value, lim: &Limits) -> Report {
     let reg = registry();
-    let m = reg.get(kind).unwrap_or_else(|| panic!("kind {kind} exists"));
+    let m = reg
+        .get(kind)
+        .unwrap_or_else(|| panic!("kind {kind} exists"));
     run_process(m, &input(kind, payload), lim, CancellationToken::new()).await
 }
 
@@ -62,7 +64,12 @@ fn adhoc(tmp: &Path, kind: &str, toml: &str, script: Option<&str>) -> Manifest {
     parse_manifest(kind, &dir, toml).unwrap()
 }
 
-async fn run_adhoc(toml: &str, script: Option<&str>, payload: serde_json::Value, lim: &Limits) -> Report {
+async fn run_adhoc(
+    toml: &str,
+    script: Option<&str>,
+    payload: serde_json::Value,
+    lim: &Limits,
+) -> Report {
     let tmp = tempfile::tempdir().unwrap();
     let m = adhoc(tmp.path(), "adhoc", toml, script);
     run_process(&m, &input("adhoc", payload), lim, CancellationToken::new()).await
@@ -92,7 +99,12 @@ async fn wait_dead(pid: i32) -> bool {
 #[tokio::test]
 async fn echo_round_trips_the_job() {
     let payload = json!({"a": [1, 2, {"b": null}], "s": "x y\nz \"q\"", "n": 12345678901234567u64});
-    let r = run_kind("echo", payload.clone(), &limits(Duration::from_secs(30), Some(256 * MIB))).await;
+    let r = run_kind(
+        "echo",
+        payload.clone(),
+        &limits(Duration::from_secs(30), Some(256 * MIB)),
+    )
+    .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
     assert!(!r.permanent);
     assert_eq!(r.exit_code, Some(0));
@@ -327,7 +339,11 @@ async fn grandchild_that_outlives_the_parent_is_killed() {
     )
     .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
-    let pid = r.output.as_ref().and_then(|o| o.as_i64()).expect("pid output") as i32;
+    let pid = r
+        .output
+        .as_ref()
+        .and_then(|o| o.as_i64())
+        .expect("pid output") as i32;
     assert!(wait_dead(pid).await, "grandchild {pid} still running");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
@@ -357,9 +373,15 @@ async fn environment_is_clean() {
     let names: Vec<String> = serde_json::from_value(r.output.unwrap()).unwrap();
     assert!(names.contains(&"PATH".to_string()), "{names:?}");
     assert!(!names.contains(&"HOME".to_string()), "{names:?}");
-    assert!(!names.contains(&"AGENTQ_SURELY_UNSET_VAR".to_string()), "{names:?}");
+    assert!(
+        !names.contains(&"AGENTQ_SURELY_UNSET_VAR".to_string()),
+        "{names:?}"
+    );
     // python may add LC_CTYPE on its own; nothing else from the worker.
-    assert!(names.iter().all(|n| n == "PATH" || n == "LC_CTYPE"), "{names:?}");
+    assert!(
+        names.iter().all(|n| n == "PATH" || n == "LC_CTYPE"),
+        "{names:?}"
+    );
 }
 
 #[tokio::test]
@@ -369,7 +391,9 @@ async fn working_directory_is_fresh_and_removed() {
         tmp.path(),
         "pwd",
         "command = [\"./run\"]\nenv = [\"PATH\"]",
-        Some("#!/bin/sh\nn=$(ls -A | wc -l)\necho data > scratch.txt\nprintf '{\"output\":{\"pwd\":\"%s\",\"entries\":%s}}\\n' \"$(pwd)\" \"$n\"\n"),
+        Some(
+            "#!/bin/sh\nn=$(ls -A | wc -l)\necho data > scratch.txt\nprintf '{\"output\":{\"pwd\":\"%s\",\"entries\":%s}}\\n' \"$(pwd)\" \"$n\"\n",
+        ),
     );
     let mut dirs = Vec::new();
     for _ in 0..2 {
@@ -409,7 +433,10 @@ async fn no_descriptors_are_inherited() {
     }
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
     let open: Vec<i32> = serde_json::from_value(r.output.unwrap()).unwrap();
-    assert!(!open.contains(&fds[0]) && !open.contains(&fds[1]), "{open:?}");
+    assert!(
+        !open.contains(&fds[0]) && !open.contains(&fds[1]),
+        "{open:?}"
+    );
     // 0, 1, 2 and the directory listing itself.
     assert!(open.len() <= 4, "{open:?}");
 }
@@ -441,7 +468,12 @@ async fn missing_program_is_a_permanent_failure_naming_it() {
 
     // Present but not executable.
     let tmp = tempfile::tempdir().unwrap();
-    let m = adhoc(tmp.path(), "noexec", "command = [\"./run\"]", Some("#!/bin/sh\n"));
+    let m = adhoc(
+        tmp.path(),
+        "noexec",
+        "command = [\"./run\"]",
+        Some("#!/bin/sh\n"),
+    );
     std::fs::set_permissions(m.dir.join("run"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let r = run_process(
         &m,
@@ -473,7 +505,10 @@ async fn cancel_interrupts_quickly() {
     .await;
     assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
     assert!(!r.permanent);
-    assert_eq!(r.error.as_deref(), Some("interrupted: worker shutting down"));
+    assert_eq!(
+        r.error.as_deref(),
+        Some("interrupted: worker shutting down")
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // Already cancelled: nothing is started.
@@ -486,7 +521,10 @@ async fn cancel_interrupts_quickly() {
         cancel,
     )
     .await;
-    assert_eq!(r.error.as_deref(), Some("interrupted: worker shutting down"));
+    assert_eq!(
+        r.error.as_deref(),
+        Some("interrupted: worker shutting down")
+    );
 }
 
 #[tokio::test]
@@ -507,7 +545,11 @@ async fn dropping_the_future_kills_the_group() {
     let fut = run_process(&m, &i, &lim, CancellationToken::new());
     let r = tokio::time::timeout(Duration::from_millis(500), fut).await;
     assert!(r.is_err(), "should still be running");
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(wait_dead(pid).await, "{pid} still running");
 }
 
@@ -550,7 +592,13 @@ async fn concurrent_attempts_do_not_interfere() {
     for i in 0..8u64 {
         let (m, lim) = (m.clone(), lim.clone());
         set.spawn(async move {
-            let r = run_process(&m, &input("sleep", json!({"ms": 50 * i})), &lim, CancellationToken::new()).await;
+            let r = run_process(
+                &m,
+                &input("sleep", json!({"ms": 50 * i})),
+                &lim,
+                CancellationToken::new(),
+            )
+            .await;
             (i, r)
         });
     }
@@ -627,7 +675,9 @@ async fn handler_output_errors_and_cancel() {
         handler_fn(|i: TaskInput| async move {
             let v: serde_json::Value = serde_json::from_str(i.payload.get())
                 .map_err(|e| HandlerError::permanent(e.to_string()))?;
-            let n = v["n"].as_u64().ok_or_else(|| HandlerError::permanent("n missing"))?;
+            let n = v["n"]
+                .as_u64()
+                .ok_or_else(|| HandlerError::permanent("n missing"))?;
             Ok(HandlerOutput {
                 output: Some(json!(n * 2)),
                 usage: TaskUsage {
@@ -639,11 +689,23 @@ async fn handler_output_errors_and_cancel() {
     );
     let h = hs.get("double").unwrap();
     let lim = limits(Duration::from_secs(5), None);
-    let r = run_handler(&*h, input("double", json!({"n": 21})), &lim, CancellationToken::new()).await;
+    let r = run_handler(
+        &*h,
+        input("double", json!({"n": 21})),
+        &lim,
+        CancellationToken::new(),
+    )
+    .await;
     assert_eq!(r.outcome, Outcome::Succeeded);
     assert_eq!(r.output, Some(json!(42)));
     assert_eq!(r.usage.api_calls, 1);
-    let r = run_handler(&*h, input("double", json!({})), &lim, CancellationToken::new()).await;
+    let r = run_handler(
+        &*h,
+        input("double", json!({})),
+        &lim,
+        CancellationToken::new(),
+    )
+    .await;
     assert_eq!(r.outcome, Outcome::Failed);
     assert!(r.permanent);
     assert_eq!(r.error.as_deref(), Some("n missing"));
@@ -659,6 +721,9 @@ async fn handler_output_errors_and_cancel() {
         c.cancel();
     });
     let r = run_handler(&*slow, input("slow", json!({})), &lim, cancel).await;
-    assert_eq!(r.error.as_deref(), Some("interrupted: worker shutting down"));
+    assert_eq!(
+        r.error.as_deref(),
+        Some("interrupted: worker shutting down")
+    );
     assert!(!r.permanent);
 }

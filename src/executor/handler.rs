@@ -217,7 +217,11 @@ impl Handlers {
     }
 
     /// Registers (or replaces) the handler for `kind`.
-    pub fn register(&mut self, kind: impl Into<String>, handler: Arc<dyn Handler>) -> &mut Handlers {
+    pub fn register(
+        &mut self,
+        kind: impl Into<String>,
+        handler: Arc<dyn Handler>,
+    ) -> &mut Handlers {
         self.map.insert(kind.into(), handler);
         self
     }

@@ -220,10 +220,7 @@ impl Registry {
     pub fn from_manifests(dir: PathBuf, manifests: impl IntoIterator<Item = Manifest>) -> Registry {
         Registry {
             dir,
-            kinds: manifests
-                .into_iter()
-                .map(|m| (m.kind.clone(), m))
-                .collect(),
+            kinds: manifests.into_iter().map(|m| (m.kind.clone(), m)).collect(),
         }
     }
 
@@ -287,7 +284,10 @@ mod tests {
             ("command = [\"./run\"]\ntimeout = \"5\"", "missing unit"),
             ("command = [\"./run\"]\nmemory = \"lots\"", "memory"),
             ("command = [\"./run\"]\nenv = [\"A=B\"]", "env"),
-            ("command = [\"./run\"]\ntimeout = \"0s\"", "greater than zero"),
+            (
+                "command = [\"./run\"]\ntimeout = \"0s\"",
+                "greater than zero",
+            ),
             ("command = \"./run\"", "line 1"),
             ("[[[", "line 1"),
         ] {
@@ -331,7 +331,11 @@ mod tests {
         let r = Registry::load(tmp.path()).unwrap();
         assert_eq!(r.kinds().collect::<Vec<_>>(), ["ok"]);
         std::fs::create_dir(tmp.path().join("bad")).unwrap();
-        std::fs::write(tmp.path().join("bad/worker.toml"), "command=[\"./run\"]\nmem=1").unwrap();
+        std::fs::write(
+            tmp.path().join("bad/worker.toml"),
+            "command=[\"./run\"]\nmem=1",
+        )
+        .unwrap();
         let e = Registry::load(tmp.path()).unwrap_err().to_string();
         assert!(e.contains("bad/worker.toml"), "{e}");
         assert!(Registry::load(&tmp.path().join("missing")).is_err());

@@ -11,6 +11,8 @@
 //!
 //! Both return a [`Report`]; neither ever panics on anything the task does.
 
+#![warn(missing_docs)]
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,9 +23,7 @@ pub mod handler;
 pub mod manifest;
 pub mod process;
 
-pub use handler::{
-    Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler,
-};
+pub use handler::{Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler};
 pub use manifest::{Manifest, ManifestError, Registry, parse_manifest};
 pub use process::{is_memory_exceeded, run_process};
 
@@ -209,7 +209,9 @@ impl Report {
 
     /// The first line of [`Report::error`] (the summary), if any.
     pub fn error_summary(&self) -> Option<&str> {
-        self.error.as_deref().map(|e| e.lines().next().unwrap_or(""))
+        self.error
+            .as_deref()
+            .map(|e| e.lines().next().unwrap_or(""))
     }
 }
 
@@ -245,6 +247,9 @@ mod tests {
         let v: serde_json::Value = serde_json::to_value(&input).unwrap();
         let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         keys.sort();
-        assert_eq!(keys, ["attempt", "id", "kind", "payload", "queue", "tenant"]);
+        assert_eq!(
+            keys,
+            ["attempt", "id", "kind", "payload", "queue", "tenant"]
+        );
     }
 }

@@ -73,7 +73,12 @@ const ALLOC_FAILURE_MARKERS: [&str; 6] = [
 /// With `RLIMIT_DATA` the kernel does not kill the program: its allocations
 /// fail and it usually dies with one of these messages (or aborts), which is
 /// why the classification looks at stderr.
-pub fn is_memory_exceeded(cap: Option<u64>, failed: bool, peak_rss: u64, stderr_tail: &str) -> bool {
+pub fn is_memory_exceeded(
+    cap: Option<u64>,
+    failed: bool,
+    peak_rss: u64,
+    stderr_tail: &str,
+) -> bool {
     let Some(cap) = cap else { return false };
     if !failed {
         return false;
@@ -374,7 +379,10 @@ fn classify(f: Finished<'_>) -> Report {
         None => (
             Outcome::Failed,
             false,
-            Some(with_tail(format!("task program {}", describe_status(f.status)))),
+            Some(with_tail(format!(
+                "task program {}",
+                describe_status(f.status)
+            ))),
         ),
     };
     Report {
@@ -560,7 +568,9 @@ fn resolve_program(name: &str, dir: &Path, path_var: Option<OsString>) -> Result
                 return Ok(if candidate.is_absolute() {
                     candidate
                 } else {
-                    std::env::current_dir().map(|c| c.join(&candidate)).unwrap_or(candidate)
+                    std::env::current_dir()
+                        .map(|c| c.join(&candidate))
+                        .unwrap_or(candidate)
                 });
             }
         }
@@ -584,7 +594,14 @@ fn spawn_error_is_permanent(e: &io::Error) -> bool {
         io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
     ) || matches!(
         e.raw_os_error(),
-        Some(libc::ENOEXEC | libc::ENOTDIR | libc::ELOOP | libc::ENAMETOOLONG | libc::EISDIR | libc::E2BIG)
+        Some(
+            libc::ENOEXEC
+                | libc::ENOTDIR
+                | libc::ELOOP
+                | libc::ENAMETOOLONG
+                | libc::EISDIR
+                | libc::E2BIG
+        )
     )
 }
 
@@ -744,12 +761,20 @@ fn reap_now(pid: libc::pid_t) -> io::Result<(Status, Usage)> {
         if r < 0 && e.kind() == io::ErrorKind::Interrupted {
             continue;
         }
-        return Err(if r < 0 { e } else { io::Error::other("wait4 returned an unexpected pid") });
+        return Err(if r < 0 {
+            e
+        } else {
+            io::Error::other("wait4 returned an unexpected pid")
+        });
     }
 }
 
 /// Reads `r` to the end (or until `stop`), keeping only the last `keep` bytes.
-async fn read_tail<R: AsyncRead + Unpin>(mut r: R, keep: usize, stop: CancellationToken) -> Vec<u8> {
+async fn read_tail<R: AsyncRead + Unpin>(
+    mut r: R,
+    keep: usize,
+    stop: CancellationToken,
+) -> Vec<u8> {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 << 10];
     loop {
@@ -818,7 +843,12 @@ mod tests {
         let mib = 1 << 20;
         // No cap or not failed: never.
         assert!(!is_memory_exceeded(None, true, 10 * mib, "MemoryError"));
-        assert!(!is_memory_exceeded(Some(64 * mib), false, 64 * mib, "MemoryError"));
+        assert!(!is_memory_exceeded(
+            Some(64 * mib),
+            false,
+            64 * mib,
+            "MemoryError"
+        ));
         // Markers, case-insensitive.
         for s in [
             "Traceback...\nMemoryError",
@@ -832,14 +862,22 @@ mod tests {
         }
         // Peak RSS at >= 90% of the cap.
         assert!(is_memory_exceeded(Some(100 * mib), true, 90 * mib, ""));
-        assert!(!is_memory_exceeded(Some(100 * mib), true, 89 * mib, "segfault"));
+        assert!(!is_memory_exceeded(
+            Some(100 * mib),
+            true,
+            89 * mib,
+            "segfault"
+        ));
         assert!(is_memory_exceeded(Some(u64::MAX), true, u64::MAX, ""));
     }
 
     #[test]
     fn result_line() {
         assert_eq!(parse_result(b"").unwrap(), (None, TaskUsage::default()));
-        assert_eq!(parse_result(b"\n  \n").unwrap(), (None, TaskUsage::default()));
+        assert_eq!(
+            parse_result(b"\n  \n").unwrap(),
+            (None, TaskUsage::default())
+        );
         let (o, u) = parse_result(
             b"log line\n{\"output\": {\"a\": 1}, \"usage\": {\"api_calls\": 2, \"input_tokens\": 3}}\n\n",
         )
@@ -863,10 +901,17 @@ mod tests {
             b"{\"usage\": 3}",
             b"{\"output\": 1}\ntrailing",
         ] {
-            assert!(parse_result(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_result(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let e = parse_result(b"hello").unwrap_err();
-        assert_eq!(e, "task program printed a result that is not a JSON object: hello");
+        assert_eq!(
+            e,
+            "task program printed a result that is not a JSON object: hello"
+        );
     }
 
     #[test]
@@ -893,8 +938,14 @@ mod tests {
     #[test]
     fn program_resolution() {
         let dir = Path::new("/w/k");
-        assert_eq!(resolve_program("./run", dir, None).unwrap(), Path::new("/w/k/./run"));
-        assert_eq!(resolve_program("/bin/sh", dir, None).unwrap(), Path::new("/bin/sh"));
+        assert_eq!(
+            resolve_program("./run", dir, None).unwrap(),
+            Path::new("/w/k/./run")
+        );
+        assert_eq!(
+            resolve_program("/bin/sh", dir, None).unwrap(),
+            Path::new("/bin/sh")
+        );
         assert!(resolve_program("sh", dir, Some("/usr/bin:/bin".into())).is_ok());
         let e = resolve_program("no-such-prog-xyz", dir, Some("/usr/bin".into())).unwrap_err();
         assert!(e.contains("no-such-prog-xyz"), "{e}");

@@ -23,7 +23,7 @@ for _, id in ipairs(expired) do
     local hb = tonumber(redis.call('HGET', k('job', id), 'hb')) or tonumber(job.started_at) or now
     local last = job.worker or 'unknown'
     finish_attempt(id, job, {
-      outcome = 'lost', permanent = false, finished_at = hb,
+      outcome = 'lost', permanent = false,
       error = 'lease expired: worker ' .. last .. ' stopped renewing it (crashed or cut off)',
       run_ms = math.max(0, hb - (tonumber(job.started_at) or hb)), backoff_ms = 0,
     }, now)
