@@ -64,7 +64,9 @@ impl LimitsUpdate {
     /// Check every field's range; the error names the flag and the range.
     pub fn validate(&self) -> Result<(), QueueError> {
         let out_of = |what: &str, range: &str| {
-            Err(QueueError::Invalid(format!("{what} is out of range: use {range}")))
+            Err(QueueError::Invalid(format!(
+                "{what} is out of range: use {range}"
+            )))
         };
         if let Some(n) = self.max_concurrency {
             if !MAX_CONCURRENCY_RANGE.contains(&n) {
@@ -137,7 +139,12 @@ pub struct TenantSettings {
     pub own: Vec<String>,
 }
 
-fn field(own: &HashMap<String, String>, defaults: &HashMap<String, String>, name: &str, builtin: u64) -> u64 {
+fn field(
+    own: &HashMap<String, String>,
+    defaults: &HashMap<String, String>,
+    name: &str,
+    builtin: u64,
+) -> u64 {
     own.get(name)
         .or_else(|| defaults.get(name))
         .and_then(|v| v.parse::<f64>().ok())
@@ -176,13 +183,31 @@ mod tests {
 
     #[test]
     fn ranges_are_enforced_with_the_flag_named() {
-        let bad = LimitsUpdate { max_concurrency: Some(0), ..Default::default() };
-        assert!(bad.validate().unwrap_err().to_string().contains("--max-concurrency"));
-        let bad = LimitsUpdate { weight: Some(5000), ..Default::default() };
+        let bad = LimitsUpdate {
+            max_concurrency: Some(0),
+            ..Default::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-concurrency")
+        );
+        let bad = LimitsUpdate {
+            weight: Some(5000),
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().to_string().contains("--weight"));
-        let bad = LimitsUpdate { max_timeout: Some(Duration::from_millis(10)), ..Default::default() };
+        let bad = LimitsUpdate {
+            max_timeout: Some(Duration::from_millis(10)),
+            ..Default::default()
+        };
         assert!(bad.validate().is_err());
-        let ok = LimitsUpdate { max_concurrency: Some(4), weight: Some(3), ..Default::default() };
+        let ok = LimitsUpdate {
+            max_concurrency: Some(4),
+            weight: Some(3),
+            ..Default::default()
+        };
         assert!(ok.validate().is_ok());
     }
 }

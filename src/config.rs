@@ -69,7 +69,9 @@ pub struct Overrides {
 }
 
 fn env(names: &[&str]) -> Option<String> {
-    names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+    names
+        .iter()
+        .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
 }
 
 impl Settings {
@@ -84,13 +86,17 @@ impl Settings {
             Some(p) => p,
             None => match env(&["AGENTQ_PARTITIONS"]) {
                 Some(v) => v.parse().map_err(|_| {
-                    ConfigError::Invalid(format!("AGENTQ_PARTITIONS={v:?} is not a number: use 1..=1024"))
+                    ConfigError::Invalid(format!(
+                        "AGENTQ_PARTITIONS={v:?} is not a number: use 1..=1024"
+                    ))
                 })?,
                 None => file.partitions.unwrap_or(1),
             },
         };
         if !(1..=1024).contains(&partitions) {
-            return Err(ConfigError::Invalid(format!("partitions {partitions} out of range: use 1..=1024")));
+            return Err(ConfigError::Invalid(format!(
+                "partitions {partitions} out of range: use 1..=1024"
+            )));
         }
         Ok(Settings {
             redis_url: o
@@ -122,15 +128,22 @@ impl Settings {
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
-    let err = |msg: String| ConfigError::File { path: path.display().to_string(), msg };
+    let err = |msg: String| ConfigError::File {
+        path: path.display().to_string(),
+        msg,
+    };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     toml::from_str(&text).map_err(|e| err(e.message().to_string()))
 }
 
 /// A URL with its password replaced by `***`, for logs and messages.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some((auth, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((auth, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
     match auth.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
         None => url.to_string(),

@@ -47,15 +47,34 @@ struct TenantPlan {
 }
 
 const TENANTS: [TenantPlan; 3] = [
-    TenantPlan { name: "acme", tier: "enterprise", cap: 6, weight: 3 },
-    TenantPlan { name: "flood", tier: "free", cap: 4, weight: 1 },
-    TenantPlan { name: "light", tier: "pro", cap: 3, weight: 2 },
+    TenantPlan {
+        name: "acme",
+        tier: "enterprise",
+        cap: 6,
+        weight: 3,
+    },
+    TenantPlan {
+        name: "flood",
+        tier: "free",
+        cap: 4,
+        weight: 1,
+    },
+    TenantPlan {
+        name: "light",
+        tier: "pro",
+        cap: 3,
+        weight: 2,
+    },
 ];
 
 fn workers_dir(arg: Option<PathBuf>) -> PathBuf {
     arg.unwrap_or_else(|| {
         let local = PathBuf::from("workers");
-        if local.is_dir() { local } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workers") }
+        if local.is_dir() {
+            local
+        } else {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workers")
+        }
     })
 }
 
@@ -66,10 +85,14 @@ fn workload(scale: usize) -> Vec<JobSpec> {
         jobs.push(JobSpec::new("flood", "default", "sleep").payload(&json!({"ms": 100})));
     }
     for i in 0..36 {
-        jobs.push(JobSpec::new("acme", "default", "agent-sim").payload(&json!({"mean_ms": 250, "seed": i})));
+        jobs.push(
+            JobSpec::new("acme", "default", "agent-sim")
+                .payload(&json!({"mean_ms": 250, "seed": i})),
+        );
     }
     // Failures with their own outcomes: retried, timed out, over memory.
-    let mut f = JobSpec::new("acme", "default", "fail").payload(&json!({"code": 1, "message": "upstream API returned 503"}));
+    let mut f = JobSpec::new("acme", "default", "fail")
+        .payload(&json!({"code": 1, "message": "upstream API returned 503"}));
     f.max_attempts = Some(2);
     jobs.push(f);
     let mut t = JobSpec::new("acme", "default", "sleep").payload(&json!({"ms": 5000}));
@@ -98,7 +121,11 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
     let source = RedisSource::find(&settings.redis_url, settings.redis_is_default())
         .map_err(|e| CliError::Runtime(e.into()))?;
     match &source {
-        RedisSource::Private(p) => println!("No Redis configured or listening on 6379: started a private redis-server on {} (data in {})", p.url(), p.dir().display()),
+        RedisSource::Private(p) => println!(
+            "No Redis configured or listening on 6379: started a private redis-server on {} (data in {})",
+            p.url(),
+            p.dir().display()
+        ),
         RedisSource::External(u) => println!("Redis: {}", crate::config::redact_url(u)),
     }
     let mut s = settings.clone();
@@ -106,14 +133,26 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
     let queue = crate::cli::connect(&s, &source.url()).await?;
     let dir = workers_dir(a.workers_dir);
     let registry = Registry::load(&dir).map_err(|e| CliError::Usage(e.to_string()))?;
-    println!("Task kinds from {}: {}", dir.display(), registry.kinds().collect::<Vec<_>>().join(", "));
+    println!(
+        "Task kinds from {}: {}",
+        dir.display(),
+        registry.kinds().collect::<Vec<_>>().join(", ")
+    );
     println!("Namespace {} (removed at the end)\n", s.namespace);
 
     for t in &TENANTS {
-        LimitsUpdate { max_concurrency: Some(t.cap), weight: Some(t.weight), tier: Some(t.tier.into()), ..Default::default() }
-            .apply(&queue, Some(t.name))
-            .await?;
-        println!("tenant {:<6} tier {:<10} cap {}  weight {}", t.name, t.tier, t.cap, t.weight);
+        LimitsUpdate {
+            max_concurrency: Some(t.cap),
+            weight: Some(t.weight),
+            tier: Some(t.tier.into()),
+            ..Default::default()
+        }
+        .apply(&queue, Some(t.name))
+        .await?;
+        println!(
+            "tenant {:<6} tier {:<10} cap {}  weight {}",
+            t.name, t.tier, t.cap, t.weight
+        );
     }
 
     let shutdown = CancellationToken::new();
@@ -125,22 +164,39 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
         cfg.concurrency = a.concurrency.max(1);
         cfg.backoff_base = Duration::from_millis(200);
         cfg.kill_grace = Duration::from_millis(500);
-        let w = Worker::new(queue.clone(), cfg, registry.clone(), Handlers::with_builtins());
+        let w = Worker::new(
+            queue.clone(),
+            cfg,
+            registry.clone(),
+            Handlers::with_builtins(),
+        );
         pool.push(tokio::spawn(w.run(shutdown.clone())));
     }
-    println!("\n{} workers x {} slots started", a.workers.max(1), a.concurrency.max(1));
+    println!(
+        "\n{} workers x {} slots started",
+        a.workers.max(1),
+        a.concurrency.max(1)
+    );
 
     let started = Instant::now();
     let mut total = 0;
     let main = workload(a.scale);
     total += main.len();
     queue.enqueue_batch(&main).await?;
-    println!("enqueued {} jobs (flood: {}, acme: {})", main.len(), main.len() - 39, 39);
+    println!(
+        "enqueued {} jobs (flood: {}, acme: {})",
+        main.len(),
+        main.len() - 39,
+        39
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let light = light_jobs();
     total += light.len();
     queue.enqueue_batch(&light).await?;
-    println!("enqueued {} jobs for light, behind the flood\n", light.len());
+    println!(
+        "enqueued {} jobs for light, behind the flood\n",
+        light.len()
+    );
 
     let outcome = progress(&queue, total, &shutdown).await;
     shutdown.cancel();
@@ -160,7 +216,11 @@ async fn finished(queue: &Queue) -> Result<(i64, i64, HashMap<String, i64>), Cli
     let stats = crate::queue::inspect::queue_stats(queue).await?;
     let pending: i64 = stats.iter().map(|s| s.ready + s.delayed + s.running).sum();
     let dead: i64 = stats.iter().map(|s| s.dead).sum();
-    let running: HashMap<String, i64> = queue.client().hgetall(queue.keys(0).key(&["running"])).await.map_err(crate::queue::QueueError::from)?;
+    let running: HashMap<String, i64> = queue
+        .client()
+        .hgetall(queue.keys(0).key(&["running"]))
+        .await
+        .map_err(crate::queue::QueueError::from)?;
     Ok((pending, dead, running))
 }
 
@@ -172,9 +232,19 @@ async fn progress(queue: &Queue, total: usize, stop: &CancellationToken) -> CliR
         let done = total as i64 - pending;
         let run: Vec<String> = TENANTS
             .iter()
-            .map(|t| format!("{} {}/{}", t.name, running.get(t.name).copied().unwrap_or(0), t.cap))
+            .map(|t| {
+                format!(
+                    "{} {}/{}",
+                    t.name,
+                    running.get(t.name).copied().unwrap_or(0),
+                    t.cap
+                )
+            })
             .collect();
-        let line = format!("[{done:>4}/{total}] dead {dead}  running: {}", run.join("  "));
+        let line = format!(
+            "[{done:>4}/{total}] dead {dead}  running: {}",
+            run.join("  ")
+        );
         if tty {
             print!("\r{line}   ");
             let _ = std::io::stdout().flush();
@@ -213,20 +283,30 @@ async fn summary(queue: &Queue, elapsed: Duration) -> CliResult {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for (_, f) in &entries {
         let num = |k: &str| f.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-        let r = rows.entry(f.get("tenant").cloned().unwrap_or_default()).or_default();
+        let r = rows
+            .entry(f.get("tenant").cloned().unwrap_or_default())
+            .or_default();
         r.jobs.insert(f.get("job").cloned().unwrap_or_default());
-        *r.outcomes.entry(f.get("outcome").cloned().unwrap_or_default()).or_default() += 1;
+        *r.outcomes
+            .entry(f.get("outcome").cloned().unwrap_or_default())
+            .or_default() += 1;
         r.longest_wait_ms = r.longest_wait_ms.max(num("wait_ms").max(0) as u64);
         r.agent_ms += num("run_ms").max(0) as u64;
         r.peak_rss = r.peak_rss.max(num("peak_rss").max(0) as u64);
-        r.intervals.push((num("started_at"), num("started_at") + num("run_ms")));
+        r.intervals
+            .push((num("started_at"), num("started_at") + num("run_ms")));
     }
-    println!("Per tenant ({} attempts in {:.1}s):", entries.len(), elapsed.as_secs_f64());
+    println!(
+        "Per tenant ({} attempts in {:.1}s):",
+        entries.len(),
+        elapsed.as_secs_f64()
+    );
     let table: Vec<Vec<String>> = TENANTS
         .iter()
         .map(|t| {
             let r = rows.remove(t.name).unwrap_or_default();
-            let outcomes: Vec<String> = r.outcomes.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            let outcomes: Vec<String> =
+                r.outcomes.iter().map(|(k, v)| format!("{k}:{v}")).collect();
             vec![
                 t.name.to_string(),
                 t.tier.to_string(),
@@ -240,16 +320,30 @@ async fn summary(queue: &Queue, elapsed: Duration) -> CliResult {
         })
         .collect();
     output::table(
-        &["tenant", "tier", "jobs", "attempts by outcome", "agent-s", "peak mem", "longest wait", "peak running/cap"],
+        &[
+            "tenant",
+            "tier",
+            "jobs",
+            "attempts by outcome",
+            "agent-s",
+            "peak mem",
+            "longest wait",
+            "peak running/cap",
+        ],
         &table,
     );
-    println!("\nlight's longest wait stayed short although flood's backlog was queued first: fair scheduling across tenants.");
+    println!(
+        "\nlight's longest wait stayed short although flood's backlog was queued first: fair scheduling across tenants."
+    );
     Ok(())
 }
 
 /// Most intervals open at once (start inclusive, end exclusive).
 pub fn peak_overlap(intervals: &[(i64, i64)]) -> usize {
-    let mut ev: Vec<(i64, i32)> = intervals.iter().flat_map(|&(s, e)| [(s, 1), (e, -1)]).collect();
+    let mut ev: Vec<(i64, i32)> = intervals
+        .iter()
+        .flat_map(|&(s, e)| [(s, 1), (e, -1)])
+        .collect();
     ev.sort();
     let (mut cur, mut peak) = (0i32, 0i32);
     for (_, d) in ev {

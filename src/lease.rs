@@ -36,6 +36,8 @@ pub struct HeldLease {
     pub cancel: CancellationToken,
     /// Set before `cancel` fires.
     pub reason: Option<StopReason>,
+    /// The attempt has ended locally and waits for its acknowledgement.
+    pub done: bool,
 }
 
 /// The attempts this worker holds, shared by job tasks, the heartbeat and
@@ -72,11 +74,22 @@ impl Held {
     pub fn reason(&self, id: &str) -> Option<StopReason> {
         self.lock().get(id).and_then(|h| h.reason)
     }
-    /// Stop an attempt for `reason` (no-op if not held).
-    pub fn stop(&self, id: &str, reason: StopReason) {
+    /// Mark an attempt as ended here (its acknowledgement is on the way).
+    pub fn mark_done(&self, id: &str) {
         if let Some(h) = self.lock().get_mut(id) {
-            h.reason.get_or_insert(reason);
-            h.cancel.cancel();
+            h.done = true;
+        }
+    }
+    /// Stop a still-running attempt for `reason`; returns false if it is not
+    /// held or already ended (then there is nothing to stop).
+    pub fn stop(&self, id: &str, reason: StopReason) -> bool {
+        match self.lock().get_mut(id) {
+            Some(h) if !h.done => {
+                h.reason.get_or_insert(reason);
+                h.cancel.cancel();
+                true
+            }
+            _ => false,
         }
     }
     /// Stop every attempt for `reason`.
@@ -90,7 +103,9 @@ impl Held {
     pub fn by_partition(&self) -> BTreeMap<u32, Vec<(String, u32)>> {
         let mut out: BTreeMap<u32, Vec<(String, u32)>> = BTreeMap::new();
         for (id, h) in self.lock().iter() {
-            out.entry(h.partition).or_default().push((id.clone(), h.attempt));
+            out.entry(h.partition)
+                .or_default()
+                .push((id.clone(), h.attempt));
         }
         out
     }
@@ -109,11 +124,16 @@ pub async fn heartbeat(queue: Queue, held: Arc<Held>, lease: Duration, stop: Can
             match queue.extend(p, lease, &leases).await {
                 Ok(lost) => {
                     for id in lost {
-                        tracing::warn!(job = %id, "lease lost (expired and reaped); stopping the attempt");
-                        held.stop(&id, StopReason::LeaseLost);
+                        // An attempt that already ended may race its own ack here; only a
+                        // still-running one has really lost its lease.
+                        if held.stop(&id, StopReason::LeaseLost) {
+                            tracing::warn!(job = %id, "lease lost (expired and reaped); stopping the attempt");
+                        }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, partition = p, "lease extension failed; will retry"),
+                Err(e) => {
+                    tracing::warn!(error = %e, partition = p, "lease extension failed; will retry")
+                }
             }
         }
     }
@@ -130,7 +150,11 @@ pub async fn reaper(queue: Queue, interval: Duration, stop: CancellationToken) {
         }
         for p in 0..queue.partitions() {
             match queue.reap(p, interval, 500).await {
-                Ok(Some(n)) if n > 0 => tracing::warn!(reaped = n, partition = p, "returned expired leases to ready"),
+                Ok(Some(n)) if n > 0 => tracing::warn!(
+                    reaped = n,
+                    partition = p,
+                    "returned expired leases to ready"
+                ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, partition = p, "reaper failed; will retry"),
             }

@@ -6,7 +6,8 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTQ_LOG").unwrap_or_else(|_| "agentq=info,warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("AGENTQ_LOG")
+                .unwrap_or_else(|_| "agentq=info,warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -30,7 +30,9 @@ pub enum ServerError {
 /// Find `name` on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// A free TCP port on 127.0.0.1 (racy by nature; good enough for tests).
@@ -44,7 +46,9 @@ pub fn listening(addr: &str) -> bool {
     addr.to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
-        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
+        .is_some_and(|a| {
+            std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok()
+        })
 }
 
 /// A `redis-server` this process started.
@@ -84,15 +88,24 @@ impl PrivateRedis {
 
     /// Start it again (same port, same directory) after [`kill`](Self::kill).
     pub fn restart(&mut self) -> Result<(), ServerError> {
-        let bin = which("redis-server")
-            .ok_or_else(|| ServerError::Missing { binary: "redis-server".into(), package: "redis-server".into() })?;
+        let bin = which("redis-server").ok_or_else(|| ServerError::Missing {
+            binary: "redis-server".into(),
+            package: "redis-server".into(),
+        })?;
         let mut cmd = Command::new(bin);
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .arg("--dir")
+        .arg(self.dir.path())
+        .args(&self.args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         self.child = Some(cmd.spawn()?);
         let addr = format!("127.0.0.1:{}", self.port);
         let until = Instant::now() + Duration::from_secs(10);
@@ -102,7 +115,10 @@ impl PrivateRedis {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(ServerError::Start(format!("redis-server on port {} did not answer within 10s", self.port)))
+        Err(ServerError::Start(format!(
+            "redis-server on port {} did not answer within 10s",
+            self.port
+        )))
     }
 
     /// SIGKILL it (no shutdown save), and reap it.
@@ -137,7 +153,10 @@ impl RedisSource {
         if !url_is_default || listening("127.0.0.1:6379") {
             return Ok(RedisSource::External(url.to_string()));
         }
-        Ok(RedisSource::Private(PrivateRedis::start(&["--appendonly", "yes"])?))
+        Ok(RedisSource::Private(PrivateRedis::start(&[
+            "--appendonly",
+            "yes",
+        ])?))
     }
 
     /// The URL to connect to.

@@ -69,7 +69,11 @@ pub fn default_worker_id() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "host".into());
-    format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
 }
 
 /// What a worker did, returned when it stops.
@@ -119,7 +123,12 @@ struct Ctx {
 impl Worker {
     /// A worker over `queue` running `registry`'s programs and `handlers`.
     pub fn new(queue: Queue, cfg: WorkerConfig, registry: Registry, handlers: Handlers) -> Self {
-        Worker { queue, cfg, registry: Arc::new(registry), handlers: Arc::new(handlers) }
+        Worker {
+            queue,
+            cfg,
+            registry: Arc::new(registry),
+            handlers: Arc::new(handlers),
+        }
     }
 
     /// Run until `shutdown` fires, then stop claiming, wait up to the grace
@@ -133,9 +142,24 @@ impl Worker {
         let (tx, rx) = mpsc::unbounded_channel();
 
         let _sub = subscribe_wake(&self.queue, wake.clone()).await?;
-        let heartbeat = tokio::spawn(lease::heartbeat(self.queue.clone(), held.clone(), self.cfg.lease, background.clone()));
-        let reaper = tokio::spawn(lease::reaper(self.queue.clone(), self.cfg.reap_interval, background.clone()));
-        let completer = tokio::spawn(complete_loop(self.queue.clone(), rx, held.clone(), slot_freed.clone(), counters.clone()));
+        let heartbeat = tokio::spawn(lease::heartbeat(
+            self.queue.clone(),
+            held.clone(),
+            self.cfg.lease,
+            background.clone(),
+        ));
+        let reaper = tokio::spawn(lease::reaper(
+            self.queue.clone(),
+            self.cfg.reap_interval,
+            background.clone(),
+        ));
+        let completer = tokio::spawn(complete_loop(
+            self.queue.clone(),
+            rx,
+            held.clone(),
+            slot_freed.clone(),
+            counters.clone(),
+        ));
         tracing::info!(worker = %self.cfg.id, queues = ?self.cfg.queues, concurrency = self.cfg.concurrency, "worker started");
 
         let ctx = Arc::new(Ctx {
@@ -155,7 +179,10 @@ impl Worker {
             let _ = tokio::time::timeout(Duration::from_millis(100), slot_freed.notified()).await;
         }
         if !held.is_empty() {
-            tracing::warn!(running = held.len(), "grace over: handing the remaining attempts back to ready");
+            tracing::warn!(
+                running = held.len(),
+                "grace over: handing the remaining attempts back to ready"
+            );
             held.stop_all(StopReason::Shutdown);
         }
         drop(ctx); // the completer ends once every job task has dropped its sender
@@ -173,14 +200,19 @@ impl Worker {
 }
 
 /// Subscribe to every partition's wake channel; each message wakes the claim loop.
-async fn subscribe_wake(queue: &Queue, wake: Arc<Notify>) -> Result<fred::clients::SubscriberClient, QueueError> {
+async fn subscribe_wake(
+    queue: &Queue,
+    wake: Arc<Notify>,
+) -> Result<fred::clients::SubscriberClient, QueueError> {
     let config = Config::from_url(&queue.config().redis_url)?;
     let sub = Builder::from_config(config)
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
         .build_subscriber_client()?;
     sub.init().await?;
     let _ = sub.manage_subscriptions();
-    let channels: Vec<String> = (0..queue.partitions()).map(|p| queue.keys(p).key(&["wake"])).collect();
+    let channels: Vec<String> = (0..queue.partitions())
+        .map(|p| queue.keys(p).key(&["wake"]))
+        .collect();
     sub.subscribe(channels).await?;
     let mut rx = sub.message_rx();
     tokio::spawn(async move {
@@ -219,7 +251,11 @@ async fn claim_loop(
         let mut failed = false;
         for i in 0..parts {
             let p = (rr + i) % parts;
-            match ctx.queue.claim(p, &ctx.cfg.id, free, ctx.cfg.lease, &ctx.cfg.queues).await {
+            match ctx
+                .queue
+                .claim(p, &ctx.cfg.id, free, ctx.cfg.lease, &ctx.cfg.queues)
+                .await
+            {
                 Ok((due, jobs)) => {
                     if due > 0 && (next_due == 0 || due < next_due) {
                         next_due = due;
@@ -255,7 +291,9 @@ async fn claim_loop(
             if next_due > 0 {
                 let now = chrono::Utc::now().timestamp_millis();
                 // next_due is Redis time; a skewed local clock only makes this poll early or late
-                wait = wait.min(Duration::from_millis((next_due - now).clamp(1, i64::MAX) as u64));
+                wait = wait.min(Duration::from_millis(
+                    (next_due - now).clamp(1, i64::MAX) as u64
+                ));
             }
             tokio::select! {
                 _ = wake.notified() => {}
@@ -270,14 +308,27 @@ fn start_attempt(ctx: &Arc<Ctx>, job: ClaimedJob) {
     let cancel = CancellationToken::new();
     ctx.held.insert(
         job.id.clone(),
-        HeldLease { partition: job.partition, attempt: job.attempt, started: Instant::now(), cancel: cancel.clone(), reason: None },
+        HeldLease {
+            partition: job.partition,
+            attempt: job.attempt,
+            started: Instant::now(),
+            cancel: cancel.clone(),
+            reason: None,
+            done: false,
+        },
     );
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let started = Instant::now();
         let report = execute(&ctx, &job, cancel).await;
+        ctx.held.mark_done(&job.id);
         let finished = match ctx.held.reason(&job.id) {
-            Some(StopReason::Shutdown) => Finished::Release(job.partition, job.id.clone(), job.attempt, started.elapsed().as_millis() as u64),
+            Some(StopReason::Shutdown) => Finished::Release(
+                job.partition,
+                job.id.clone(),
+                job.attempt,
+                started.elapsed().as_millis() as u64,
+            ),
             _ => Finished::Complete(job.partition, completion(&ctx.cfg, &job, report)),
         };
         // The completer outlives every job task (it ends when all senders drop).
@@ -287,7 +338,12 @@ fn start_attempt(ctx: &Arc<Ctx>, job: ClaimedJob) {
 
 /// Resolve the attempt's caps: what the job asked for, else the kind's
 /// default, never above the tenant's cap.
-fn limits_for(job: &ClaimedJob, default_timeout: Duration, default_memory: Option<u64>, kill_grace: Duration) -> Limits {
+fn limits_for(
+    job: &ClaimedJob,
+    default_timeout: Duration,
+    default_memory: Option<u64>,
+    kill_grace: Duration,
+) -> Limits {
     let timeout = if job.timeout_ms > 0 {
         Duration::from_millis(job.timeout_ms)
     } else {
@@ -298,7 +354,11 @@ fn limits_for(job: &ClaimedJob, default_timeout: Duration, default_memory: Optio
     } else {
         Some(default_memory.map_or(job.max_memory, |m| m.min(job.max_memory)))
     };
-    Limits { timeout, memory, kill_grace }
+    Limits {
+        timeout,
+        memory,
+        kill_grace,
+    }
 }
 
 async fn execute(ctx: &Ctx, job: &ClaimedJob, cancel: CancellationToken) -> Report {
@@ -315,7 +375,12 @@ async fn execute(ctx: &Ctx, job: &ClaimedJob, cancel: CancellationToken) -> Repo
         payload,
     };
     if let Some(h) = ctx.handlers.get(&job.kind) {
-        let limits = limits_for(job, executor::manifest::DEFAULT_TIMEOUT, None, ctx.cfg.kill_grace);
+        let limits = limits_for(
+            job,
+            executor::manifest::DEFAULT_TIMEOUT,
+            None,
+            ctx.cfg.kill_grace,
+        );
         return executor::run_handler(h.as_ref(), input, &limits, cancel).await;
     }
     match ctx.registry.get(&job.kind) {
@@ -331,7 +396,11 @@ async fn execute(ctx: &Ctx, job: &ClaimedJob, cancel: CancellationToken) -> Repo
                     job.kind,
                     ctx.cfg.id,
                     ctx.registry.dir().display(),
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
                 true,
             )
@@ -341,14 +410,20 @@ async fn execute(ctx: &Ctx, job: &ClaimedJob, cancel: CancellationToken) -> Repo
 
 /// Exponential backoff with jitter: uniform in [d/2, d] with d = base * 2^(attempt-1), capped.
 fn backoff(cfg: &WorkerConfig, attempt: u32) -> Duration {
-    let exp = cfg.backoff_base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let exp = cfg
+        .backoff_base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
     let d = exp.min(cfg.backoff_max);
     let half = d / 2;
     half + Duration::from_millis(rand::random_range(0..=half.as_millis().max(1) as u64))
 }
 
 fn completion(cfg: &WorkerConfig, job: &ClaimedJob, r: Report) -> Completion {
-    let backoff_ms = if r.outcome == Outcome::Succeeded { 0 } else { backoff(cfg, job.attempt).as_millis() as u64 };
+    let backoff_ms = if r.outcome == Outcome::Succeeded {
+        0
+    } else {
+        backoff(cfg, job.attempt).as_millis() as u64
+    };
     if r.outcome != Outcome::Succeeded {
         tracing::info!(job = %job.id, tenant = %job.tenant, kind = %job.kind, attempt = job.attempt,
             outcome = r.outcome.as_str(), error = r.error.as_deref().unwrap_or(""), "attempt failed");
@@ -409,7 +484,10 @@ async fn complete_loop(
             }
         }
         for (p, list) in back {
-            let n = retry("release", || queue.release(p, "interrupted: worker shutting down", &list)).await;
+            let n = retry("release", || {
+                queue.release(p, "interrupted: worker shutting down", &list)
+            })
+            .await;
             counters.released.fetch_add(n, Ordering::Relaxed);
             for (id, _, _) in &list {
                 held.remove(id);
@@ -448,9 +526,15 @@ mod tests {
         cfg.backoff_max = Duration::from_secs(1);
         for _ in 0..50 {
             let b1 = backoff(&cfg, 1);
-            assert!(b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(101), "{b1:?}");
+            assert!(
+                b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(101),
+                "{b1:?}"
+            );
             let b3 = backoff(&cfg, 3);
-            assert!(b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(401), "{b3:?}");
+            assert!(
+                b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(401),
+                "{b3:?}"
+            );
             assert!(backoff(&cfg, 30) <= Duration::from_millis(1001));
         }
     }

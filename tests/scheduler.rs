@@ -34,18 +34,28 @@ fn done(j: &ClaimedJob, outcome: Outcome) -> Completion {
 }
 
 async fn claim(tq: &TestQueue, n: usize) -> Vec<ClaimedJob> {
-    tq.queue.claim(0, "w-test", n, LEASE, &["q".to_string()]).await.expect("claim").1
+    tq.queue
+        .claim(0, "w-test", n, LEASE, &["q".to_string()])
+        .await
+        .expect("claim")
+        .1
 }
 
 async fn set(tq: &TestQueue, tenant: &str, cap: u64, weight: u64) {
-    LimitsUpdate { max_concurrency: Some(cap), weight: Some(weight), ..Default::default() }
-        .apply(&tq.queue, Some(tenant))
-        .await
-        .expect("tenant set");
+    LimitsUpdate {
+        max_concurrency: Some(cap),
+        weight: Some(weight),
+        ..Default::default()
+    }
+    .apply(&tq.queue, Some(tenant))
+    .await
+    .expect("tenant set");
 }
 
 async fn fill(tq: &TestQueue, tenant: &str, n: usize) {
-    let jobs: Vec<JobSpec> = (0..n).map(|i| JobSpec::new(tenant, "q", "noop").payload(&json!({ "i": i }))).collect();
+    let jobs: Vec<JobSpec> = (0..n)
+        .map(|i| JobSpec::new(tenant, "q", "noop").payload(&json!({ "i": i })))
+        .collect();
     tq.queue.enqueue_batch(&jobs).await.expect("enqueue");
 }
 
@@ -69,7 +79,10 @@ async fn weighted_shares_follow_weights() {
     }
     for (t, want) in [("a", 0.5), ("b", 0.3), ("c", 0.2)] {
         let share = starts[t] as f64 / 500.0;
-        assert!((share - want).abs() <= want * 0.1, "tenant {t}: share {share:.3}, want {want} ±10% ({starts:?})");
+        assert!(
+            (share - want).abs() <= want * 0.1,
+            "tenant {t}: share {share:.3}, want {want} ±10% ({starts:?})"
+        );
     }
     tq.cleanup().await;
 }
@@ -81,13 +94,28 @@ async fn light_tenant_is_served_within_one_pick_of_a_flood() {
     fill(&tq, "a", 1000).await;
     // A drains for a while before B arrives.
     for j in claim(&tq, 50).await {
-        tq.queue.complete(0, &[done(&j, Outcome::Succeeded)]).await.expect("complete");
+        tq.queue
+            .complete(0, &[done(&j, Outcome::Succeeded)])
+            .await
+            .expect("complete");
     }
     fill(&tq, "b", 10).await;
     let next = claim(&tq, 20).await;
-    let b_positions: Vec<usize> = next.iter().enumerate().filter(|(_, j)| j.tenant == "b").map(|(i, _)| i).collect();
-    assert_eq!(b_positions.len(), 10, "all of B's 10 jobs start within the next 20 picks: {b_positions:?}");
-    assert_eq!(b_positions[0], 0, "B is served first: it arrived with the lowest virtual time");
+    let b_positions: Vec<usize> = next
+        .iter()
+        .enumerate()
+        .filter(|(_, j)| j.tenant == "b")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        b_positions.len(),
+        10,
+        "all of B's 10 jobs start within the next 20 picks: {b_positions:?}"
+    );
+    assert_eq!(
+        b_positions[0], 0,
+        "B is served first: it arrived with the lowest virtual time"
+    );
     tq.cleanup().await;
 }
 
@@ -100,10 +128,20 @@ async fn concurrency_cap_is_reached_and_never_exceeded() {
     let first = claim(&tq, 10).await;
     let capped: Vec<&ClaimedJob> = first.iter().filter(|j| j.tenant == "capped").collect();
     assert_eq!(capped.len(), 3, "exactly the cap is admitted");
-    assert_eq!(first.iter().filter(|j| j.tenant == "free").count(), 2, "other tenants are not held back");
-    assert!(claim(&tq, 10).await.is_empty(), "nothing more while at the cap");
+    assert_eq!(
+        first.iter().filter(|j| j.tenant == "free").count(),
+        2,
+        "other tenants are not held back"
+    );
+    assert!(
+        claim(&tq, 10).await.is_empty(),
+        "nothing more while at the cap"
+    );
     // One completion frees exactly one slot.
-    tq.queue.complete(0, &[done(capped[0], Outcome::Succeeded)]).await.expect("complete");
+    tq.queue
+        .complete(0, &[done(capped[0], Outcome::Succeeded)])
+        .await
+        .expect("complete");
     let next = claim(&tq, 10).await;
     assert_eq!(next.len(), 1);
     // Raising the cap takes effect on the next claim, fleet-wide.
@@ -139,14 +177,23 @@ async fn idempotency_key_returns_the_first_job() {
     // Same key, other tenant: a different job.
     let mut other = s.clone();
     other.tenant = "u".into();
-    assert_ne!(tq.queue.enqueue(&other).await.expect("other tenant").id, a.id);
+    assert_ne!(
+        tq.queue.enqueue(&other).await.expect("other tenant").id,
+        a.id
+    );
     // Duplicates inside one batch collapse too.
     let mut s2 = s.clone();
     s2.idempotency_key = Some("order-43".into());
-    let batch = tq.queue.enqueue_batch(&[s2.clone(), s2]).await.expect("batch");
+    let batch = tq
+        .queue
+        .enqueue_batch(&[s2.clone(), s2])
+        .await
+        .expect("batch");
     assert_eq!(batch[0].id, batch[1].id);
     assert!(batch[0].created && !batch[1].created);
-    let stats = agentq::queue::inspect::queue_stats(&tq.queue).await.expect("stats");
+    let stats = agentq::queue::inspect::queue_stats(&tq.queue)
+        .await
+        .expect("stats");
     assert_eq!(stats[0].ready, 3);
     tq.cleanup().await;
 }
@@ -157,14 +204,36 @@ async fn pause_and_resume_queue_and_tenant() {
     fill(&tq, "a", 2).await;
     fill(&tq, "b", 2).await;
     assert!(tq.queue.set_paused("q", None, true).await.expect("pause"));
-    assert!(claim(&tq, 10).await.is_empty(), "a paused queue starts nothing");
+    assert!(
+        claim(&tq, 10).await.is_empty(),
+        "a paused queue starts nothing"
+    );
     assert!(tq.queue.set_paused("q", None, false).await.expect("resume"));
-    assert!(tq.queue.set_paused("q", Some("a"), true).await.expect("pause tenant"));
+    assert!(
+        tq.queue
+            .set_paused("q", Some("a"), true)
+            .await
+            .expect("pause tenant")
+    );
     let got = claim(&tq, 10).await;
-    assert!(got.iter().all(|j| j.tenant == "b") && got.len() == 2, "only b runs while a is paused");
-    let held = agentq::queue::inspect::tenant_stats(&tq.queue, Some("q")).await.expect("tenants");
-    assert_eq!(held.iter().find(|t| t.tenant == "a").and_then(|t| t.held.clone()).as_deref(), Some("paused"));
-    tq.queue.set_paused("q", Some("a"), false).await.expect("resume tenant");
+    assert!(
+        got.iter().all(|j| j.tenant == "b") && got.len() == 2,
+        "only b runs while a is paused"
+    );
+    let held = agentq::queue::inspect::tenant_stats(&tq.queue, Some("q"))
+        .await
+        .expect("tenants");
+    assert_eq!(
+        held.iter()
+            .find(|t| t.tenant == "a")
+            .and_then(|t| t.held.clone())
+            .as_deref(),
+        Some("paused")
+    );
+    tq.queue
+        .set_paused("q", Some("a"), false)
+        .await
+        .expect("resume tenant");
     assert_eq!(claim(&tq, 10).await.len(), 2);
     tq.cleanup().await;
 }
@@ -172,24 +241,61 @@ async fn pause_and_resume_queue_and_tenant() {
 #[tokio::test]
 async fn expired_lease_is_reaped_and_late_completion_refused() {
     let tq = TestQueue::new("fence").await;
-    tq.queue.enqueue(&JobSpec::new("t", "q", "noop")).await.expect("enqueue");
+    tq.queue
+        .enqueue(&JobSpec::new("t", "q", "noop"))
+        .await
+        .expect("enqueue");
     let short = Duration::from_millis(300);
-    let first = tq.queue.claim(0, "w-dead", 1, short, &["q".to_string()]).await.expect("claim").1;
+    let first = tq
+        .queue
+        .claim(0, "w-dead", 1, short, &["q".to_string()])
+        .await
+        .expect("claim")
+        .1;
     assert_eq!(first.len(), 1);
     tokio::time::sleep(Duration::from_millis(600)).await; // lower bound only: the lease must have expired
-    let reaped = tq.queue.reap(0, Duration::from_millis(1), 100).await.expect("reap");
+    let reaped = tq
+        .queue
+        .reap(0, Duration::from_millis(1), 100)
+        .await
+        .expect("reap");
     assert_eq!(reaped, Some(1));
     assert_eq!(tq.running().await["t"], 0, "the reaper frees the slot");
-    let lost = tq.queue.extend(0, LEASE, &[(first[0].id.clone(), first[0].attempt)]).await.expect("extend");
-    assert_eq!(lost, vec![first[0].id.clone()], "the old holder cannot extend");
+    let lost = tq
+        .queue
+        .extend(0, LEASE, &[(first[0].id.clone(), first[0].attempt)])
+        .await
+        .expect("extend");
+    assert_eq!(
+        lost,
+        vec![first[0].id.clone()],
+        "the old holder cannot extend"
+    );
     let second = claim(&tq, 1).await;
     assert_eq!(second[0].attempt, 2);
-    let late = tq.queue.complete(0, &[done(&first[0], Outcome::Succeeded)]).await.expect("late");
+    let late = tq
+        .queue
+        .complete(0, &[done(&first[0], Outcome::Succeeded)])
+        .await
+        .expect("late");
     assert_eq!(late, vec![CompleteStatus::Refused]);
-    let ok = tq.queue.complete(0, &[done(&second[0], Outcome::Succeeded)]).await.expect("ok");
+    let ok = tq
+        .queue
+        .complete(0, &[done(&second[0], Outcome::Succeeded)])
+        .await
+        .expect("ok");
     assert_eq!(ok, vec![CompleteStatus::Succeeded]);
-    let outcomes: Vec<String> = tq.outbox().await.iter().map(|r| r["outcome"].clone()).collect();
-    assert_eq!(outcomes, vec!["lost", "succeeded"], "one ledger record per attempt");
+    let outcomes: Vec<String> = tq
+        .outbox()
+        .await
+        .iter()
+        .map(|r| r["outcome"].clone())
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec!["lost", "succeeded"],
+        "one ledger record per attempt"
+    );
     tq.cleanup().await;
 }
 
@@ -202,31 +308,77 @@ async fn failures_retry_with_backoff_then_die() {
     let j = claim(&tq, 1).await.remove(0);
     let mut c = done(&j, Outcome::Failed);
     c.backoff_ms = 60_000;
-    assert_eq!(tq.queue.complete(0, &[c]).await.expect("fail 1"), vec![CompleteStatus::Delayed]);
-    assert!(claim(&tq, 1).await.is_empty(), "a backed-off retry is not ready yet");
-    let info = agentq::queue::inspect::job_info(&tq.queue, &id).await.expect("inspect");
+    assert_eq!(
+        tq.queue.complete(0, &[c]).await.expect("fail 1"),
+        vec![CompleteStatus::Delayed]
+    );
+    assert!(
+        claim(&tq, 1).await.is_empty(),
+        "a backed-off retry is not ready yet"
+    );
+    let info = agentq::queue::inspect::job_info(&tq.queue, &id)
+        .await
+        .expect("inspect");
     assert_eq!(info.state, "delayed");
     assert!(info.run_at.is_some());
     // Second attempt (retry now), then dead.
-    tq.queue.client().zadd::<(), _, _>(tq.queue.keys(0).key(&["q", "q", "delayed"]), None, None, false, false, (0.0, id.as_str())).await.expect("make due");
+    tq.queue
+        .client()
+        .zadd::<(), _, _>(
+            tq.queue.keys(0).key(&["q", "q", "delayed"]),
+            None,
+            None,
+            false,
+            false,
+            (0.0, id.as_str()),
+        )
+        .await
+        .expect("make due");
     let j2 = claim(&tq, 1).await.remove(0);
     assert_eq!(j2.attempt, 2);
-    assert_eq!(tq.queue.complete(0, &[done(&j2, Outcome::TimedOut)]).await.expect("fail 2"), vec![CompleteStatus::Dead]);
-    let info = agentq::queue::inspect::job_info(&tq.queue, &id).await.expect("inspect");
-    assert_eq!((info.state.as_str(), info.outcome.as_deref(), info.attempts), ("dead", Some("timed_out"), 2));
-    let stats = agentq::queue::inspect::queue_stats(&tq.queue).await.expect("stats");
-    assert_eq!((stats[0].ready, stats[0].delayed, stats[0].running, stats[0].dead), (0, 0, 0, 1));
+    assert_eq!(
+        tq.queue
+            .complete(0, &[done(&j2, Outcome::TimedOut)])
+            .await
+            .expect("fail 2"),
+        vec![CompleteStatus::Dead]
+    );
+    let info = agentq::queue::inspect::job_info(&tq.queue, &id)
+        .await
+        .expect("inspect");
+    assert_eq!(
+        (info.state.as_str(), info.outcome.as_deref(), info.attempts),
+        ("dead", Some("timed_out"), 2)
+    );
+    let stats = agentq::queue::inspect::queue_stats(&tq.queue)
+        .await
+        .expect("stats");
+    assert_eq!(
+        (
+            stats[0].ready,
+            stats[0].delayed,
+            stats[0].running,
+            stats[0].dead
+        ),
+        (0, 0, 0, 1)
+    );
     tq.cleanup().await;
 }
 
 #[tokio::test]
 async fn permanent_failure_is_not_retried() {
     let tq = TestQueue::new("perm").await;
-    tq.queue.enqueue(&JobSpec::new("t", "q", "noop")).await.expect("enqueue");
+    tq.queue
+        .enqueue(&JobSpec::new("t", "q", "noop"))
+        .await
+        .expect("enqueue");
     let j = claim(&tq, 1).await.remove(0);
     let mut c = done(&j, Outcome::Failed);
     c.permanent = true;
-    assert_eq!(tq.queue.complete(0, &[c]).await.expect("complete"), vec![CompleteStatus::Dead]);
+    assert_eq!(
+        tq.queue.complete(0, &[c]).await.expect("complete"),
+        vec![CompleteStatus::Dead]
+    );
     tq.cleanup().await;
 }
 
@@ -236,20 +388,38 @@ async fn delayed_jobs_wait_for_their_time() {
     let mut s = JobSpec::new("t", "q", "noop");
     s.delay = Some(Duration::from_millis(400));
     tq.queue.enqueue(&s).await.expect("enqueue");
-    let (due, jobs) = tq.queue.claim(0, "w", 1, LEASE, &["q".to_string()]).await.expect("claim");
-    assert!(jobs.is_empty() && due > 0, "not yet, and the claim says when");
-    let j = common::eventually(Duration::from_secs(10), "delayed job due", || async { claim(&tq, 1).await.pop() }).await;
-    assert!(j.started_at_ms - j.enqueued_at_ms >= 400, "started {}ms after enqueue", j.started_at_ms - j.enqueued_at_ms);
+    let (due, jobs) = tq
+        .queue
+        .claim(0, "w", 1, LEASE, &["q".to_string()])
+        .await
+        .expect("claim");
+    assert!(
+        jobs.is_empty() && due > 0,
+        "not yet, and the claim says when"
+    );
+    let j = common::eventually(Duration::from_secs(10), "delayed job due", || async {
+        claim(&tq, 1).await.pop()
+    })
+    .await;
+    assert!(
+        j.started_at_ms - j.enqueued_at_ms >= 400,
+        "started {}ms after enqueue",
+        j.started_at_ms - j.enqueued_at_ms
+    );
     tq.cleanup().await;
 }
 
 #[tokio::test]
 async fn enqueue_refuses_over_cap_and_bad_input_writing_nothing() {
     let tq = TestQueue::new("refuse").await;
-    LimitsUpdate { max_timeout: Some(Duration::from_secs(60)), max_memory: Some(64 << 20), ..Default::default() }
-        .apply(&tq.queue, Some("t"))
-        .await
-        .expect("set");
+    LimitsUpdate {
+        max_timeout: Some(Duration::from_secs(60)),
+        max_memory: Some(64 << 20),
+        ..Default::default()
+    }
+    .apply(&tq.queue, Some("t"))
+    .await
+    .expect("set");
     let mut over = JobSpec::new("t", "q", "noop");
     over.timeout = Some(Duration::from_secs(120));
     let e = tq.queue.enqueue(&over).await.unwrap_err();
@@ -257,11 +427,23 @@ async fn enqueue_refuses_over_cap_and_bad_input_writing_nothing() {
     assert!(e.to_string().contains("max_timeout of 1m"), "{e}");
     let mut mem = JobSpec::new("t", "q", "noop");
     mem.memory = Some(128 << 20);
-    assert!(tq.queue.enqueue(&mem).await.unwrap_err().to_string().contains("max_memory of 64MiB"));
+    assert!(
+        tq.queue
+            .enqueue(&mem)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("max_memory of 64MiB")
+    );
     // A batch with one bad job writes none of them.
     let good = JobSpec::new("t", "q", "noop");
     assert!(tq.queue.enqueue_batch(&[good.clone(), over]).await.is_err());
-    let stats = agentq::queue::inspect::queue_stats(&tq.queue).await.expect("stats");
-    assert!(stats.iter().all(|s| s.ready == 0), "nothing was enqueued: {stats:?}");
+    let stats = agentq::queue::inspect::queue_stats(&tq.queue)
+        .await
+        .expect("stats");
+    assert!(
+        stats.iter().all(|s| s.ready == 0),
+        "nothing was enqueued: {stats:?}"
+    );
     tq.cleanup().await;
 }

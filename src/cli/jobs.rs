@@ -53,7 +53,8 @@ fn read_payload(arg: &str) -> Result<String, CliError> {
             .map_err(|e| CliError::Usage(format!("cannot read the payload from stdin: {e}")))?;
         Ok(s)
     } else if let Some(path) = arg.strip_prefix('@') {
-        std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("cannot read payload file {path}: {e}")))
+        std::fs::read_to_string(path)
+            .map_err(|e| CliError::Usage(format!("cannot read payload file {path}: {e}")))
     } else {
         Ok(arg.to_string())
     }
@@ -106,7 +107,14 @@ pub(super) async fn list(g: &Global, a: JobsArgs) -> CliResult {
         crate::queue::job::validate_name("tenant", t)?;
     }
     let queue = g.queue().await?;
-    let jobs = inspect::list_jobs(&queue, &a.queue, a.tenant.as_deref(), a.state, a.limit.clamp(1, 10_000)).await?;
+    let jobs = inspect::list_jobs(
+        &queue,
+        &a.queue,
+        a.tenant.as_deref(),
+        a.state,
+        a.limit.clamp(1, 10_000),
+    )
+    .await?;
     if a.json {
         output::json(&jobs);
         return Ok(());
@@ -121,11 +129,25 @@ pub(super) async fn list(g: &Global, a: JobsArgs) -> CliResult {
                 j.state.clone(),
                 j.attempts.to_string(),
                 opt(&j.enqueued_at),
-                j.last_error.as_deref().map(|e| e.lines().next().unwrap_or("").chars().take(60).collect()).unwrap_or_default(),
+                j.last_error
+                    .as_deref()
+                    .map(|e| e.lines().next().unwrap_or("").chars().take(60).collect())
+                    .unwrap_or_default(),
             ]
         })
         .collect();
-    output::table(&["id", "tenant", "kind", "state", "attempts", "enqueued_at", "last_error"], &rows);
+    output::table(
+        &[
+            "id",
+            "tenant",
+            "kind",
+            "state",
+            "attempts",
+            "enqueued_at",
+            "last_error",
+        ],
+        &rows,
+    );
     Ok(())
 }
 

@@ -31,7 +31,11 @@ pub enum CliError {
 
 impl From<QueueError> for CliError {
     fn from(e: QueueError) -> Self {
-        if e.is_input() { CliError::Usage(e.to_string()) } else { CliError::Runtime(e.into()) }
+        if e.is_input() {
+            CliError::Usage(e.to_string())
+        } else {
+            CliError::Runtime(e.into())
+        }
     }
 }
 

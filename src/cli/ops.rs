@@ -39,7 +39,10 @@ pub(super) async fn queues(g: &Global, a: ListArgs) -> CliResult {
             ]
         })
         .collect();
-    output::table(&["queue", "ready", "delayed", "running", "dead", "paused"], &rows);
+    output::table(
+        &["queue", "ready", "delayed", "running", "dead", "paused"],
+        &rows,
+    );
     Ok(())
 }
 
@@ -79,7 +82,19 @@ pub(super) async fn tenants(g: &Global, a: TenantsArgs) -> CliResult {
             ]
         })
         .collect();
-    output::table(&["tenant", "tier", "ready", "delayed", "running/cap", "weight", "dead", "held"], &rows);
+    output::table(
+        &[
+            "tenant",
+            "tier",
+            "ready",
+            "delayed",
+            "running/cap",
+            "weight",
+            "dead",
+            "held",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
@@ -215,7 +230,9 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
             let u = f.update();
             u.validate()?;
             if u.is_empty() {
-                return Err(super::CliError::Usage("nothing to set: give at least one limit flag".into()));
+                return Err(super::CliError::Usage(
+                    "nothing to set: give at least one limit flag".into(),
+                ));
             }
             let q = g.queue().await?;
             u.apply(&q, None).await?;
@@ -229,15 +246,34 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
                 output::json(&s);
                 return Ok(());
             }
-            let src = |f: &str| if s.own.iter().any(|o| o == f) { "tenant" } else { "default" }.to_string();
+            let src = |f: &str| {
+                if s.own.iter().any(|o| o == f) {
+                    "tenant"
+                } else {
+                    "default"
+                }
+                .to_string()
+            };
             let l = s.limits;
             output::table(
                 &["limit", "value", "from"],
                 &[
                     vec!["tier".into(), opt(&s.tier), src("tier")],
-                    vec!["max_concurrency".into(), l.max_concurrency.to_string(), src("max_concurrency")],
-                    vec!["max_timeout".into(), format_duration(Duration::from_millis(l.max_timeout_ms)), src("max_timeout_ms")],
-                    vec!["max_memory".into(), format_size(l.max_memory), src("max_memory")],
+                    vec![
+                        "max_concurrency".into(),
+                        l.max_concurrency.to_string(),
+                        src("max_concurrency"),
+                    ],
+                    vec![
+                        "max_timeout".into(),
+                        format_duration(Duration::from_millis(l.max_timeout_ms)),
+                        src("max_timeout_ms"),
+                    ],
+                    vec![
+                        "max_memory".into(),
+                        format_size(l.max_memory),
+                        src("max_memory"),
+                    ],
                     vec!["weight".into(), l.weight.to_string(), src("weight")],
                 ],
             );

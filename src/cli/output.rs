@@ -17,10 +17,16 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
             }
         }
     }
-    let numeric = |c: &str| !c.is_empty() && c.chars().all(|ch| ch.is_ascii_digit() || "/.-".contains(ch));
+    let numeric = |c: &str| {
+        !c.is_empty()
+            && c.chars()
+                .all(|ch| ch.is_ascii_digit() || "/.-".contains(ch))
+    };
     // Right-align a column only when every cell in it is a number.
     let right: Vec<bool> = (0..width.len())
-        .map(|i| i > 0 && !rows.is_empty() && rows.iter().all(|r| r.get(i).is_some_and(|c| numeric(c))))
+        .map(|i| {
+            i > 0 && !rows.is_empty() && rows.iter().all(|r| r.get(i).is_some_and(|c| numeric(c)))
+        })
         .collect();
     let line = |cells: Vec<&str>, right: &[bool]| {
         let mut s = String::new();
@@ -59,14 +65,21 @@ pub fn json<T: Serialize>(v: &T) {
 
 /// `-` for None.
 pub fn opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref().map_or_else(|| "-".to_string(), ToString::to_string)
+    v.as_ref()
+        .map_or_else(|| "-".to_string(), ToString::to_string)
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn tables_align() {
-        let t = super::render_table(&["queue", "ready"], &[vec!["a".into(), "5".into()], vec!["long".into(), "123".into()]]);
+        let t = super::render_table(
+            &["queue", "ready"],
+            &[
+                vec!["a".into(), "5".into()],
+                vec!["long".into(), "123".into()],
+            ],
+        );
         assert_eq!(t, "queue  ready\na          5\nlong     123\n");
     }
 }

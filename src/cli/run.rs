@@ -61,7 +61,8 @@ impl WorkerArgs {
         cfg.lease = self.lease;
         cfg.kill_grace = self.kill_grace;
         cfg.backoff_base = self.backoff_base;
-        cfg.reap_interval = (self.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        cfg.reap_interval =
+            (self.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         Ok(cfg)
     }
 }
@@ -90,7 +91,9 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     let queue = g.queue().await?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
-    let summary = Worker::new(queue, cfg, registry, Handlers::with_builtins()).run(shutdown).await?;
+    let summary = Worker::new(queue, cfg, registry, Handlers::with_builtins())
+        .run(shutdown)
+        .await?;
     tracing::info!(
         started = summary.started,
         completed = summary.completed,

@@ -97,6 +97,10 @@ pub fn is_memory_exceeded(
 /// `cancel` fires (worker shutdown) the group gets SIGTERM, SIGKILL after
 /// `limits.kill_grace`, and the report is a retryable failure with error
 /// `"interrupted: worker shutting down"`.
+///
+/// Must be called inside a tokio runtime with I/O and time enabled (it
+/// registers a pidfd with the reactor; without pidfd support it falls back
+/// to a blocking `waitid` on the blocking pool).
 pub async fn run_process(
     m: &Manifest,
     input: &TaskInput,
@@ -141,10 +145,11 @@ pub async fn run_process(
         }
     }
     let memory = limits.memory;
-    // SAFETY: the hook only calls async-signal-safe functions (setrlimit,
-    // the close_range syscall) and does not allocate.
+    // SAFETY: the hook only calls async-signal-safe functions (prctl, getppid,
+    // setrlimit, the close_range syscall) and does not allocate.
     unsafe {
-        cmd.pre_exec(move || child_setup(memory));
+        let parent = libc::getpid();
+        cmd.pre_exec(move || child_setup(memory, parent));
     }
 
     let mut attempt = 0;
@@ -606,7 +611,21 @@ fn spawn_error_is_permanent(e: &io::Error) -> bool {
 }
 
 /// Runs in the child between fork and exec: async-signal-safe calls only.
-fn child_setup(memory: Option<u64>) -> io::Result<()> {
+fn child_setup(memory: Option<u64>, parent: libc::pid_t) -> io::Result<()> {
+    // Die with the worker: if the worker is SIGKILLed, its lease expires and
+    // the job runs elsewhere, so a surviving orphan would break the tenant's
+    // fleet-wide concurrency cap. PDEATHSIG fires when the spawning thread
+    // exits; spawns happen on tokio's long-lived runtime threads. If the
+    // worker already died before prctl, getppid() no longer matches.
+    // SAFETY: plain syscalls with integer arguments.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            libc::_exit(137);
+        }
+    }
     if let Some(cap) = memory {
         // RLIMIT_DATA rather than RLIMIT_AS: since Linux 4.7 RLIMIT_DATA
         // counts private writable mappings (heap, anonymous mmap, i.e. the

@@ -73,8 +73,12 @@ pub async fn queue_stats(q: &Queue) -> Result<Vec<QueueStats>, QueueError> {
         let names: Vec<String> = q.client().smembers(keys.key(&["queues"])).await?;
         let paused: Vec<String> = q.client().smembers(keys.key(&["paused"])).await?;
         for name in names {
-            let h: HashMap<String, String> = q.client().hgetall(keys.key(&["q", &name, "stats"])).await?;
-            let s = out.entry(name.clone()).or_insert_with(|| QueueStats { queue: name.clone(), ..Default::default() });
+            let h: HashMap<String, String> =
+                q.client().hgetall(keys.key(&["q", &name, "stats"])).await?;
+            let s = out.entry(name.clone()).or_insert_with(|| QueueStats {
+                queue: name.clone(),
+                ..Default::default()
+            });
             s.ready += hash_i64(&h, "ready");
             s.delayed += hash_i64(&h, "delayed");
             s.running += hash_i64(&h, "running");
@@ -99,7 +103,8 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
         };
         let mut per_queue = Vec::new();
         for name in &queues {
-            let h: HashMap<String, String> = q.client().hgetall(keys.key(&["q", name, "stats"])).await?;
+            let h: HashMap<String, String> =
+                q.client().hgetall(keys.key(&["q", name, "stats"])).await?;
             per_queue.push((name.clone(), h));
         }
         for t in tenants {
@@ -118,7 +123,9 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
                 s.ready += ready;
                 s.delayed += hash_i64(h, &format!("delayed:{t}"));
                 s.dead += hash_i64(h, &format!("dead:{t}"));
-                let is_paused = paused.iter().any(|m| *m == format!("q:{name}") || *m == format!("qt:{name}:{t}"));
+                let is_paused = paused
+                    .iter()
+                    .any(|m| *m == format!("q:{name}") || *m == format!("qt:{name}:{t}"));
                 paused_with_work |= is_paused && ready > 0;
             }
             s.held = if paused_with_work {
@@ -197,8 +204,13 @@ pub async fn job_info(q: &Queue, id: &str) -> Result<JobInfo, QueueError> {
     }
     let lease: Option<f64> = q.client().zscore(keys.key(&["leases"]), id).await?;
     let text = |k: &str| h.get(k).filter(|v| !v.is_empty()).cloned();
-    let time = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok()).and_then(rfc3339_ms);
-    let json = |k: &str| text(k).map(|v| serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v)));
+    let time = |k: &str| {
+        h.get(k)
+            .and_then(|v| v.parse::<i64>().ok())
+            .and_then(rfc3339_ms)
+    };
+    let json =
+        |k: &str| text(k).map(|v| serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v)));
     let state = text("state").unwrap_or_default();
     Ok(JobInfo {
         id: id.to_string(),
@@ -213,8 +225,16 @@ pub async fn job_info(q: &Queue, id: &str) -> Result<JobInfo, QueueError> {
         memory: hash_i64(&h, "memory").max(0) as u64,
         enqueued_at: time("enqueued_at"),
         started_at: time("started_at"),
-        finished_at: if state == "running" { None } else { time("finished_at") },
-        run_at: if state == "delayed" { time("run_at") } else { None },
+        finished_at: if state == "running" {
+            None
+        } else {
+            time("finished_at")
+        },
+        run_at: if state == "delayed" {
+            time("run_at")
+        } else {
+            None
+        },
         lease_until: lease.and_then(|v| rfc3339_ms(v as i64)),
         worker: text("worker"),
         last_error: text("last_error"),
@@ -265,7 +285,11 @@ impl std::str::FromStr for JobState {
             "delayed" => JobState::Delayed,
             "running" => JobState::Running,
             "dead" => JobState::Dead,
-            other => return Err(format!("unknown state {other:?}: use ready, delayed, running or dead")),
+            other => {
+                return Err(format!(
+                    "unknown state {other:?}: use ready, delayed, running or dead"
+                ));
+            }
         })
     }
 }
@@ -282,7 +306,12 @@ pub async fn list_jobs(
 ) -> Result<Vec<JobSummary>, QueueError> {
     let states = match state {
         Some(s) => vec![s],
-        None => vec![JobState::Running, JobState::Ready, JobState::Delayed, JobState::Dead],
+        None => vec![
+            JobState::Running,
+            JobState::Ready,
+            JobState::Delayed,
+            JobState::Dead,
+        ],
     };
     let parts: Vec<u32> = match tenant {
         Some(t) => vec![q.partition_of(t)],
@@ -304,15 +333,61 @@ pub async fn list_jobs(
                         if v.len() >= limit {
                             break;
                         }
-                        let got: Vec<String> =
-                            q.client().zrange(keys.key(&["q", queue, "t", &t]), 0, limit as i64 - 1, None, false, None, false).await?;
+                        let got: Vec<String> = q
+                            .client()
+                            .zrange(
+                                keys.key(&["q", queue, "t", &t]),
+                                0,
+                                limit as i64 - 1,
+                                None,
+                                false,
+                                None,
+                                false,
+                            )
+                            .await?;
                         v.extend(got);
                     }
                     v
                 }
-                JobState::Delayed => q.client().zrange(keys.key(&["q", queue, "delayed"]), 0, window - 1, None, false, None, false).await?,
-                JobState::Running => q.client().zrange(keys.key(&["leases"]), 0, window - 1, None, false, None, false).await?,
-                JobState::Dead => q.client().zrange(keys.key(&["q", queue, "dead"]), 0, window - 1, None, true, None, false).await?,
+                JobState::Delayed => {
+                    q.client()
+                        .zrange(
+                            keys.key(&["q", queue, "delayed"]),
+                            0,
+                            window - 1,
+                            None,
+                            false,
+                            None,
+                            false,
+                        )
+                        .await?
+                }
+                JobState::Running => {
+                    q.client()
+                        .zrange(
+                            keys.key(&["leases"]),
+                            0,
+                            window - 1,
+                            None,
+                            false,
+                            None,
+                            false,
+                        )
+                        .await?
+                }
+                JobState::Dead => {
+                    q.client()
+                        .zrange(
+                            keys.key(&["q", queue, "dead"]),
+                            0,
+                            window - 1,
+                            None,
+                            true,
+                            None,
+                            false,
+                        )
+                        .await?
+                }
             };
             ids.extend(found);
         }
@@ -325,7 +400,18 @@ pub async fn list_jobs(
         let p = q.partition_of_job(&id)?;
         let v: Vec<Option<String>> = q
             .client()
-            .hmget(q.keys(p).job(&id), vec!["tenant", "queue", "kind", "state", "attempts", "enqueued_at", "last_error"])
+            .hmget(
+                q.keys(p).job(&id),
+                vec![
+                    "tenant",
+                    "queue",
+                    "kind",
+                    "state",
+                    "attempts",
+                    "enqueued_at",
+                    "last_error",
+                ],
+            )
             .await?;
         let get = |i: usize| v.get(i).cloned().flatten().filter(|s| !s.is_empty());
         if get(1).as_deref() != Some(queue) || (tenant.is_some() && get(0).as_deref() != tenant) {

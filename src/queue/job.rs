@@ -59,7 +59,11 @@ pub struct JobSpec {
 
 impl JobSpec {
     /// A job with an empty object payload and every option at its default.
-    pub fn new(tenant: impl Into<String>, queue: impl Into<String>, kind: impl Into<String>) -> Self {
+    pub fn new(
+        tenant: impl Into<String>,
+        queue: impl Into<String>,
+        kind: impl Into<String>,
+    ) -> Self {
         JobSpec {
             tenant: tenant.into(),
             queue: queue.into(),
@@ -93,7 +97,9 @@ impl JobSpec {
             )));
         }
         if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&self.payload) {
-            return Err(QueueError::Invalid(format!("payload is not valid JSON: {e}")));
+            return Err(QueueError::Invalid(format!(
+                "payload is not valid JSON: {e}"
+            )));
         }
         if !PRIORITY_RANGE.contains(&self.priority) {
             return Err(QueueError::Invalid(format!(
@@ -116,10 +122,14 @@ impl JobSpec {
             }
         }
         if self.timeout == Some(Duration::ZERO) {
-            return Err(QueueError::Invalid("timeout must be above zero, for example 30s".into()));
+            return Err(QueueError::Invalid(
+                "timeout must be above zero, for example 30s".into(),
+            ));
         }
         if self.memory == Some(0) {
-            return Err(QueueError::Invalid("memory must be above zero, for example 256MiB".into()));
+            return Err(QueueError::Invalid(
+                "memory must be above zero, for example 256MiB".into(),
+            ));
         }
         Ok(())
     }
@@ -283,10 +293,20 @@ mod tests {
         assert!(ok.validate(1024).is_ok());
         let mut big = ok.clone();
         big.payload = format!("\"{}\"", "x".repeat(2000));
-        assert!(big.validate(1024).unwrap_err().to_string().contains("over the limit"));
+        assert!(
+            big.validate(1024)
+                .unwrap_err()
+                .to_string()
+                .contains("over the limit")
+        );
         let mut bad = ok.clone();
         bad.payload = "{nope".into();
-        assert!(bad.validate(1024).unwrap_err().to_string().contains("not valid JSON"));
+        assert!(
+            bad.validate(1024)
+                .unwrap_err()
+                .to_string()
+                .contains("not valid JSON")
+        );
         let mut prio = ok.clone();
         prio.priority = 101;
         assert!(prio.validate(1024).is_err());

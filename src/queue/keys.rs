@@ -102,8 +102,9 @@ mod tests {
         assert_eq!(partition_of("acme", 1), 0);
         // FNV-1a 32 of "a" is 0xe40c292c
         assert_eq!(partition_of("a", 1 << 31), 0xe40c292c % (1 << 31));
-        let used: std::collections::HashSet<u32> =
-            (0..100).map(|i| partition_of(&format!("t{i}"), 4)).collect();
+        let used: std::collections::HashSet<u32> = (0..100)
+            .map(|i| partition_of(&format!("t{i}"), 4))
+            .collect();
         assert_eq!(used.len(), 4);
     }
 }

@@ -44,12 +44,17 @@ pub enum QueueError {
 impl QueueError {
     /// True for errors caused by the caller's input.
     pub fn is_input(&self) -> bool {
-        matches!(self, QueueError::Invalid(_) | QueueError::OverCap(_) | QueueError::NotFound(_))
+        matches!(
+            self,
+            QueueError::Invalid(_) | QueueError::OverCap(_) | QueueError::NotFound(_)
+        )
     }
 
     /// Map the scripts' `ERR agentq <kind>: ...` replies to typed errors.
     fn from_script(e: QueueError) -> QueueError {
-        let QueueError::Redis(ref re) = e else { return e };
+        let QueueError::Redis(ref re) = e else {
+            return e;
+        };
         let d = re.details();
         let d = d.strip_prefix("ERR ").unwrap_or(d);
         if let Some(rest) = d.strip_prefix("agentq invalid: ") {
@@ -110,7 +115,10 @@ pub(crate) fn build_client(url: &str) -> Result<Client, QueueError> {
             c.connection_timeout = Duration::from_secs(5);
             c.internal_command_timeout = Duration::from_secs(10);
             c.max_command_attempts = 3;
-            c.tcp = TcpConfig { nodelay: Some(true), ..Default::default() };
+            c.tcp = TcpConfig {
+                nodelay: Some(true),
+                ..Default::default()
+            };
         })
         .with_performance_config(|p| {
             p.default_command_timeout = Duration::from_secs(10);
@@ -136,7 +144,11 @@ impl Queue {
         client.init().await?;
         let scripts = scripts::Scripts::new();
         scripts.load(&client).await?;
-        Ok(Queue { client, cfg: Arc::new(cfg), scripts: Arc::new(scripts) })
+        Ok(Queue {
+            client,
+            cfg: Arc::new(cfg),
+            scripts: Arc::new(scripts),
+        })
     }
 
     /// The underlying fred client.
@@ -183,12 +195,16 @@ impl Queue {
     /// Enqueue one job.
     pub async fn enqueue(&self, spec: &JobSpec) -> Result<Enqueued, QueueError> {
         let strip = |m: String| m.strip_prefix("job 1: ").map(str::to_string).unwrap_or(m);
-        let mut v = self.enqueue_batch(std::slice::from_ref(spec)).await.map_err(|e| match e {
-            QueueError::Invalid(m) => QueueError::Invalid(strip(m)),
-            QueueError::OverCap(m) => QueueError::OverCap(strip(m)),
-            other => other,
-        })?;
-        v.pop().ok_or_else(|| QueueError::Protocol("empty enqueue reply".into()))
+        let mut v = self
+            .enqueue_batch(std::slice::from_ref(spec))
+            .await
+            .map_err(|e| match e {
+                QueueError::Invalid(m) => QueueError::Invalid(strip(m)),
+                QueueError::OverCap(m) => QueueError::OverCap(strip(m)),
+                other => other,
+            })?;
+        v.pop()
+            .ok_or_else(|| QueueError::Protocol("empty enqueue reply".into()))
     }
 
     /// Enqueue many jobs: one script call per partition touched. Within a
@@ -196,13 +212,18 @@ impl Queue {
     pub async fn enqueue_batch(&self, specs: &[JobSpec]) -> Result<Vec<Enqueued>, QueueError> {
         for (i, s) in specs.iter().enumerate() {
             s.validate(self.cfg.max_payload).map_err(|e| match e {
-                QueueError::Invalid(m) if specs.len() > 1 => QueueError::Invalid(format!("job {}: {m}", i + 1)),
+                QueueError::Invalid(m) if specs.len() > 1 => {
+                    QueueError::Invalid(format!("job {}: {m}", i + 1))
+                }
                 other => other,
             })?;
         }
         let mut by_part: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (i, s) in specs.iter().enumerate() {
-            by_part.entry(self.partition_of(&s.tenant)).or_default().push(i);
+            by_part
+                .entry(self.partition_of(&s.tenant))
+                .or_default()
+                .push(i);
         }
         let mut out: Vec<Option<Enqueued>> = vec![None; specs.len()];
         for (p, idx) in by_part {
@@ -214,10 +235,16 @@ impl Queue {
             let reply = self.call(ScriptName::Enqueue, p, args).await?;
             let flat = strings(reply)?;
             if flat.len() != idx.len() * 2 {
-                return Err(QueueError::Protocol(format!("enqueue returned {} values", flat.len())));
+                return Err(QueueError::Protocol(format!(
+                    "enqueue returned {} values",
+                    flat.len()
+                )));
             }
             for (n, &i) in idx.iter().enumerate() {
-                out[i] = Some(Enqueued { id: flat[2 * n].clone(), created: flat[2 * n + 1] == "1" });
+                out[i] = Some(Enqueued {
+                    id: flat[2 * n].clone(),
+                    created: flat[2 * n + 1] == "1",
+                });
             }
         }
         Ok(out.into_iter().flatten().collect())
@@ -234,7 +261,11 @@ impl Queue {
         lease: Duration,
         queues: &[String],
     ) -> Result<(i64, Vec<ClaimedJob>), QueueError> {
-        let mut args = vec![worker.to_string(), batch.to_string(), lease.as_millis().to_string()];
+        let mut args = vec![
+            worker.to_string(),
+            batch.to_string(),
+            lease.as_millis().to_string(),
+        ];
         args.extend(queues.iter().cloned());
         let flat = strings(self.call(ScriptName::Claim, p, args).await?)?;
         let Some((first, rest)) = flat.split_first() else {
@@ -242,7 +273,10 @@ impl Queue {
         };
         let next_due = first.parse().unwrap_or(0);
         if rest.len() % 12 != 0 {
-            return Err(QueueError::Protocol(format!("claim returned {} values", flat.len())));
+            return Err(QueueError::Protocol(format!(
+                "claim returned {} values",
+                flat.len()
+            )));
         }
         let num = |s: &String| s.parse::<i64>().unwrap_or(0);
         let jobs = rest
@@ -267,19 +301,31 @@ impl Queue {
     }
 
     /// Complete attempts of partition `p` (fenced by attempt number).
-    pub async fn complete(&self, p: u32, done: &[Completion]) -> Result<Vec<CompleteStatus>, QueueError> {
+    pub async fn complete(
+        &self,
+        p: u32,
+        done: &[Completion],
+    ) -> Result<Vec<CompleteStatus>, QueueError> {
         let mut args = Vec::with_capacity(done.len() * 15);
         for c in done {
             args.extend(c.wire_fields());
         }
         strings(self.call(ScriptName::Complete, p, args).await?)?
             .iter()
-            .map(|s| CompleteStatus::parse(s).ok_or_else(|| QueueError::Protocol(format!("complete said {s:?}"))))
+            .map(|s| {
+                CompleteStatus::parse(s)
+                    .ok_or_else(|| QueueError::Protocol(format!("complete said {s:?}")))
+            })
             .collect()
     }
 
     /// Extend leases of partition `p`; returns the ids whose lease is lost.
-    pub async fn extend(&self, p: u32, lease: Duration, held: &[(String, u32)]) -> Result<Vec<String>, QueueError> {
+    pub async fn extend(
+        &self,
+        p: u32,
+        lease: Duration,
+        held: &[(String, u32)],
+    ) -> Result<Vec<String>, QueueError> {
         let mut args = vec![lease.as_millis().to_string()];
         for (id, token) in held {
             args.push(id.clone());
@@ -290,7 +336,12 @@ impl Queue {
 
     /// Run the reaper on partition `p` unless another worker ran it within
     /// `guard`. Returns how many expired attempts were reaped (None: skipped).
-    pub async fn reap(&self, p: u32, guard: Duration, max: usize) -> Result<Option<u64>, QueueError> {
+    pub async fn reap(
+        &self,
+        p: u32,
+        guard: Duration,
+        max: usize,
+    ) -> Result<Option<u64>, QueueError> {
         let args = vec![guard.as_millis().max(1).to_string(), max.to_string()];
         match self.call(ScriptName::Reap, p, args).await? {
             Value::Integer(n) if n >= 0 => Ok(Some(n as u64)),
@@ -300,7 +351,12 @@ impl Queue {
     }
 
     /// Hand running attempts back to ready at once: `(id, attempt, run_ms)`.
-    pub async fn release(&self, p: u32, reason: &str, held: &[(String, u32, u64)]) -> Result<u64, QueueError> {
+    pub async fn release(
+        &self,
+        p: u32,
+        reason: &str,
+        held: &[(String, u32, u64)],
+    ) -> Result<u64, QueueError> {
         let mut args = vec![reason.to_string()];
         for (id, token, run_ms) in held {
             args.extend([id.clone(), token.to_string(), run_ms.to_string()]);
@@ -313,19 +369,34 @@ impl Queue {
 
     /// Pause (`on`) or resume a queue, or one tenant on it. Returns whether
     /// anything changed. A queue pause applies to every partition.
-    pub async fn set_paused(&self, queue: &str, tenant: Option<&str>, on: bool) -> Result<bool, QueueError> {
+    pub async fn set_paused(
+        &self,
+        queue: &str,
+        tenant: Option<&str>,
+        on: bool,
+    ) -> Result<bool, QueueError> {
         job::validate_name("queue", queue)?;
         let flag = if on { "1" } else { "0" }.to_string();
         if let Some(t) = tenant {
             job::validate_name("tenant", t)?;
             let v = self
-                .call(ScriptName::Pause, self.partition_of(t), vec![queue.into(), t.into(), flag])
+                .call(
+                    ScriptName::Pause,
+                    self.partition_of(t),
+                    vec![queue.into(), t.into(), flag],
+                )
                 .await?;
             return Ok(matches!(v, Value::Integer(1)));
         }
         let mut changed = false;
         for p in 0..self.partitions() {
-            let v = self.call(ScriptName::Pause, p, vec![queue.into(), String::new(), flag.clone()]).await?;
+            let v = self
+                .call(
+                    ScriptName::Pause,
+                    p,
+                    vec![queue.into(), String::new(), flag.clone()],
+                )
+                .await?;
             changed |= matches!(v, Value::Integer(1));
         }
         Ok(changed)
@@ -336,7 +407,11 @@ impl Queue {
     pub async fn delete_namespace(&self) -> Result<u64, QueueError> {
         use futures::TryStreamExt;
         let pattern = format!("{{{}:*", self.cfg.namespace);
-        let keys: Vec<fred::types::Key> = self.client.scan_buffered(pattern, Some(500), None).try_collect().await?;
+        let keys: Vec<fred::types::Key> = self
+            .client
+            .scan_buffered(pattern, Some(500), None)
+            .try_collect()
+            .await?;
         let mut n = 0;
         for chunk in keys.chunks(500) {
             for k in chunk {
@@ -362,7 +437,8 @@ impl Queue {
         match tenant {
             Some(t) => {
                 job::validate_name("tenant", t)?;
-                self.call(ScriptName::TenantSet, self.partition_of(t), args).await?;
+                self.call(ScriptName::TenantSet, self.partition_of(t), args)
+                    .await?;
             }
             None => {
                 for p in 0..self.partitions() {
@@ -389,6 +465,8 @@ fn strings(v: Value) -> Result<Vec<String>, QueueError> {
             })
             .collect(),
         Value::Null => Ok(Vec::new()),
-        other => Err(QueueError::Protocol(format!("expected an array, got {other:?}"))),
+        other => Err(QueueError::Protocol(format!(
+            "expected an array, got {other:?}"
+        ))),
     }
 }

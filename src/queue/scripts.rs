@@ -116,7 +116,10 @@ impl Scripts {
         args: Vec<Value>,
     ) -> Result<Value, QueueError> {
         let script = self.get(name);
-        match script.evalsha::<Value, _, _, _>(client, base, args.clone()).await {
+        match script
+            .evalsha::<Value, _, _, _>(client, base, args.clone())
+            .await
+        {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 self.load(client).await?;
                 Ok(script.evalsha(client, base, args).await?)

@@ -48,12 +48,17 @@ impl TestQueue {
         let ns = namespace(test);
         let mut cfg = QueueConfig::new(url);
         cfg.namespace = ns.clone();
-        let queue = Queue::connect(cfg).await.expect("connect to Redis (set AGENTQ_REDIS_URL)");
+        let queue = Queue::connect(cfg)
+            .await
+            .expect("connect to Redis (set AGENTQ_REDIS_URL)");
         TestQueue { queue, ns }
     }
 
     pub async fn cleanup(&self) {
-        self.queue.delete_namespace().await.expect("delete test namespace");
+        self.queue
+            .delete_namespace()
+            .await
+            .expect("delete test namespace");
     }
 
     /// Every outbox record of partition 0, in order.
@@ -69,7 +74,11 @@ impl TestQueue {
 
     /// The fleet-wide running count of each tenant.
     pub async fn running(&self) -> HashMap<String, i64> {
-        self.queue.client().hgetall(self.queue.keys(0).key(&["running"])).await.expect("hgetall")
+        self.queue
+            .client()
+            .hgetall(self.queue.keys(0).key(&["running"]))
+            .await
+            .expect("hgetall")
     }
 
     /// A worker process on this namespace; `args` are extra flags.
@@ -117,7 +126,8 @@ impl TestQueue {
 /// An in-process worker; `stop` shuts it down gracefully.
 pub struct RunningWorker {
     pub stop: CancellationToken,
-    pub handle: tokio::task::JoinHandle<Result<agentq::worker::WorkerSummary, agentq::queue::QueueError>>,
+    pub handle:
+        tokio::task::JoinHandle<Result<agentq::worker::WorkerSummary, agentq::queue::QueueError>>,
 }
 
 impl RunningWorker {
@@ -152,7 +162,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -161,7 +174,9 @@ where
 pub async fn drained(tq: &TestQueue, limit: Duration) {
     eventually(limit, "all jobs finished", || async {
         let s = agentq::queue::inspect::queue_stats(&tq.queue).await.ok()?;
-        (s.iter().all(|q| q.ready == 0 && q.delayed == 0 && q.running == 0)).then_some(())
+        (s.iter()
+            .all(|q| q.ready == 0 && q.delayed == 0 && q.running == 0))
+        .then_some(())
     })
     .await
 }

@@ -1,0 +1,207 @@
+//! Several worker processes on one Redis, killed with SIGKILL and restarted:
+//! fleet-wide caps hold, crashed jobs run again, counters return to zero.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Child;
+use std::time::Duration;
+
+use agentq::admission::LimitsUpdate;
+use agentq::queue::JobSpec;
+use agentq::queue::inspect::{job_info, queue_stats};
+use common::{TestQueue, drained, eventually, num};
+use serde_json::json;
+
+fn kill9(c: &mut Child) {
+    let _ = c.kill(); // SIGKILL
+    let _ = c.wait();
+}
+
+const WORKER_ARGS: [&str; 8] = [
+    "--queues",
+    "q",
+    "--concurrency",
+    "4",
+    "--lease",
+    "1s",
+    "--backoff-base",
+    "50ms",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_hold_across_three_processes_while_workers_are_killed() {
+    let tq = TestQueue::new("fleet").await;
+    for (t, cap) in [("capped", 3), ("other", 2)] {
+        LimitsUpdate {
+            max_concurrency: Some(cap),
+            ..Default::default()
+        }
+        .apply(&tq.queue, Some(t))
+        .await
+        .expect("set");
+    }
+    let mut jobs = Vec::new();
+    for (t, n) in [("capped", 36), ("other", 16)] {
+        for _ in 0..n {
+            let mut s = JobSpec::new(t, "q", "sleep").payload(&json!({"ms": 300}));
+            s.max_attempts = Some(20);
+            jobs.push(s);
+        }
+    }
+    let ids: Vec<String> = tq
+        .queue
+        .enqueue_batch(&jobs)
+        .await
+        .expect("enqueue")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+
+    let mut workers: Vec<Child> = (0..3).map(|_| tq.spawn_worker(&WORKER_ARGS)).collect();
+    // Sample the fleet-wide running counts while killing and restarting workers.
+    let sampler_tq = common::TestQueue {
+        queue: tq.queue.clone(),
+        ns: tq.ns.clone(),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stop2 = stop.clone();
+    let sampler = tokio::spawn(async move {
+        let mut peak: HashMap<String, i64> = HashMap::new();
+        while !stop2.is_cancelled() {
+            for (t, n) in sampler_tq.running().await {
+                let p = peak.entry(t).or_default();
+                *p = (*p).max(n);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        peak
+    });
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let i = round % workers.len();
+        kill9(&mut workers[i]);
+        workers[i] = tq.spawn_worker(&WORKER_ARGS);
+    }
+    drained(&tq, Duration::from_secs(240)).await;
+    stop.cancel();
+    let sampled = sampler.await.expect("sampler");
+    for w in &mut workers {
+        kill9(w);
+    }
+
+    assert!(
+        sampled["capped"] <= 3 && sampled["other"] <= 2,
+        "sampled running counts: {sampled:?}"
+    );
+    // Slot intervals from the ledger records: [claimed, closed] per attempt.
+    let recs = tq.outbox().await;
+    for (t, cap) in [("capped", 3usize), ("other", 2)] {
+        let iv: Vec<(i64, i64)> = recs
+            .iter()
+            .filter(|r| r["tenant"] == t)
+            .map(|r| (num(r, "started_at"), num(r, "finished_at")))
+            .collect();
+        let peak = common::peak_overlap(&iv);
+        assert!(
+            peak <= cap,
+            "tenant {t}: {peak} attempts held slots at once, cap {cap}"
+        );
+        assert_eq!(
+            peak, cap,
+            "tenant {t}: the cap is reached, not just respected"
+        );
+    }
+    // Every job succeeded; one ledger record per attempt; counters back to zero.
+    for id in &ids {
+        let info = job_info(&tq.queue, id).await.expect("inspect");
+        assert_eq!(info.state, "succeeded", "{info:?}");
+        let n = recs.iter().filter(|r| &r["job"] == id).count() as u64;
+        assert_eq!(
+            n, info.attempts,
+            "job {id}: {n} records for {} attempts",
+            info.attempts
+        );
+    }
+    assert!(
+        recs.iter().any(|r| r["outcome"] == "lost"),
+        "some attempts were cut by the kills"
+    );
+    assert!(tq.running().await.values().all(|&n| n == 0));
+    assert!(
+        queue_stats(&tq.queue)
+            .await
+            .expect("stats")
+            .iter()
+            .all(|q| q.running == 0 && q.ready == 0)
+    );
+    tq.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_is_killed_runs_again_after_its_lease() {
+    let tq = TestQueue::new("rerun").await;
+    let id = tq
+        .queue
+        .enqueue(&JobSpec::new("t", "q", "sleep").payload(&json!({"ms": 1500})))
+        .await
+        .expect("enqueue")
+        .id;
+    let mut first = tq.spawn_worker(&WORKER_ARGS);
+    eventually(Duration::from_secs(60), "job running", || async {
+        (job_info(&tq.queue, &id).await.ok()?.state == "running").then_some(())
+    })
+    .await;
+    kill9(&mut first);
+    let mut second = tq.spawn_worker(&WORKER_ARGS);
+    let info = eventually(Duration::from_secs(60), "job finished", || async {
+        let i = job_info(&tq.queue, &id).await.ok()?;
+        (i.state == "succeeded").then_some(i)
+    })
+    .await;
+    kill9(&mut second);
+    assert_eq!(info.attempts, 2);
+    let outcomes: Vec<String> = tq
+        .outbox()
+        .await
+        .iter()
+        .map(|r| r["outcome"].clone())
+        .collect();
+    assert_eq!(outcomes, vec!["lost", "succeeded"]);
+    tq.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_worker_process_cleanly() {
+    let tq = TestQueue::new("sigterm").await;
+    let id = tq
+        .queue
+        .enqueue(&JobSpec::new("t", "q", "sleep").payload(&json!({"ms": 60000})))
+        .await
+        .expect("enqueue")
+        .id;
+    let mut w = tq.spawn_worker(&[
+        "--queues",
+        "q",
+        "--shutdown-grace",
+        "200ms",
+        "--lease",
+        "10m",
+    ]);
+    eventually(Duration::from_secs(60), "job running", || async {
+        (job_info(&tq.queue, &id).await.ok()?.state == "running").then_some(())
+    })
+    .await;
+    // SAFETY-free: libc::kill with a valid pid of our child.
+    unsafe { libc::kill(w.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || w.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        job_info(&tq.queue, &id).await.expect("inspect").state,
+        "ready"
+    );
+    tq.cleanup().await;
+}
