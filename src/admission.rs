@@ -68,25 +68,25 @@ impl LimitsUpdate {
                 "{what} is out of range: use {range}"
             )))
         };
-        if let Some(n) = self.max_concurrency {
-            if !MAX_CONCURRENCY_RANGE.contains(&n) {
-                return out_of("--max-concurrency", "1..=100000");
-            }
+        if let Some(n) = self.max_concurrency
+            && !MAX_CONCURRENCY_RANGE.contains(&n)
+        {
+            return out_of("--max-concurrency", "1..=100000");
         }
-        if let Some(d) = self.max_timeout {
-            if !MAX_TIMEOUT_RANGE.contains(&d) {
-                return out_of("--max-timeout", "1s..=7d");
-            }
+        if let Some(d) = self.max_timeout
+            && !MAX_TIMEOUT_RANGE.contains(&d)
+        {
+            return out_of("--max-timeout", "1s..=7d");
         }
-        if let Some(m) = self.max_memory {
-            if !MAX_MEMORY_RANGE.contains(&m) {
-                return out_of("--max-memory", "1MiB..=1TiB");
-            }
+        if let Some(m) = self.max_memory
+            && !MAX_MEMORY_RANGE.contains(&m)
+        {
+            return out_of("--max-memory", "1MiB..=1TiB");
         }
-        if let Some(w) = self.weight {
-            if !WEIGHT_RANGE.contains(&w) {
-                return out_of("--weight", "1..=1000");
-            }
+        if let Some(w) = self.weight
+            && !WEIGHT_RANGE.contains(&w)
+        {
+            return out_of("--weight", "1..=1000");
         }
         if let Some(t) = &self.tier {
             crate::queue::job::validate_name("tier", t)?;

@@ -209,7 +209,8 @@ async fn subscribe_wake(
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
         .build_subscriber_client()?;
     sub.init().await?;
-    let _ = sub.manage_subscriptions();
+    // Detached: it resubscribes after reconnects for as long as the client lives.
+    drop(sub.manage_subscriptions());
     let channels: Vec<String> = (0..queue.partitions())
         .map(|p| queue.keys(p).key(&["wake"]))
         .collect();

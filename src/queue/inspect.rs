@@ -9,7 +9,7 @@ use fred::prelude::*;
 use serde::Serialize;
 
 use super::{Queue, QueueError};
-use crate::admission::{self, BUILTIN};
+use crate::admission;
 
 /// Per-queue counts, summed over partitions.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -428,9 +428,4 @@ pub async fn list_jobs(
         });
     }
     Ok(out)
-}
-
-/// Built-in limits, for display.
-pub fn builtin_limits() -> crate::admission::Limits {
-    BUILTIN
 }

@@ -107,19 +107,19 @@ impl JobSpec {
                 self.priority
             )));
         }
-        if let Some(n) = self.max_attempts {
-            if n == 0 || n > MAX_ATTEMPTS_LIMIT {
-                return Err(QueueError::Invalid(format!(
-                    "max attempts {n} is out of range: use 1..={MAX_ATTEMPTS_LIMIT}"
-                )));
-            }
+        if let Some(n) = self.max_attempts
+            && (n == 0 || n > MAX_ATTEMPTS_LIMIT)
+        {
+            return Err(QueueError::Invalid(format!(
+                "max attempts {n} is out of range: use 1..={MAX_ATTEMPTS_LIMIT}"
+            )));
         }
-        if let Some(k) = &self.idempotency_key {
-            if k.is_empty() || k.len() > 200 {
-                return Err(QueueError::Invalid(
-                    "idempotency key must be 1-200 bytes".into(),
-                ));
-            }
+        if let Some(k) = &self.idempotency_key
+            && (k.is_empty() || k.len() > 200)
+        {
+            return Err(QueueError::Invalid(
+                "idempotency key must be 1-200 bytes".into(),
+            ));
         }
         if self.timeout == Some(Duration::ZERO) {
             return Err(QueueError::Invalid(
