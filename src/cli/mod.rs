@@ -149,8 +149,24 @@ pub async fn connect(s: &Settings, url: &str) -> Result<Queue, CliError> {
     })
 }
 
+/// Log to stderr with the `AGENTQ_LOG` filter; the default is `info` for the
+/// worker and quieter for commands whose stdout a person reads.
+fn init_logging(command: &Command) {
+    let default = match command {
+        Command::Worker(_) => "agentq=info,warn",
+        _ => "agentq=warn,error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTQ_LOG")
+        .unwrap_or_else(|_| default.into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Run a parsed command line and map the result to an exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    init_logging(&cli.command);
     let g = &cli.global;
     let result = match cli.command {
         Command::Worker(a) => run::worker(g, a).await,
