@@ -311,7 +311,9 @@ async fn memory_cap_is_reported_as_memory_exceeded() {
     let e = r.error.unwrap();
     assert!(e.starts_with("memory cap 64MiB exceeded"), "{e}");
     assert!(e.contains("MemoryError"), "{e}");
-    assert!(r.peak_rss_bytes < 64 * MIB);
+    // No upper bound on peak_rss_bytes here: Linux carries the spawning
+    // process's RSS high-water mark across fork+exec into ru_maxrss (README,
+    // "Design notes"), so the figure depends on this test binary's size.
 }
 
 #[tokio::test]
