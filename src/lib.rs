@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod executor;
+pub mod ledger;
 pub mod lease;
 pub mod queue;
 pub mod servers;

@@ -1,0 +1,324 @@
+//! The usage ledger: moves attempt records from the Redis outbox stream into
+//! PostgreSQL, exactly once.
+//!
+//! Every attempt's end appends one record to `B:outbox` in the same script as
+//! the ack (see `lib.lua`, `outbox()`). A [`LedgerWriter`] in each worker
+//! reads the stream through the consumer group `ledger`, inserts a batch with
+//! one multi-row `INSERT ... ON CONFLICT DO NOTHING` (unique per job id and
+//! attempt), and only then acknowledges and deletes the entries. A crash
+//! between insert and ack replays the batch, which inserts nothing new;
+//! entries held by a writer that died are taken over after
+//! [`LedgerWriter::claim_idle`] via `XAUTOCLAIM`. PostgreSQL being down only
+//! delays the ledger: records wait in the stream.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fred::prelude::*;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, QueryBuilder};
+use tokio_util::sync::CancellationToken;
+
+use crate::queue::{Queue, QueueError};
+
+/// Consumer group name on the outbox stream.
+pub const GROUP: &str = "ledger";
+
+/// Ledger errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// PostgreSQL failed or is unreachable.
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Applying migrations failed.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Redis failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+impl From<fred::error::Error> for LedgerError {
+    fn from(e: fred::error::Error) -> Self {
+        LedgerError::Queue(e.into())
+    }
+}
+
+/// Connect to PostgreSQL; `schema` (for tests) becomes the search path.
+pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgPool, LedgerError> {
+    let mut opts: PgConnectOptions = url.parse()?;
+    if let Some(s) = schema {
+        opts = opts.options([("search_path", s)]);
+    }
+    Ok(PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(opts)
+        .await?)
+}
+
+/// Apply `migrations/` (idempotent).
+pub async fn migrate(pool: &PgPool) -> Result<(), LedgerError> {
+    sqlx::migrate!("./migrations").run(pool).await?;
+    Ok(())
+}
+
+/// One attempt's usage record, as stored in the outbox and the ledger.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    /// Job id.
+    pub job_id: String,
+    /// Attempt number.
+    pub attempt: i32,
+    /// Tenant.
+    pub tenant: String,
+    /// Queue.
+    pub queue: String,
+    /// Kind.
+    pub kind: String,
+    /// Outcome.
+    pub outcome: String,
+    /// Times, ms since the epoch (Redis clock).
+    pub enqueued_at: i64,
+    /// Start of the attempt.
+    pub started_at: i64,
+    /// End of the attempt (when its slot was released).
+    pub finished_at: i64,
+    /// Wait from ready to start.
+    pub wait_ms: i64,
+    /// Wall time of the attempt.
+    pub run_ms: i64,
+    /// CPU time.
+    pub cpu_ms: i64,
+    /// Peak RSS.
+    pub peak_rss_bytes: i64,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Signal.
+    pub signal: Option<i32>,
+    /// Worker id.
+    pub worker: String,
+    /// Reported API calls.
+    pub api_calls: i64,
+    /// Reported input tokens.
+    pub input_tokens: i64,
+    /// Reported output tokens.
+    pub output_tokens: i64,
+    /// Error text.
+    pub error: String,
+}
+
+impl Record {
+    /// Parse an outbox entry's fields; None if the entry is malformed.
+    pub fn from_fields(f: &HashMap<String, String>) -> Option<Record> {
+        let n = |k: &str| f.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+        let opt = |k: &str| f.get(k).and_then(|v| v.parse::<i32>().ok());
+        let s = |k: &str| f.get(k).cloned().unwrap_or_default();
+        let r = Record {
+            job_id: f.get("job")?.clone(),
+            attempt: f.get("attempt")?.parse().ok()?,
+            tenant: s("tenant"),
+            queue: s("queue"),
+            kind: s("kind"),
+            outcome: f.get("outcome")?.clone(),
+            enqueued_at: n("enqueued_at"),
+            started_at: n("started_at"),
+            finished_at: n("finished_at"),
+            wait_ms: n("wait_ms"),
+            run_ms: n("run_ms"),
+            cpu_ms: n("cpu_ms"),
+            peak_rss_bytes: n("peak_rss"),
+            exit_code: opt("exit_code"),
+            signal: opt("signal"),
+            worker: s("worker"),
+            api_calls: n("api_calls"),
+            input_tokens: n("input_tokens"),
+            output_tokens: n("output_tokens"),
+            error: s("error"),
+        };
+        (r.attempt >= 1).then_some(r)
+    }
+}
+
+fn ts(ms: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// Insert records; rows already present are skipped. Returns rows inserted.
+pub async fn insert(pool: &PgPool, records: &[Record]) -> Result<u64, LedgerError> {
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let mut months: Vec<chrono::NaiveDate> = records.iter().map(|r| ts(r.finished_at).date_naive()).collect();
+    months.sort();
+    months.dedup_by_key(|d| (chrono::Datelike::year(d), chrono::Datelike::month(d)));
+    for m in months {
+        sqlx::query("SELECT agentq_ensure_ledger_partition($1)").bind(m).execute(pool).await?;
+    }
+    let mut q = QueryBuilder::new(
+        "INSERT INTO usage_ledger (job_id, attempt, tenant, queue, kind, outcome, enqueued_at, started_at, \
+         finished_at, wait_ms, run_ms, cpu_ms, peak_rss_bytes, exit_code, signal, worker, api_calls, \
+         input_tokens, output_tokens, error) ",
+    );
+    q.push_values(records, |mut b, r| {
+        b.push_bind(&r.job_id)
+            .push_bind(r.attempt)
+            .push_bind(&r.tenant)
+            .push_bind(&r.queue)
+            .push_bind(&r.kind)
+            .push_bind(&r.outcome)
+            .push_bind(ts(r.enqueued_at))
+            .push_bind(ts(r.started_at))
+            .push_bind(ts(r.finished_at))
+            .push_bind(r.wait_ms)
+            .push_bind(r.run_ms)
+            .push_bind(r.cpu_ms)
+            .push_bind(r.peak_rss_bytes)
+            .push_bind(r.exit_code)
+            .push_bind(r.signal)
+            .push_bind(&r.worker)
+            .push_bind(r.api_calls)
+            .push_bind(r.input_tokens)
+            .push_bind(r.output_tokens)
+            .push_bind(&r.error);
+    });
+    q.push(" ON CONFLICT DO NOTHING");
+    Ok(q.build().execute(pool).await?.rows_affected())
+}
+
+/// Moves outbox records to PostgreSQL; one per worker.
+pub struct LedgerWriter {
+    queue: Queue,
+    pool: PgPool,
+    consumer: String,
+    /// Records per batch (one INSERT each).
+    pub batch: usize,
+    /// Entries pending this long with a consumer are taken over.
+    pub claim_idle: Duration,
+}
+
+/// A batch read from one partition's outbox.
+struct Batch {
+    ids: Vec<String>,
+    records: Vec<Record>,
+}
+
+impl LedgerWriter {
+    /// A writer reading as consumer `consumer` (the worker id).
+    pub fn new(queue: Queue, pool: PgPool, consumer: impl Into<String>) -> Self {
+        LedgerWriter { queue, pool, consumer: consumer.into(), batch: 500, claim_idle: Duration::from_secs(30) }
+    }
+
+    /// Run until `stop`, draining every partition's outbox; errors (Redis or
+    /// PostgreSQL down) are logged and retried with backoff.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut wait = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let pause = match self.drain_once().await {
+                Ok(n) if n > 0 => {
+                    wait = Duration::from_millis(100);
+                    continue;
+                }
+                Ok(_) => Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?wait, "ledger write failed; records stay in the outbox");
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Move one batch per partition; returns the records handled.
+    pub async fn drain_once(&self) -> Result<usize, LedgerError> {
+        let mut total = 0;
+        for p in 0..self.queue.partitions() {
+            let key = self.queue.keys(p).key(&["outbox"]);
+            self.ensure_group(&key).await?;
+            let mut batch = self.read(&key, true).await?;
+            if batch.ids.is_empty() {
+                batch = self.read(&key, false).await?;
+            }
+            if batch.ids.is_empty() {
+                continue;
+            }
+            let inserted = insert(&self.pool, &batch.records).await?;
+            let client = self.queue.client();
+            let _: i64 = client.xack(&key, GROUP, batch.ids.clone()).await?;
+            let _: i64 = client.xdel(&key, batch.ids.clone()).await?;
+            tracing::debug!(partition = p, read = batch.ids.len(), inserted, "ledger batch written");
+            total += batch.ids.len();
+        }
+        Ok(total)
+    }
+
+    async fn ensure_group(&self, key: &str) -> Result<(), LedgerError> {
+        let r: Result<(), fred::error::Error> = self.queue.client().xgroup_create(key, GROUP, "0", true).await;
+        match r {
+            Err(e) if !e.details().contains("BUSYGROUP") => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Read new entries (`>`), or take over entries idle with another consumer.
+    async fn read(&self, key: &str, reclaim: bool) -> Result<Batch, LedgerError> {
+        let client = self.queue.client();
+        let count = self.batch.to_string();
+        let v: Value = if reclaim {
+            let idle = self.claim_idle.as_millis().to_string();
+            let args: Vec<Value> = vec![key.into(), GROUP.into(), self.consumer.as_str().into(), idle.into(), "0-0".into(), "COUNT".into(), count.into()];
+            let reply: Value = client.custom(fred::cmd!("XAUTOCLAIM"), args).await?;
+            match reply {
+                Value::Array(mut parts) if parts.len() >= 2 => parts.swap_remove(1),
+                _ => Value::Null,
+            }
+        } else {
+            let args: Vec<Value> = vec!["GROUP".into(), GROUP.into(), self.consumer.as_str().into(), "COUNT".into(), count.into(), "STREAMS".into(), key.into(), ">".into()];
+            let reply: Value = client.custom(fred::cmd!("XREADGROUP"), args).await?;
+            // [[key, [entries...]]] (RESP2) or {key: [entries]} (RESP3)
+            match reply {
+                Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {
+                    Value::Array(mut kv) if kv.len() == 2 => kv.swap_remove(1),
+                    _ => Value::Null,
+                },
+                Value::Map(m) => m.inner().into_values().next().unwrap_or(Value::Null),
+                _ => Value::Null,
+            }
+        };
+        Ok(parse_entries(v))
+    }
+}
+
+/// Parse `[[id, [field, value, ...]], ...]`. Malformed entries are kept as
+/// ids with no record, so they are acknowledged (and logged) instead of
+/// blocking the stream forever.
+fn parse_entries(v: Value) -> Batch {
+    let mut batch = Batch { ids: Vec::new(), records: Vec::new() };
+    let Value::Array(entries) = v else { return batch };
+    for e in entries {
+        let Value::Array(mut pair) = e else { continue };
+        if pair.len() != 2 {
+            continue;
+        }
+        let fields = pair.pop().unwrap_or(Value::Null);
+        let Some(id) = pair.pop().and_then(|i| i.as_string()) else { continue };
+        let mut map = HashMap::new();
+        if let Value::Array(flat) = fields {
+            for kv in flat.chunks(2) {
+                if let (Some(k), Some(v)) = (kv[0].as_string(), kv.get(1).and_then(|v| v.as_string())) {
+                    map.insert(k, v);
+                }
+            }
+        }
+        match Record::from_fields(&map) {
+            Some(r) => batch.records.push(r),
+            None => tracing::error!(entry = %id, "malformed outbox entry skipped"),
+        }
+        batch.ids.push(id);
+    }
+    batch
+}
