@@ -57,6 +57,15 @@ pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgPool, LedgerEr
         .await?)
 }
 
+/// A pool that connects on first use, so a worker starts while PostgreSQL is down.
+pub fn connect_lazy(url: &str) -> Result<PgPool, LedgerError> {
+    let opts: PgConnectOptions = url.parse()?;
+    Ok(PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(opts))
+}
+
 /// Apply `migrations/` (idempotent).
 pub async fn migrate(pool: &PgPool) -> Result<(), LedgerError> {
     sqlx::migrate!("./migrations").run(pool).await?;
@@ -149,11 +158,17 @@ pub async fn insert(pool: &PgPool, records: &[Record]) -> Result<u64, LedgerErro
     if records.is_empty() {
         return Ok(0);
     }
-    let mut months: Vec<chrono::NaiveDate> = records.iter().map(|r| ts(r.finished_at).date_naive()).collect();
+    let mut months: Vec<chrono::NaiveDate> = records
+        .iter()
+        .map(|r| ts(r.finished_at).date_naive())
+        .collect();
     months.sort();
     months.dedup_by_key(|d| (chrono::Datelike::year(d), chrono::Datelike::month(d)));
     for m in months {
-        sqlx::query("SELECT agentq_ensure_ledger_partition($1)").bind(m).execute(pool).await?;
+        sqlx::query("SELECT agentq_ensure_ledger_partition($1)")
+            .bind(m)
+            .execute(pool)
+            .await?;
     }
     let mut q = QueryBuilder::new(
         "INSERT INTO usage_ledger (job_id, attempt, tenant, queue, kind, outcome, enqueued_at, started_at, \
@@ -206,15 +221,30 @@ struct Batch {
 impl LedgerWriter {
     /// A writer reading as consumer `consumer` (the worker id).
     pub fn new(queue: Queue, pool: PgPool, consumer: impl Into<String>) -> Self {
-        LedgerWriter { queue, pool, consumer: consumer.into(), batch: 500, claim_idle: Duration::from_secs(30) }
+        LedgerWriter {
+            queue,
+            pool,
+            consumer: consumer.into(),
+            batch: 500,
+            claim_idle: Duration::from_secs(30),
+        }
     }
 
     /// Run until `stop`, draining every partition's outbox; errors (Redis or
     /// PostgreSQL down) are logged and retried with backoff.
     pub async fn run(self, stop: CancellationToken) {
         let mut wait = Duration::from_millis(100);
+        let mut migrated = false;
         while !stop.is_cancelled() {
-            let pause = match self.drain_once().await {
+            let step = async {
+                if !migrated {
+                    migrate(&self.pool).await?;
+                    migrated = true;
+                    tracing::info!(consumer = %self.consumer, "ledger writer ready: migrations applied");
+                }
+                self.drain_once().await
+            };
+            let pause = match step.await {
                 Ok(n) if n > 0 => {
                     wait = Duration::from_millis(100);
                     continue;
@@ -250,14 +280,23 @@ impl LedgerWriter {
             let client = self.queue.client();
             let _: i64 = client.xack(&key, GROUP, batch.ids.clone()).await?;
             let _: i64 = client.xdel(&key, batch.ids.clone()).await?;
-            tracing::debug!(partition = p, read = batch.ids.len(), inserted, "ledger batch written");
+            tracing::debug!(
+                partition = p,
+                read = batch.ids.len(),
+                inserted,
+                "ledger batch written"
+            );
             total += batch.ids.len();
         }
         Ok(total)
     }
 
     async fn ensure_group(&self, key: &str) -> Result<(), LedgerError> {
-        let r: Result<(), fred::error::Error> = self.queue.client().xgroup_create(key, GROUP, "0", true).await;
+        let r: Result<(), fred::error::Error> = self
+            .queue
+            .client()
+            .xgroup_create(key, GROUP, "0", true)
+            .await;
         match r {
             Err(e) if !e.details().contains("BUSYGROUP") => Err(e.into()),
             _ => Ok(()),
@@ -270,14 +309,31 @@ impl LedgerWriter {
         let count = self.batch.to_string();
         let v: Value = if reclaim {
             let idle = self.claim_idle.as_millis().to_string();
-            let args: Vec<Value> = vec![key.into(), GROUP.into(), self.consumer.as_str().into(), idle.into(), "0-0".into(), "COUNT".into(), count.into()];
+            let args: Vec<Value> = vec![
+                key.into(),
+                GROUP.into(),
+                self.consumer.as_str().into(),
+                idle.into(),
+                "0-0".into(),
+                "COUNT".into(),
+                count.into(),
+            ];
             let reply: Value = client.custom(fred::cmd!("XAUTOCLAIM"), args).await?;
             match reply {
                 Value::Array(mut parts) if parts.len() >= 2 => parts.swap_remove(1),
                 _ => Value::Null,
             }
         } else {
-            let args: Vec<Value> = vec!["GROUP".into(), GROUP.into(), self.consumer.as_str().into(), "COUNT".into(), count.into(), "STREAMS".into(), key.into(), ">".into()];
+            let args: Vec<Value> = vec![
+                "GROUP".into(),
+                GROUP.into(),
+                self.consumer.as_str().into(),
+                "COUNT".into(),
+                count.into(),
+                "STREAMS".into(),
+                key.into(),
+                ">".into(),
+            ];
             let reply: Value = client.custom(fred::cmd!("XREADGROUP"), args).await?;
             // [[key, [entries...]]] (RESP2) or {key: [entries]} (RESP3)
             match reply {
@@ -297,19 +353,28 @@ impl LedgerWriter {
 /// ids with no record, so they are acknowledged (and logged) instead of
 /// blocking the stream forever.
 fn parse_entries(v: Value) -> Batch {
-    let mut batch = Batch { ids: Vec::new(), records: Vec::new() };
-    let Value::Array(entries) = v else { return batch };
+    let mut batch = Batch {
+        ids: Vec::new(),
+        records: Vec::new(),
+    };
+    let Value::Array(entries) = v else {
+        return batch;
+    };
     for e in entries {
         let Value::Array(mut pair) = e else { continue };
         if pair.len() != 2 {
             continue;
         }
         let fields = pair.pop().unwrap_or(Value::Null);
-        let Some(id) = pair.pop().and_then(|i| i.as_string()) else { continue };
+        let Some(id) = pair.pop().and_then(|i| i.as_string()) else {
+            continue;
+        };
         let mut map = HashMap::new();
         if let Value::Array(flat) = fields {
             for kv in flat.chunks(2) {
-                if let (Some(k), Some(v)) = (kv[0].as_string(), kv.get(1).and_then(|v| v.as_string())) {
+                if let (Some(k), Some(v)) =
+                    (kv[0].as_string(), kv.get(1).and_then(|v| v.as_string()))
+                {
                     map.insert(k, v);
                 }
             }

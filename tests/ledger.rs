@@ -13,7 +13,8 @@ use serde_json::json;
 use sqlx::PgPool;
 
 fn database_url() -> String {
-    std::env::var("AGENTQ_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("AGENTQ_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A private schema for one test.
@@ -26,11 +27,22 @@ struct TestDb {
 impl TestDb {
     async fn new(test: &str) -> TestDb {
         let schema = format!("t_{test}_{:08x}", rand::random::<u32>());
-        let admin = ledger::connect(&database_url(), None).await.expect("connect to PostgreSQL (set AGENTQ_DATABASE_URL)");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&admin).await.expect("create schema");
-        let pool = ledger::connect(&database_url(), Some(&schema)).await.expect("connect");
+        let admin = ledger::connect(&database_url(), None)
+            .await
+            .expect("connect to PostgreSQL (set AGENTQ_DATABASE_URL)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .expect("create schema");
+        let pool = ledger::connect(&database_url(), Some(&schema))
+            .await
+            .expect("connect");
         ledger::migrate(&pool).await.expect("migrate");
-        TestDb { pool, admin, schema }
+        TestDb {
+            pool,
+            admin,
+            schema,
+        }
     }
     async fn rows(&self) -> Vec<(String, i32, String)> {
         sqlx::query_as("SELECT job_id, attempt, outcome FROM usage_ledger ORDER BY job_id, attempt")
@@ -40,12 +52,22 @@ impl TestDb {
     }
     async fn cleanup(self) {
         self.pool.close().await;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {} CASCADE", self.schema))).execute(&self.admin).await.expect("drop schema");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.schema
+        )))
+        .execute(&self.admin)
+        .await
+        .expect("drop schema");
     }
 }
 
 async fn outbox_len(tq: &TestQueue) -> u64 {
-    tq.queue.client().xlen(tq.queue.keys(0).key(&["outbox"])).await.expect("xlen")
+    tq.queue
+        .client()
+        .xlen(tq.queue.keys(0).key(&["outbox"]))
+        .await
+        .expect("xlen")
 }
 
 #[tokio::test]
@@ -69,9 +91,16 @@ async fn every_attempt_lands_exactly_once() {
     assert_eq!(records.len(), 30 + 3 * 2, "one record per attempt");
 
     // Replaying the same records first (as a crashed writer would) inserts them once.
-    let parsed: Vec<ledger::Record> = records.iter().filter_map(ledger::Record::from_fields).collect();
+    let parsed: Vec<ledger::Record> = records
+        .iter()
+        .filter_map(ledger::Record::from_fields)
+        .collect();
     assert_eq!(ledger::insert(&db.pool, &parsed).await.expect("insert"), 36);
-    assert_eq!(ledger::insert(&db.pool, &parsed).await.expect("replay"), 0, "a replay adds nothing");
+    assert_eq!(
+        ledger::insert(&db.pool, &parsed).await.expect("replay"),
+        0,
+        "a replay adds nothing"
+    );
 
     let writer = LedgerWriter::new(tq.queue.clone(), db.pool.clone(), "writer-1");
     while writer.drain_once().await.expect("drain") > 0 {}
@@ -88,7 +117,9 @@ async fn every_attempt_lands_exactly_once() {
 async fn a_writer_killed_between_insert_and_ack_duplicates_nothing() {
     let tq = TestQueue::new("ledger-crash").await;
     let db = TestDb::new("ledger_crash").await;
-    let jobs: Vec<JobSpec> = (0..20).map(|i| JobSpec::new("t", "q", "echo").payload(&json!({ "i": i }))).collect();
+    let jobs: Vec<JobSpec> = (0..20)
+        .map(|i| JobSpec::new("t", "q", "echo").payload(&json!({ "i": i })))
+        .collect();
     tq.queue.enqueue_batch(&jobs).await.expect("enqueue");
     let w = tq.start_worker(fast_worker(&["q"], 4));
     drained(&tq, Duration::from_secs(120)).await;
@@ -96,11 +127,38 @@ async fn a_writer_killed_between_insert_and_ack_duplicates_nothing() {
 
     // The doomed writer: reads its batch through the group, inserts, dies before XACK.
     let key = tq.queue.keys(0).key(&["outbox"]);
-    let _: () = tq.queue.client().xgroup_create(&key, ledger::GROUP, "0", true).await.expect("group");
-    let args: Vec<Value> = vec!["GROUP".into(), ledger::GROUP.into(), "doomed".into(), "COUNT".into(), "100".into(), "STREAMS".into(), key.as_str().into(), ">".into()];
-    let _: Value = tq.queue.client().custom(fred::cmd!("XREADGROUP"), args).await.expect("xreadgroup");
-    let records: Vec<ledger::Record> = tq.outbox().await.iter().filter_map(ledger::Record::from_fields).collect();
-    assert_eq!(ledger::insert(&db.pool, &records).await.expect("insert"), 20);
+    let _: () = tq
+        .queue
+        .client()
+        .xgroup_create(&key, ledger::GROUP, "0", true)
+        .await
+        .expect("group");
+    let args: Vec<Value> = vec![
+        "GROUP".into(),
+        ledger::GROUP.into(),
+        "doomed".into(),
+        "COUNT".into(),
+        "100".into(),
+        "STREAMS".into(),
+        key.as_str().into(),
+        ">".into(),
+    ];
+    let _: Value = tq
+        .queue
+        .client()
+        .custom(fred::cmd!("XREADGROUP"), args)
+        .await
+        .expect("xreadgroup");
+    let records: Vec<ledger::Record> = tq
+        .outbox()
+        .await
+        .iter()
+        .filter_map(ledger::Record::from_fields)
+        .collect();
+    assert_eq!(
+        ledger::insert(&db.pool, &records).await.expect("insert"),
+        20
+    );
 
     // A live writer takes the dead one's pending entries over and acks them.
     let mut writer = LedgerWriter::new(tq.queue.clone(), db.pool.clone(), "survivor");

@@ -83,6 +83,8 @@ pub struct Global {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Apply migrations/ to PostgreSQL.
+    Migrate,
     /// Run a worker until SIGINT/SIGTERM.
     Worker(run::WorkerArgs),
     /// Enqueue one job; prints its id.
@@ -169,6 +171,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     init_logging(&cli.command);
     let g = &cli.global;
     let result = match cli.command {
+        Command::Migrate => run::migrate(g).await,
         Command::Worker(a) => run::worker(g, a).await,
         Command::Enqueue(a) => jobs::enqueue(g, a).await,
         Command::Queues(a) => ops::queues(g, a).await,

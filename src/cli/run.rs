@@ -103,3 +103,18 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     );
     Ok(())
 }
+
+pub(super) async fn migrate(g: &Global) -> CliResult {
+    let url = g.settings()?.database_url;
+    let pool = crate::ledger::connect(&url, None).await.map_err(|e| {
+        CliError::Runtime(anyhow::anyhow!(
+            "cannot reach PostgreSQL at {}: {e}",
+            crate::config::redact_url(&url)
+        ))
+    })?;
+    crate::ledger::migrate(&pool)
+        .await
+        .map_err(|e| CliError::Runtime(e.into()))?;
+    println!("migrations applied to {}", crate::config::redact_url(&url));
+    Ok(())
+}
