@@ -155,26 +155,54 @@ fn field(
 /// Read a tenant's settings (`tenant` None: the defaults of partition 0).
 pub async fn settings(queue: &Queue, tenant: Option<&str>) -> Result<TenantSettings, QueueError> {
     let p = tenant.map_or(0, |t| queue.partition_of(t));
-    let keys = queue.keys(p);
-    let defaults: HashMap<String, String> = queue.client().hgetall(keys.key(&["defaults"])).await?;
-    let own: HashMap<String, String> = match tenant {
-        Some(t) => queue.client().hgetall(keys.key(&["tenant", t])).await?,
-        None => defaults.clone(),
-    };
+    let defaults = defaults(queue, p).await?;
+    match tenant {
+        Some(t) => tenant_settings(queue, t, &defaults).await,
+        None => Ok(resolve("(defaults)", &defaults, &defaults)),
+    }
+}
+
+/// The raw defaults hash of partition `p`.
+pub async fn defaults(queue: &Queue, p: u32) -> Result<HashMap<String, String>, QueueError> {
+    Ok(queue
+        .client()
+        .hgetall(queue.keys(p).key(&["defaults"]))
+        .await?)
+}
+
+/// A tenant's settings given its partition's `defaults` (read once by
+/// callers that list many tenants).
+pub async fn tenant_settings(
+    queue: &Queue,
+    tenant: &str,
+    defaults: &HashMap<String, String>,
+) -> Result<TenantSettings, QueueError> {
+    let key = queue
+        .keys(queue.partition_of(tenant))
+        .key(&["tenant", tenant]);
+    let own: HashMap<String, String> = queue.client().hgetall(key).await?;
+    Ok(resolve(tenant, &own, defaults))
+}
+
+fn resolve(
+    tenant: &str,
+    own: &HashMap<String, String>,
+    defaults: &HashMap<String, String>,
+) -> TenantSettings {
     let limits = Limits {
-        max_concurrency: field(&own, &defaults, "max_concurrency", BUILTIN.max_concurrency),
-        max_timeout_ms: field(&own, &defaults, "max_timeout_ms", BUILTIN.max_timeout_ms),
-        max_memory: field(&own, &defaults, "max_memory", BUILTIN.max_memory),
-        weight: field(&own, &defaults, "weight", BUILTIN.weight),
+        max_concurrency: field(own, defaults, "max_concurrency", BUILTIN.max_concurrency),
+        max_timeout_ms: field(own, defaults, "max_timeout_ms", BUILTIN.max_timeout_ms),
+        max_memory: field(own, defaults, "max_memory", BUILTIN.max_memory),
+        weight: field(own, defaults, "weight", BUILTIN.weight),
     };
     let mut own_fields: Vec<String> = own.keys().cloned().collect();
     own_fields.sort();
-    Ok(TenantSettings {
-        tenant: tenant.unwrap_or("(defaults)").to_string(),
+    TenantSettings {
+        tenant: tenant.to_string(),
         tier: own.get("tier").cloned(),
         limits,
         own: own_fields,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use agentq::admission::LimitsUpdate;
 use agentq::queue::JobSpec;
 use agentq::queue::inspect::{job_info, queue_stats};
-use common::{TestQueue, drained, eventually, num};
+use common::{TestQueue, drained, num};
 use serde_json::json;
 
 fn kill9(c: &mut Child) {
@@ -148,17 +148,10 @@ async fn a_job_whose_worker_is_killed_runs_again_after_its_lease() {
         .expect("enqueue")
         .id;
     let mut first = tq.spawn_worker(&WORKER_ARGS);
-    eventually(Duration::from_secs(60), "job running", || async {
-        (job_info(&tq.queue, &id).await.ok()?.state == "running").then_some(())
-    })
-    .await;
+    common::job_in_state(&tq, &id, &["running"]).await;
     kill9(&mut first);
     let mut second = tq.spawn_worker(&WORKER_ARGS);
-    let info = eventually(Duration::from_secs(60), "job finished", || async {
-        let i = job_info(&tq.queue, &id).await.ok()?;
-        (i.state == "succeeded").then_some(i)
-    })
-    .await;
+    let info = common::job_in_state(&tq, &id, &["succeeded"]).await;
     kill9(&mut second);
     assert_eq!(info.attempts, 2);
     let outcomes: Vec<String> = tq
@@ -188,10 +181,7 @@ async fn sigterm_stops_a_worker_process_cleanly() {
         "--lease",
         "10m",
     ]);
-    eventually(Duration::from_secs(60), "job running", || async {
-        (job_info(&tq.queue, &id).await.ok()?.state == "running").then_some(())
-    })
-    .await;
+    common::job_in_state(&tq, &id, &["running"]).await;
     // SAFETY-free: libc::kill with a valid pid of our child.
     unsafe { libc::kill(w.id() as i32, libc::SIGTERM) };
     let status = tokio::task::spawn_blocking(move || w.wait())

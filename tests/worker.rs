@@ -12,11 +12,7 @@ use serde_json::json;
 const LONG: Duration = Duration::from_secs(60);
 
 async fn finished_state(tq: &TestQueue, id: &str) -> agentq::queue::inspect::JobInfo {
-    eventually(LONG, &format!("job {id} finished"), || async {
-        let info = job_info(&tq.queue, id).await.ok()?;
-        matches!(info.state.as_str(), "succeeded" | "dead").then_some(info)
-    })
-    .await
+    common::job_in_state(tq, id, &["succeeded", "dead"]).await
 }
 
 #[tokio::test]
@@ -190,10 +186,7 @@ async fn graceful_shutdown_hands_running_jobs_back_at_once() {
         .await
         .expect("enqueue")
         .id;
-    eventually(LONG, "job running", || async {
-        (job_info(&tq.queue, &id).await.ok()?.state == "running").then_some(())
-    })
-    .await;
+    common::job_in_state(&tq, &id, &["running"]).await;
     let summary = w.stop().await;
     assert_eq!(summary.released, 1);
     let info = job_info(&tq.queue, &id).await.expect("inspect");

@@ -97,6 +97,7 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
         let tenants: Vec<String> = q.client().smembers(keys.key(&["tenants"])).await?;
         let running: HashMap<String, String> = q.client().hgetall(keys.key(&["running"])).await?;
         let paused: Vec<String> = q.client().smembers(keys.key(&["paused"])).await?;
+        let defaults = admission::defaults(q, p).await?;
         let queues: Vec<String> = match queue {
             Some(name) => vec![name.to_string()],
             None => q.client().smembers(keys.key(&["queues"])).await?,
@@ -108,7 +109,7 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
             per_queue.push((name.clone(), h));
         }
         for t in tenants {
-            let set = admission::settings(q, Some(&t)).await?;
+            let set = admission::tenant_settings(q, &t, &defaults).await?;
             let mut s = TenantStats {
                 tenant: t.clone(),
                 tier: set.tier,
@@ -294,6 +295,14 @@ impl std::str::FromStr for JobState {
     }
 }
 
+/// The first `n` members of a sorted set (lowest scores, or highest with `rev`).
+async fn head(q: &Queue, key: String, n: usize, rev: bool) -> Result<Vec<String>, QueueError> {
+    let stop = n.max(1) as i64 - 1;
+    Ok(q.client()
+        .zrange(key, 0, stop, None, rev, None, false)
+        .await?)
+}
+
 /// List up to `limit` jobs of a queue in one state (all four when `state` is
 /// None), optionally of one tenant. Bounded: reads at most `limit` ids per
 /// structure.
@@ -318,7 +327,7 @@ pub async fn list_jobs(
         None => (0..q.partitions()).collect(),
     };
     let mut ids = Vec::new();
-    let window = (limit * 4).max(100) as i64;
+    let window = (limit * 4).max(100);
     for p in parts {
         let keys = q.keys(p);
         for s in &states {
@@ -333,61 +342,15 @@ pub async fn list_jobs(
                         if v.len() >= limit {
                             break;
                         }
-                        let got: Vec<String> = q
-                            .client()
-                            .zrange(
-                                keys.key(&["q", queue, "t", &t]),
-                                0,
-                                limit as i64 - 1,
-                                None,
-                                false,
-                                None,
-                                false,
-                            )
-                            .await?;
-                        v.extend(got);
+                        v.extend(head(q, keys.key(&["q", queue, "t", &t]), limit, false).await?);
                     }
                     v
                 }
                 JobState::Delayed => {
-                    q.client()
-                        .zrange(
-                            keys.key(&["q", queue, "delayed"]),
-                            0,
-                            window - 1,
-                            None,
-                            false,
-                            None,
-                            false,
-                        )
-                        .await?
+                    head(q, keys.key(&["q", queue, "delayed"]), window, false).await?
                 }
-                JobState::Running => {
-                    q.client()
-                        .zrange(
-                            keys.key(&["leases"]),
-                            0,
-                            window - 1,
-                            None,
-                            false,
-                            None,
-                            false,
-                        )
-                        .await?
-                }
-                JobState::Dead => {
-                    q.client()
-                        .zrange(
-                            keys.key(&["q", queue, "dead"]),
-                            0,
-                            window - 1,
-                            None,
-                            true,
-                            None,
-                            false,
-                        )
-                        .await?
-                }
+                JobState::Running => head(q, keys.key(&["leases"]), window, false).await?,
+                JobState::Dead => head(q, keys.key(&["q", queue, "dead"]), window, true).await?,
             };
             ids.extend(found);
         }

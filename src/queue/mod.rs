@@ -194,15 +194,7 @@ impl Queue {
 
     /// Enqueue one job.
     pub async fn enqueue(&self, spec: &JobSpec) -> Result<Enqueued, QueueError> {
-        let strip = |m: String| m.strip_prefix("job 1: ").map(str::to_string).unwrap_or(m);
-        let mut v = self
-            .enqueue_batch(std::slice::from_ref(spec))
-            .await
-            .map_err(|e| match e {
-                QueueError::Invalid(m) => QueueError::Invalid(strip(m)),
-                QueueError::OverCap(m) => QueueError::OverCap(strip(m)),
-                other => other,
-            })?;
+        let mut v = self.enqueue_batch(std::slice::from_ref(spec)).await?;
         v.pop()
             .ok_or_else(|| QueueError::Protocol("empty enqueue reply".into()))
     }
@@ -412,10 +404,17 @@ impl Queue {
             .scan_buffered(pattern, Some(500), None)
             .try_collect()
             .await?;
+        // One DEL per partition and chunk: a multi-key DEL must stay in one slot.
+        let mut by_tag: BTreeMap<String, Vec<fred::types::Key>> = BTreeMap::new();
+        for k in keys {
+            let text = k.as_str().unwrap_or_default();
+            let tag = text.split_once('}').map_or(text, |(t, _)| t).to_string();
+            by_tag.entry(tag).or_default().push(k);
+        }
         let mut n = 0;
-        for chunk in keys.chunks(500) {
-            for k in chunk {
-                let d: u64 = self.client.del(k.clone()).await?;
+        for group in by_tag.values() {
+            for chunk in group.chunks(500) {
+                let d: u64 = self.client.del(chunk.to_vec()).await?;
                 n += d;
             }
         }

@@ -78,6 +78,18 @@ pub fn script_source(name: ScriptName) -> String {
     format!("{LIB}\n-- ==== {}.lua ====\n{}", name.as_str(), name.body())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::ScriptName;
+
+    #[test]
+    fn all_is_in_declaration_order() {
+        for (i, n) in ScriptName::ALL.iter().enumerate() {
+            assert_eq!(*n as usize, i, "{n:?}");
+        }
+    }
+}
+
 /// All scripts with their SHA1s, ready to call.
 #[derive(Clone)]
 pub(crate) struct Scripts {
@@ -94,9 +106,8 @@ impl Scripts {
     }
 
     fn get(&self, name: ScriptName) -> &FredScript {
-        // ALL and the vector share one order.
-        let i = ScriptName::ALL.iter().position(|n| *n == name).unwrap_or(0);
-        &self.scripts[i]
+        // `ALL` lists the variants in declaration order, and `new` loads them in that order.
+        &self.scripts[name as usize]
     }
 
     /// `SCRIPT LOAD` every script (on every primary, in a cluster).

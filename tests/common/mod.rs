@@ -170,6 +170,23 @@ where
     }
 }
 
+/// Wait (up to a minute) until job `id` is in one of `states`; returns it.
+pub async fn job_in_state(
+    tq: &TestQueue,
+    id: &str,
+    states: &[&str],
+) -> agentq::queue::inspect::JobInfo {
+    eventually(
+        Duration::from_secs(60),
+        &format!("job {id} in {states:?}"),
+        || async {
+            let info = agentq::queue::inspect::job_info(&tq.queue, id).await.ok()?;
+            states.contains(&info.state.as_str()).then_some(info)
+        },
+    )
+    .await
+}
+
 /// Wait until the namespace has no ready, delayed or running job left.
 pub async fn drained(tq: &TestQueue, limit: Duration) {
     eventually(limit, "all jobs finished", || async {

@@ -9,7 +9,8 @@
 --          idempotency_key ("" = none)
 -- Returns  a flat array: id1, created1, id2, created2, ... where created is 1
 --          for a new job and 0 when an idempotency key returned an earlier job.
--- Errors   "ERR agentq invalid: job N: ..." or "ERR agentq over_cap: job N: ..."
+-- Errors   "ERR agentq invalid: ..." or "ERR agentq over_cap: ..." (prefixed
+--          with "job N: " when the batch holds more than one job)
 --          The whole batch is validated before anything is written, so a
 --          refused batch writes nothing.
 -- Invariant: a requested timeout or memory above the tenant's cap is refused,
@@ -44,7 +45,8 @@ for j = 1, count do
     max_attempts = int_field(ARGV[o + 9], 0, 1000), idem = ARGV[o + 10],
   }
   local function bad(kind, msg)
-    return redis.error_reply('ERR agentq ' .. kind .. ': job ' .. j .. ': ' .. msg)
+    local where = (count > 1) and ('job ' .. j .. ': ') or ''
+    return redis.error_reply('ERR agentq ' .. kind .. ': ' .. where .. msg)
   end
   for _, f in ipairs({ 'tenant', 'queue', 'kind' }) do
     if not name_ok(job[f]) then
