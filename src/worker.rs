@@ -109,6 +109,7 @@ pub struct Worker {
     cfg: WorkerConfig,
     registry: Arc<Registry>,
     handlers: Arc<Handlers>,
+    ledger: Option<sqlx::PgPool>,
 }
 
 struct Ctx {
@@ -128,7 +129,16 @@ impl Worker {
             cfg,
             registry: Arc::new(registry),
             handlers: Arc::new(handlers),
+            ledger: None,
         }
+    }
+
+    /// Also run a ledger writer that moves usage records from the outbox to
+    /// this database (it applies migrations first; PostgreSQL may be down
+    /// meanwhile: records wait in the outbox).
+    pub fn with_ledger(mut self, pool: sqlx::PgPool) -> Self {
+        self.ledger = Some(pool);
+        self
     }
 
     /// Run until `shutdown` fires, then stop claiming, wait up to the grace
@@ -153,6 +163,10 @@ impl Worker {
             self.cfg.reap_interval,
             background.clone(),
         ));
+        let writer = self.ledger.clone().map(|pool| {
+            let w = crate::ledger::LedgerWriter::new(self.queue.clone(), pool, self.cfg.id.clone());
+            tokio::spawn(w.run(background.clone()))
+        });
         let completer = tokio::spawn(complete_loop(
             self.queue.clone(),
             rx,
@@ -190,6 +204,9 @@ impl Worker {
         background.cancel();
         let _ = heartbeat.await;
         let _ = reaper.await;
+        if let Some(w) = writer {
+            let _ = w.await;
+        }
         Ok(WorkerSummary {
             started: counters.started.load(Ordering::Relaxed),
             completed: counters.completed.load(Ordering::Relaxed),

@@ -170,3 +170,43 @@ async fn a_writer_killed_between_insert_and_ack_duplicates_nothing() {
     db.cleanup().await;
     tq.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_worker_writes_the_ledger_itself() {
+    let tq = TestQueue::new("ledger-worker").await;
+    let db = TestDb::new("ledger_worker").await;
+    let jobs: Vec<JobSpec> = (0..10)
+        .map(|i| JobSpec::new("t", "q", "echo").payload(&json!({ "i": i })))
+        .collect();
+    let ids: Vec<String> = tq
+        .queue
+        .enqueue_batch(&jobs)
+        .await
+        .expect("enqueue")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let registry = agentq::executor::Registry::load(&common::workers_dir()).expect("registry");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = agentq::worker::Worker::new(
+        tq.queue.clone(),
+        fast_worker(&["q"], 4),
+        registry,
+        agentq::executor::Handlers::with_builtins(),
+    )
+    .with_ledger(db.pool.clone());
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    common::eventually(Duration::from_secs(60), "ledger rows", || async {
+        (db.rows().await.len() == 10).then_some(())
+    })
+    .await;
+    stop.cancel();
+    handle.await.expect("join").expect("worker");
+    let rows = db.rows().await;
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), want);
+    assert_eq!(outbox_len(&tq).await, 0);
+    db.cleanup().await;
+    tq.cleanup().await;
+}

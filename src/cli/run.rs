@@ -34,6 +34,9 @@ pub struct WorkerArgs {
     /// First retry delay (doubles per attempt, with jitter).
     #[arg(long, value_parser = duration_arg, default_value = "1s")]
     backoff_base: Duration,
+    /// Do not write the usage ledger to PostgreSQL (records wait in the Redis outbox).
+    #[arg(long)]
+    no_ledger: bool,
     /// Worker id [default: host-pid-random].
     #[arg(long)]
     id: Option<String>,
@@ -91,9 +94,18 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     let queue = g.queue().await?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
-    let summary = Worker::new(queue, cfg, registry, Handlers::with_builtins())
-        .run(shutdown)
-        .await?;
+    let mut worker = Worker::new(queue, cfg, registry, Handlers::with_builtins());
+    if !a.no_ledger {
+        let url = g.settings()?.database_url;
+        let pool = crate::ledger::connect_lazy(&url).map_err(|e| {
+            CliError::Usage(format!(
+                "database URL {} is not valid: {e}",
+                crate::config::redact_url(&url)
+            ))
+        })?;
+        worker = worker.with_ledger(pool);
+    }
+    let summary = worker.run(shutdown).await?;
     tracing::info!(
         started = summary.started,
         completed = summary.completed,

@@ -85,6 +85,7 @@ impl TestQueue {
     pub fn spawn_worker(&self, args: &[&str]) -> Child {
         Command::new(bin())
             .arg("worker")
+            .arg("--no-ledger") // these tests read the outbox; ledger tests give their own schema
             .args(args)
             .env("AGENTQ_REDIS_URL", self.queue.config().redis_url.clone())
             .env("AGENTQ_NAMESPACE", &self.ns)
