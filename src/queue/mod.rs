@@ -260,9 +260,10 @@ impl Queue {
         ];
         args.extend(queues.iter().cloned());
         let flat = strings(self.call(ScriptName::Claim, p, args).await?)?;
-        let Some((first, rest)) = flat.split_first() else {
-            return Err(QueueError::Protocol("empty claim reply".into()));
+        let [first, events, rest @ ..] = flat.as_slice() else {
+            return Err(QueueError::Protocol("short claim reply".into()));
         };
+        report_events(events);
         let next_due = first.parse().unwrap_or(0);
         if rest.len() % 12 != 0 {
             return Err(QueueError::Protocol(format!(
@@ -302,7 +303,12 @@ impl Queue {
         for c in done {
             args.extend(c.wire_fields());
         }
-        strings(self.call(ScriptName::Complete, p, args).await?)?
+        let flat = strings(self.call(ScriptName::Complete, p, args).await?)?;
+        let Some((events, statuses)) = flat.split_first() else {
+            return Err(QueueError::Protocol("empty complete reply".into()));
+        };
+        report_events(events);
+        statuses
             .iter()
             .map(|s| {
                 CompleteStatus::parse(s)
@@ -335,11 +341,9 @@ impl Queue {
         max: usize,
     ) -> Result<Option<u64>, QueueError> {
         let args = vec![guard.as_millis().max(1).to_string(), max.to_string()];
-        match self.call(ScriptName::Reap, p, args).await? {
-            Value::Integer(n) if n >= 0 => Ok(Some(n as u64)),
-            Value::Integer(_) => Ok(None),
-            other => Err(QueueError::Protocol(format!("reap said {other:?}"))),
-        }
+        let (n, events) = count_and_events(self.call(ScriptName::Reap, p, args).await?)?;
+        report_events(&events);
+        Ok((n >= 0).then_some(n as u64))
     }
 
     /// Hand running attempts back to ready at once: `(id, attempt, run_ms)`.
@@ -353,10 +357,9 @@ impl Queue {
         for (id, token, run_ms) in held {
             args.extend([id.clone(), token.to_string(), run_ms.to_string()]);
         }
-        match self.call(ScriptName::Release, p, args).await? {
-            Value::Integer(n) => Ok(n.max(0) as u64),
-            other => Err(QueueError::Protocol(format!("release said {other:?}"))),
-        }
+        let (n, events) = count_and_events(self.call(ScriptName::Release, p, args).await?)?;
+        report_events(&events);
+        Ok(n.max(0) as u64)
     }
 
     /// Pause (`on`) or resume a queue, or one tenant on it. Returns whether
@@ -446,6 +449,32 @@ impl Queue {
             }
         }
         Ok(())
+    }
+}
+
+/// A `{ count, events }` reply.
+fn count_and_events(v: Value) -> Result<(i64, String), QueueError> {
+    match strings(v)?.as_slice() {
+        [n, events] => Ok((n.parse().unwrap_or(0), events.clone())),
+        other => Err(QueueError::Protocol(format!("expected {{count, events}}, got {other:?}"))),
+    }
+}
+
+/// Log the events a script reported (space-separated `kind:tenant`), as
+/// structured warnings an operator can alert on.
+fn report_events(events: &str) {
+    for e in events.split_whitespace() {
+        let (kind, tenant) = e.split_once(':').unwrap_or((e, ""));
+        match kind {
+            "quota_80" => tracing::warn!(event = kind, tenant, "tenant crossed 80% of its monthly quota"),
+            "quota_100" => tracing::warn!(
+                event = kind,
+                tenant,
+                "tenant reached its monthly quota: its jobs wait until the quota is raised or the month ends"
+            ),
+            "rate_2x" => tracing::warn!(event = kind, tenant, "tenant is starting jobs at twice its tier's expected rate"),
+            _ => tracing::warn!(event = kind, tenant, "queue event"),
+        }
     }
 }
 

@@ -5,9 +5,10 @@
 -- ARGV[2]  batch size (free local slots)
 -- ARGV[3]  lease duration in ms
 -- ARGV[4..] queue names to claim from
--- Returns  { next_due_ms, job1..., job2..., ... } where next_due_ms is the
---          earliest delayed job's run time in these queues (0 if none) and each
---          job is 12 values: id, attempt (the fencing token), tenant, queue,
+-- Returns  { next_due_ms, events, job1..., job2..., ... } where next_due_ms
+--          is the earliest time a delayed job or a throttled tenant becomes
+--          due (0 if none), events is a space-separated list such as
+--          "rate_2x:acme" (may be empty), and each job is 12 values: id, attempt (the fencing token), tenant, queue,
 --          kind, payload, timeout_ms, memory, enqueued_at, started_at,
 --          max_timeout_ms, max_memory.
 --
@@ -16,8 +17,9 @@
 -- the requested queues is served next and its pass advances by 1e6 / weight
 -- (stride scheduling), so backlogged tenants start jobs in proportion to
 -- their weights and a light tenant is served within one pick of arriving.
--- Invariant: a tenant at its concurrency cap is in no sched set, so it can
--- never be admitted past its cap, whichever worker runs this script.
+-- Invariant: a tenant at its concurrency cap, over its monthly quota or
+-- beyond its start rate (GCRA) is in no sched set, so it can never be
+-- admitted past those limits, whichever worker runs this script.
 
 local worker, batch, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
@@ -51,9 +53,34 @@ for _, q in ipairs(queues) do
     if next_due == 0 or due_at < next_due then next_due = due_at end
   end
 end
+-- Tenants held by rate or quota whose time has come are admissible again.
+for _, t in ipairs(redis.call('ZRANGEBYSCORE', k('throttled'), '-inf', now, 'LIMIT', 0, 200)) do
+  redis.call('ZREM', k('throttled'), t)
+  woken[t] = true
+end
 for t in pairs(woken) do sync_tenant(t) end
+local first_throttled = redis.call('ZRANGE', k('throttled'), 0, 0, 'WITHSCORES')
+if first_throttled[2] then
+  local at = tonumber(first_throttled[2])
+  if next_due == 0 or at < next_due then next_due = at end
+end
 
-local out = { next_due }
+-- Count a start against the tenant's rate (GCRA) and its expected rate.
+local function count_start(t, l)
+  if l.rate > 0 then
+    local T = gcra(l)
+    local tat = tonumber(redis.call('HGET', k('gcra'), t)) or 0
+    redis.call('HSET', k('gcra'), t, math.max(tat, now) + T)
+  end
+  if l.expected_rate_per_min > 0 then
+    local key = k('starts', t, tostring(math.floor(now / 60000)))
+    local n = redis.call('INCR', key)
+    if n == 1 then redis.call('PEXPIRE', key, 120000) end
+    if n == 2 * l.expected_rate_per_min + 1 then event('rate_2x:' .. t) end
+  end
+end
+
+local out = { next_due, '' }
 local claimed = 0
 local guard = batch * 4 + 16
 while claimed < batch and guard > 0 do
@@ -99,6 +126,7 @@ while claimed < batch and guard > 0 do
     local vt = tonumber(redis.call('GET', k('vt'))) or 0
     if best_pass > vt then redis.call('SET', k('vt'), best_pass) end
     redis.call('HSET', k('pass'), t, best_pass + math.floor(1000000 / math.max(l.weight, 0.001)))
+    count_start(t, l)
   end
   if redis.call('EXISTS', k('q', q, 't', t)) == 0 then
     redis.call('SREM', k('tq', t), q)
@@ -106,4 +134,5 @@ while claimed < batch and guard > 0 do
   end
   sync_tenant(t)
 end
+out[2] = table.concat(events, ' ')
 return out

@@ -6,7 +6,9 @@
 --          (succeeded|failed|timed_out|memory_exceeded), permanent (0|1),
 --          error, result (JSON text or ""), exit_code, signal, run_ms, cpu_ms,
 --          peak_rss_bytes, api_calls, input_tokens, output_tokens, backoff_ms
--- Returns  one status per attempt, in order: the job's new state (succeeded,
+-- Returns  { events, status1, status2, ... }: events is a space-separated
+--          list such as "quota_80:acme quota_100:acme" (may be empty); one
+--          status per attempt, in order: the job's new state (succeeded,
 --          delayed, ready or dead), or "refused" when the lease is no longer
 --          this attempt's (it expired and the job was handed to another worker,
 --          or the job is gone): a fenced-out completion changes nothing.
@@ -17,7 +19,7 @@
 
 local N = 15
 local now = now_ms()
-local out = {}
+local out = { '' }
 for o = 0, #ARGV - N, N do
   local id, token = ARGV[o + 1], ARGV[o + 2]
   local job = load_job(id)
@@ -34,4 +36,5 @@ for o = 0, #ARGV - N, N do
   end
 end
 wake_if_needed()
+out[1] = table.concat(events, ' ')
 return out

@@ -4,8 +4,9 @@
 -- ARGV[1]  guard interval in ms: the reaper runs at most once per interval
 --          across the whole fleet (SET NX PX on B:reaper)
 -- ARGV[2]  maximum number of leases to reap in this call
--- Returns  the number of attempts reaped, or -1 when another worker holds the
---          guard for this interval.
+-- Returns  { reaped, events }: the number of attempts reaped (-1 when another
+--          worker holds the guard for this interval) and the space-separated
+--          events (quota thresholds) the reaped attempts caused.
 -- Invariant: an expired attempt is closed exactly once, like a completion: its
 --          slot is freed, it gets a ledger record with outcome "lost" and run
 --          time up to its last heartbeat, and the job goes back to ready (or
@@ -13,7 +14,7 @@
 --          dead worker is then refused by complete.lua (token mismatch).
 
 local ok = redis.call('SET', k('reaper'), '1', 'NX', 'PX', tonumber(ARGV[1]))
-if not ok then return -1 end
+if not ok then return { -1, '' } end
 local now = now_ms()
 local expired = redis.call('ZRANGEBYSCORE', k('leases'), '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local reaped = 0
@@ -33,4 +34,4 @@ for _, id in ipairs(expired) do
   end
 end
 wake_if_needed()
-return reaped
+return { reaped, table.concat(events, ' ') }

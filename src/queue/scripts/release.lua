@@ -3,7 +3,8 @@
 -- KEYS[1]  partition base, e.g. "{agentq:0}"
 -- ARGV[1]  reason, recorded as the attempt's error
 -- ARGV[2..] triples: id, token, run_ms
--- Returns  the number of attempts released (stale tokens are skipped).
+-- Returns  { released, events }: attempts released (stale tokens are
+--          skipped) and the space-separated events they caused.
 -- Invariant: like the reaper but without waiting for the lease to expire: the
 --          slot is freed, a "lost" ledger record is written for the time used,
 --          and the job is ready again at once; the interrupted attempt does
@@ -25,4 +26,4 @@ for i = 2, #ARGV - 2, 3 do
   end
 end
 wake_if_needed()
-return released
+return { released, table.concat(events, ' ') }
