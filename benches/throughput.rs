@@ -36,7 +36,10 @@ async fn main() -> anyhow::Result<()> {
             max_concurrency: Some(1000),
             ..Default::default()
         }
-        .apply(&queue, Some(&format!("tenant{t}")))
+        .apply(
+            &queue,
+            agentq::admission::Target::Tenant(&format!("tenant{t}")),
+        )
         .await?;
     }
 

@@ -1,17 +1,47 @@
-//! Tenant limits: what the claim script enforces before a job starts.
+//! Tenant limits and tiers: what the claim script enforces before a job starts.
 //!
-//! Limits live in Redis (`B:tenant:<t>`, falling back to `B:defaults`, then
-//! to built-in values), so a change made with `agentq tenant set` holds for
-//! the whole fleet from the next claim on, with no restart. The enforcement
-//! itself (concurrency cap, weights, pauses) is in `src/queue/scripts/`.
+//! Limits live in Redis in layers: the tenant's own settings
+//! (`B:tenant:<t>`), then its tier's (`B:tier:<name>`), then the partition
+//! defaults (`B:defaults`), then the built-in values below. A change made
+//! with `agentq tenant set` (or a tier published by a worker from its
+//! configuration) holds for the whole fleet from the next claim on, with no
+//! restart. The enforcement itself (concurrency cap, weights, pauses, start
+//! rate, monthly quota) is in `src/queue/scripts/`.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use fred::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::queue::{Queue, QueueError};
+
+/// Effective limits of a tenant (field names as stored in Redis).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// Most jobs running at once, fleet-wide, across all queues.
+    pub max_concurrency: u64,
+    /// Longest timeout a job may request, ms.
+    pub max_timeout_ms: u64,
+    /// Largest memory cap a job may request, bytes.
+    pub max_memory: u64,
+    /// Share of starts relative to other backlogged tenants.
+    pub weight: u64,
+    /// Job starts allowed per `rate_period_ms` (0: unlimited).
+    pub rate: u64,
+    /// The rate's period, ms.
+    pub rate_period_ms: u64,
+    /// Starts allowed at once on top of the steady rate (0: equal to `rate`).
+    pub burst: u64,
+    /// Agent time per calendar month (UTC), ms (0: no quota).
+    pub quota_ms: u64,
+    /// Price per agent-minute, micro-dollars.
+    pub price_minute_micros: u64,
+    /// Price per 1,000 reported tokens, micro-dollars.
+    pub price_ktok_micros: u64,
+    /// Starts per minute the tier expects; twice this raises an alert (0: off).
+    pub expected_rate_per_min: u64,
+}
 
 /// Built-in limits for tenants nobody configured (mirrors `lib.lua`).
 pub const BUILTIN: Limits = Limits {
@@ -19,7 +49,40 @@ pub const BUILTIN: Limits = Limits {
     max_timeout_ms: 3_600_000,
     max_memory: 4 << 30,
     weight: 1,
+    rate: 0,
+    rate_period_ms: 1000,
+    burst: 0,
+    quota_ms: 0,
+    price_minute_micros: 10_000,
+    price_ktok_micros: 0,
+    expected_rate_per_min: 0,
 };
+
+impl Limits {
+    /// Resolve each field from the first layer that sets it, else built-in.
+    pub fn resolve(layers: &[&HashMap<String, String>]) -> Limits {
+        let get = |name: &str, builtin: u64| {
+            layers
+                .iter()
+                .find_map(|l| l.get(name).and_then(|v| v.parse::<f64>().ok()))
+                .map_or(builtin, |v| v.max(0.0) as u64)
+        };
+        let b = BUILTIN;
+        Limits {
+            max_concurrency: get("max_concurrency", b.max_concurrency),
+            max_timeout_ms: get("max_timeout_ms", b.max_timeout_ms),
+            max_memory: get("max_memory", b.max_memory),
+            weight: get("weight", b.weight),
+            rate: get("rate", b.rate),
+            rate_period_ms: get("rate_period_ms", b.rate_period_ms),
+            burst: get("burst", b.burst),
+            quota_ms: get("quota_ms", b.quota_ms),
+            price_minute_micros: get("price_minute_micros", b.price_minute_micros),
+            price_ktok_micros: get("price_ktok_micros", b.price_ktok_micros),
+            expected_rate_per_min: get("expected_rate_per_min", b.expected_rate_per_min),
+        }
+    }
+}
 
 /// Valid ranges, checked before anything is written.
 pub const MAX_CONCURRENCY_RANGE: std::ops::RangeInclusive<u64> = 1..=100_000;
@@ -31,22 +94,70 @@ pub const MAX_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
 /// Memory cap range.
 pub const MAX_MEMORY_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(1 << 40);
 
-/// Effective limits of a tenant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Limits {
-    /// Most jobs running at once, fleet-wide, across all queues.
-    pub max_concurrency: u64,
-    /// Longest timeout a job may request, ms.
-    pub max_timeout_ms: u64,
-    /// Largest memory cap a job may request, bytes.
-    pub max_memory: u64,
-    /// Share of starts relative to other backlogged tenants.
-    pub weight: u64,
+/// A start rate: `starts` per `period` (`starts` 0: unlimited).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rate {
+    /// Starts allowed per period.
+    pub starts: u64,
+    /// The period.
+    pub period: Duration,
 }
 
-/// A change to a tenant's (or the defaults') limits; `None` leaves a field
-/// alone. Build it, [`validate`](Self::validate) it, then [`apply`](Self::apply).
-#[derive(Clone, Debug, Default)]
+/// Parse a rate: `10/s`, `600/m`, `100/1h`, `5/500ms`, or `none`.
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let bad = || {
+        format!(
+            "invalid rate {s:?}: use STARTS/PERIOD, for example 10/s, 600/m or 100/1h (or none)"
+        )
+    };
+    if matches!(s.trim(), "none" | "off" | "0") {
+        return Ok(Rate {
+            starts: 0,
+            period: Duration::from_secs(1),
+        });
+    }
+    let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
+    let starts: u64 = n.trim().parse().map_err(|_| bad())?;
+    let per = per.trim();
+    let period = match per {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        "d" | "day" => Duration::from_secs(86400),
+        other => crate::units::parse_duration(other).map_err(|_| bad())?,
+    };
+    if starts == 0
+        || starts > 1_000_000
+        || period < Duration::from_millis(1)
+        || period > Duration::from_secs(86400)
+    {
+        return Err(format!(
+            "rate {s:?} is out of range: 1..=1000000 starts per 1ms..=1d"
+        ));
+    }
+    Ok(Rate { starts, period })
+}
+
+/// Parse a monthly quota of agent time: `100h`, `100h/month`, `30m`, or `none`.
+pub fn parse_quota(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if matches!(t, "none" | "off" | "0") {
+        return Ok(Duration::ZERO);
+    }
+    let amount = t
+        .strip_suffix("/month")
+        .or_else(|| t.strip_suffix("/mo"))
+        .unwrap_or(t);
+    crate::units::parse_duration(amount).map_err(|_| {
+        format!(
+            "invalid quota {s:?}: use agent time per month, for example 100h/month or 30m (or none)"
+        )
+    })
+}
+
+/// A change to the limits of a tenant, a tier or the defaults; `None` leaves a
+/// field alone. Build it, [`validate`](Self::validate) it, then [`apply`](Self::apply).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LimitsUpdate {
     /// New concurrency cap.
     pub max_concurrency: Option<u64>,
@@ -56,8 +167,35 @@ pub struct LimitsUpdate {
     pub max_memory: Option<u64>,
     /// New weight.
     pub weight: Option<u64>,
-    /// Tier name (label, billing; tiers' own limits come with the ledger).
+    /// New start rate (`starts` 0: unlimited).
+    pub rate: Option<Rate>,
+    /// New burst (0: equal to the rate).
+    pub burst: Option<u64>,
+    /// New monthly quota of agent time (zero: none).
+    pub quota: Option<Duration>,
+    /// Tier name (a tenant only).
     pub tier: Option<String>,
+    /// Price per agent-minute in dollars (a tier or the defaults).
+    pub price_per_minute: Option<f64>,
+    /// Price per 1,000 tokens in dollars (a tier or the defaults).
+    pub price_per_1k_tokens: Option<f64>,
+    /// Expected start rate; twice it raises an alert.
+    pub expected_rate: Option<Rate>,
+}
+
+/// Whose limits a [`LimitsUpdate`] changes.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    /// One tenant.
+    Tenant(&'a str),
+    /// A tier (every tenant on it).
+    Tier(&'a str),
+    /// The defaults for fields nobody set.
+    Defaults,
+}
+
+fn micros(dollars: f64) -> u64 {
+    (dollars * 1_000_000.0).round().max(0.0) as u64
 }
 
 impl LimitsUpdate {
@@ -88,6 +226,26 @@ impl LimitsUpdate {
         {
             return out_of("--weight", "1..=1000");
         }
+        if let Some(b) = self.burst
+            && b > 1_000_000
+        {
+            return out_of("--burst", "0..=1000000");
+        }
+        if let Some(q) = self.quota
+            && q > Duration::from_secs(31 * 24 * 3600 * 100_000)
+        {
+            return out_of("--quota", "up to 100000 agent-months");
+        }
+        for (flag, v) in [
+            ("--price-per-minute", self.price_per_minute),
+            ("--price-per-1k-tokens", self.price_per_1k_tokens),
+        ] {
+            if let Some(p) = v
+                && !(0.0..=1000.0).contains(&p)
+            {
+                return out_of(flag, "0..=1000 dollars");
+            }
+        }
         if let Some(t) = &self.tier {
             crate::queue::job::validate_name("tier", t)?;
         }
@@ -96,34 +254,157 @@ impl LimitsUpdate {
 
     /// True if nothing would change.
     pub fn is_empty(&self) -> bool {
-        self.max_concurrency.is_none()
-            && self.max_timeout.is_none()
-            && self.max_memory.is_none()
-            && self.weight.is_none()
-            && self.tier.is_none()
+        self.fields().is_empty()
     }
 
-    /// Validate and write: `tenant` None changes the defaults.
-    pub async fn apply(&self, queue: &Queue, tenant: Option<&str>) -> Result<(), QueueError> {
-        self.validate()?;
-        let mut fields: Vec<(&str, Option<String>)> = Vec::new();
-        if let Some(n) = self.max_concurrency {
-            fields.push(("max_concurrency", Some(n.to_string())));
-        }
-        if let Some(d) = self.max_timeout {
-            fields.push(("max_timeout_ms", Some(d.as_millis().to_string())));
-        }
-        if let Some(m) = self.max_memory {
-            fields.push(("max_memory", Some(m.to_string())));
-        }
-        if let Some(w) = self.weight {
-            fields.push(("weight", Some(w.to_string())));
-        }
+    /// The Redis fields this update writes.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut f: Vec<(&'static str, String)> = Vec::new();
+        let mut put = |k: &'static str, v: Option<u64>| {
+            if let Some(v) = v {
+                f.push((k, v.to_string()));
+            }
+        };
+        put("max_concurrency", self.max_concurrency);
+        put(
+            "max_timeout_ms",
+            self.max_timeout.map(|d| d.as_millis() as u64),
+        );
+        put("max_memory", self.max_memory);
+        put("weight", self.weight);
+        put("rate", self.rate.map(|r| r.starts));
+        put(
+            "rate_period_ms",
+            self.rate.map(|r| r.period.as_millis() as u64),
+        );
+        put("burst", self.burst);
+        put("quota_ms", self.quota.map(|d| d.as_millis() as u64));
+        put("price_minute_micros", self.price_per_minute.map(micros));
+        put("price_ktok_micros", self.price_per_1k_tokens.map(micros));
+        put(
+            "expected_rate_per_min",
+            self.expected_rate.map(|r| {
+                (r.starts as f64 * 60_000.0 / r.period.as_millis().max(1) as f64).ceil() as u64
+            }),
+        );
         if let Some(t) = &self.tier {
-            fields.push(("tier", Some(t.clone())));
+            f.push(("tier", t.clone()));
         }
-        queue.set_tenant_fields(tenant, &fields).await
+        f
     }
+
+    /// Validate and write.
+    pub async fn apply(&self, queue: &Queue, target: Target<'_>) -> Result<(), QueueError> {
+        self.validate()?;
+        let fields: Vec<(&str, Option<String>)> = self
+            .fields()
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect();
+        queue.set_limit_fields(target, &fields).await
+    }
+
+    /// One-line summary of what this update sets, for the CLI.
+    pub fn describe(&self) -> String {
+        self.fields()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// A tier: a named set of limits and prices tenants are assigned to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tier {
+    /// Tier name.
+    pub name: String,
+    /// Its limits and prices.
+    pub limits: LimitsUpdate,
+}
+
+/// The tiers used when the configuration defines none.
+pub fn builtin_tiers() -> Vec<Tier> {
+    let per_min = |n: u64| {
+        Some(Rate {
+            starts: n,
+            period: Duration::from_secs(60),
+        })
+    };
+    let hours = |h: u64| Some(Duration::from_secs(h * 3600));
+    vec![
+        Tier {
+            name: "free".into(),
+            limits: LimitsUpdate {
+                max_concurrency: Some(2),
+                max_timeout: Some(Duration::from_secs(300)),
+                max_memory: Some(512 << 20),
+                weight: Some(1),
+                rate: per_min(60),
+                quota: hours(10),
+                price_per_minute: Some(0.01),
+                price_per_1k_tokens: Some(0.002),
+                expected_rate: per_min(20),
+                ..Default::default()
+            },
+        },
+        Tier {
+            name: "pro".into(),
+            limits: LimitsUpdate {
+                max_concurrency: Some(10),
+                max_timeout: Some(Duration::from_secs(1800)),
+                max_memory: Some(2 << 30),
+                weight: Some(3),
+                rate: per_min(600),
+                quota: hours(500),
+                price_per_minute: Some(0.01),
+                price_per_1k_tokens: Some(0.002),
+                expected_rate: per_min(200),
+                ..Default::default()
+            },
+        },
+        Tier {
+            name: "enterprise".into(),
+            limits: LimitsUpdate {
+                max_concurrency: Some(50),
+                max_timeout: Some(Duration::from_secs(7200)),
+                max_memory: Some(8 << 30),
+                weight: Some(5),
+                rate: Some(Rate {
+                    starts: 0,
+                    period: Duration::from_secs(1),
+                }),
+                quota: Some(Duration::ZERO),
+                price_per_minute: Some(0.008),
+                price_per_1k_tokens: Some(0.0015),
+                expected_rate: per_min(1000),
+                ..Default::default()
+            },
+        },
+    ]
+}
+
+/// Write tiers to Redis (every partition); tenants on them re-sync at once.
+pub async fn publish_tiers(queue: &Queue, tiers: &[Tier]) -> Result<(), QueueError> {
+    for t in tiers {
+        crate::queue::job::validate_name("tier", &t.name)?;
+        t.limits.apply(queue, Target::Tier(&t.name)).await?;
+    }
+    Ok(())
+}
+
+/// Tier names published in Redis, with their raw settings.
+pub async fn published_tiers(queue: &Queue) -> Result<Vec<(String, Limits)>, QueueError> {
+    let keys = queue.keys(0);
+    let mut names: Vec<String> = queue.client().smembers(keys.key(&["tiers"])).await?;
+    names.sort();
+    let defaults = defaults(queue, 0).await?;
+    let mut out = Vec::new();
+    for n in names {
+        let own: HashMap<String, String> = queue.client().hgetall(keys.key(&["tier", &n])).await?;
+        out.push((n, Limits::resolve(&[&own, &defaults])));
+    }
+    Ok(out)
 }
 
 /// A tenant's limits as configured and as in effect.
@@ -131,25 +412,12 @@ impl LimitsUpdate {
 pub struct TenantSettings {
     /// Tenant name.
     pub tenant: String,
-    /// Tier label, if set.
+    /// Tier, if set.
     pub tier: Option<String>,
-    /// Limits in effect (own setting, else default, else built-in).
+    /// Limits in effect (own setting, else tier, else default, else built-in).
     pub limits: Limits,
-    /// Fields the tenant sets itself (the rest are defaults).
+    /// Fields the tenant sets itself (the rest come from its tier or defaults).
     pub own: Vec<String>,
-}
-
-fn field(
-    own: &HashMap<String, String>,
-    defaults: &HashMap<String, String>,
-    name: &str,
-    builtin: u64,
-) -> u64 {
-    own.get(name)
-        .or_else(|| defaults.get(name))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or(builtin)
 }
 
 /// Read a tenant's settings (`tenant` None: the defaults of partition 0).
@@ -158,7 +426,12 @@ pub async fn settings(queue: &Queue, tenant: Option<&str>) -> Result<TenantSetti
     let defaults = defaults(queue, p).await?;
     match tenant {
         Some(t) => tenant_settings(queue, t, &defaults).await,
-        None => Ok(resolve("(defaults)", &defaults, &defaults)),
+        None => Ok(TenantSettings {
+            tenant: "(defaults)".into(),
+            tier: None,
+            limits: Limits::resolve(&[&defaults]),
+            own: sorted_keys(&defaults),
+        }),
     }
 }
 
@@ -170,6 +443,12 @@ pub async fn defaults(queue: &Queue, p: u32) -> Result<HashMap<String, String>, 
         .await?)
 }
 
+fn sorted_keys(h: &HashMap<String, String>) -> Vec<String> {
+    let mut v: Vec<String> = h.keys().cloned().collect();
+    v.sort();
+    v
+}
+
 /// A tenant's settings given its partition's `defaults` (read once by
 /// callers that list many tenants).
 pub async fn tenant_settings(
@@ -177,32 +456,22 @@ pub async fn tenant_settings(
     tenant: &str,
     defaults: &HashMap<String, String>,
 ) -> Result<TenantSettings, QueueError> {
-    let key = queue
-        .keys(queue.partition_of(tenant))
-        .key(&["tenant", tenant]);
-    let own: HashMap<String, String> = queue.client().hgetall(key).await?;
-    Ok(resolve(tenant, &own, defaults))
-}
-
-fn resolve(
-    tenant: &str,
-    own: &HashMap<String, String>,
-    defaults: &HashMap<String, String>,
-) -> TenantSettings {
-    let limits = Limits {
-        max_concurrency: field(own, defaults, "max_concurrency", BUILTIN.max_concurrency),
-        max_timeout_ms: field(own, defaults, "max_timeout_ms", BUILTIN.max_timeout_ms),
-        max_memory: field(own, defaults, "max_memory", BUILTIN.max_memory),
-        weight: field(own, defaults, "weight", BUILTIN.weight),
+    let keys = queue.keys(queue.partition_of(tenant));
+    let own: HashMap<String, String> = queue
+        .client()
+        .hgetall(keys.key(&["tenant", tenant]))
+        .await?;
+    let tier = own.get("tier").cloned();
+    let tier_fields: HashMap<String, String> = match &tier {
+        Some(name) => queue.client().hgetall(keys.key(&["tier", name])).await?,
+        None => HashMap::new(),
     };
-    let mut own_fields: Vec<String> = own.keys().cloned().collect();
-    own_fields.sort();
-    TenantSettings {
+    Ok(TenantSettings {
         tenant: tenant.to_string(),
-        tier: own.get("tier").cloned(),
-        limits,
-        own: own_fields,
-    }
+        tier,
+        limits: Limits::resolve(&[&own, &tier_fields, defaults]),
+        own: sorted_keys(&own),
+    })
 }
 
 #[cfg(test)]
@@ -231,11 +500,72 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().is_err());
+        let bad = LimitsUpdate {
+            price_per_minute: Some(-1.0),
+            ..Default::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--price-per-minute")
+        );
         let ok = LimitsUpdate {
             max_concurrency: Some(4),
             weight: Some(3),
             ..Default::default()
         };
         assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn rates_and_quotas_parse() {
+        assert_eq!(
+            parse_rate("10/s").unwrap(),
+            Rate {
+                starts: 10,
+                period: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(parse_rate("600/m").unwrap().period, Duration::from_secs(60));
+        assert_eq!(
+            parse_rate("5/500ms").unwrap().period,
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_rate("none").unwrap().starts, 0);
+        for bad in ["10", "x/s", "10/fortnight", "0/s", "-1/s"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_quota("100h/month").unwrap(),
+            Duration::from_secs(360_000)
+        );
+        assert_eq!(parse_quota("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_quota("none").unwrap(), Duration::ZERO);
+        assert!(parse_quota("lots").is_err());
+    }
+
+    #[test]
+    fn layers_resolve_in_order() {
+        let own: HashMap<String, String> =
+            [("max_concurrency".to_string(), "3".to_string())].into();
+        let tier: HashMap<String, String> = [
+            ("max_concurrency".to_string(), "7".to_string()),
+            ("weight".to_string(), "4".to_string()),
+        ]
+        .into();
+        let l = Limits::resolve(&[&own, &tier]);
+        assert_eq!(
+            (l.max_concurrency, l.weight, l.max_timeout_ms),
+            (3, 4, BUILTIN.max_timeout_ms)
+        );
+    }
+
+    #[test]
+    fn builtin_tiers_are_valid() {
+        for t in builtin_tiers() {
+            t.limits.validate().unwrap();
+            assert!(!t.limits.is_empty());
+        }
     }
 }

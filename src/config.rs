@@ -1,9 +1,12 @@
 //! Connection settings: flags, then environment, then `agentq.toml`, then
 //! defaults (DESIGN.md, "Command-line surface").
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
+
+use crate::admission::{self, LimitsUpdate, Tier};
 
 /// Default Redis URL.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -11,7 +14,7 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// Settings shared by every command.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     /// Redis URL.
     pub redis_url: String,
@@ -21,6 +24,9 @@ pub struct Settings {
     pub namespace: String,
     /// Number of Redis partitions tenants are spread over.
     pub partitions: u32,
+    /// Tiers workers publish to Redis at start (from `[tiers.NAME]` in the
+    /// file, else the built-in free, pro and enterprise).
+    pub tiers: Vec<Tier>,
 }
 
 /// What the `agentq.toml` file may set.
@@ -35,6 +41,79 @@ pub struct FileSettings {
     pub namespace: Option<String>,
     /// Partitions.
     pub partitions: Option<u32>,
+    /// Tiers by name.
+    pub tiers: Option<BTreeMap<String, TierConfig>>,
+}
+
+/// One `[tiers.NAME]` table: limits and prices, in the CLI's units.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Most jobs running at once per tenant.
+    pub max_concurrency: Option<u64>,
+    /// For example "30m".
+    pub max_timeout: Option<String>,
+    /// For example "2GiB".
+    pub max_memory: Option<String>,
+    /// Share of starts.
+    pub weight: Option<u64>,
+    /// For example "600/m" or "none".
+    pub rate: Option<String>,
+    /// Starts allowed at once above the rate.
+    pub burst: Option<u64>,
+    /// For example "500h/month" or "none".
+    pub quota: Option<String>,
+    /// Dollars per agent-minute.
+    pub price_per_minute: Option<f64>,
+    /// Dollars per 1,000 tokens.
+    pub price_per_1k_tokens: Option<f64>,
+    /// For example "200/m": twice this start rate raises an alert.
+    pub expected_rate: Option<String>,
+}
+
+impl TierConfig {
+    /// Convert to a tier, with one-line errors naming the field.
+    pub fn into_tier(self, name: &str) -> Result<Tier, ConfigError> {
+        let bad =
+            |field: &str, e: String| ConfigError::Invalid(format!("tiers.{name}.{field}: {e}"));
+        let limits = LimitsUpdate {
+            max_concurrency: self.max_concurrency,
+            max_timeout: self
+                .max_timeout
+                .map(|v| {
+                    crate::units::parse_duration(&v).map_err(|e| bad("max_timeout", e.to_string()))
+                })
+                .transpose()?,
+            max_memory: self
+                .max_memory
+                .map(|v| crate::units::parse_size(&v).map_err(|e| bad("max_memory", e.to_string())))
+                .transpose()?,
+            weight: self.weight,
+            rate: self
+                .rate
+                .map(|v| admission::parse_rate(&v).map_err(|e| bad("rate", e)))
+                .transpose()?,
+            burst: self.burst,
+            quota: self
+                .quota
+                .map(|v| admission::parse_quota(&v).map_err(|e| bad("quota", e)))
+                .transpose()?,
+            tier: None,
+            price_per_minute: self.price_per_minute,
+            price_per_1k_tokens: self.price_per_1k_tokens,
+            expected_rate: self
+                .expected_rate
+                .map(|v| admission::parse_rate(&v).map_err(|e| bad("expected_rate", e)))
+                .transpose()?,
+        };
+        limits
+            .validate()
+            .map_err(|e| bad("limits", e.to_string()))?;
+        Ok(Tier {
+            name: name.to_string(),
+            limits,
+        })
+    }
 }
 
 /// Errors reading settings.
@@ -98,7 +177,15 @@ impl Settings {
                 "partitions {partitions} out of range: use 1..=1024"
             )));
         }
+        let tiers = match file.tiers {
+            Some(map) => map
+                .into_iter()
+                .map(|(name, t)| t.into_tier(&name))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => admission::builtin_tiers(),
+        };
         Ok(Settings {
+            tiers,
             redis_url: o
                 .redis_url
                 .clone()
@@ -153,6 +240,32 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiers_come_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agentq.toml");
+        std::fs::write(&path, "[tiers.gold]\nmax_concurrency = 7\nrate = \"20/s\"\nquota = \"50h/month\"\nprice_per_minute = 0.02\n").unwrap();
+        let s = Settings::resolve(&Overrides {
+            config: Some(path.display().to_string()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.tiers.len(), 1);
+        assert_eq!(s.tiers[0].name, "gold");
+        assert_eq!(s.tiers[0].limits.max_concurrency, Some(7));
+        assert_eq!(
+            s.tiers[0].limits.quota,
+            Some(std::time::Duration::from_secs(50 * 3600))
+        );
+        std::fs::write(&path, "[tiers.gold]\nrate = \"lots\"\n").unwrap();
+        let e = Settings::resolve(&Overrides {
+            config: Some(path.display().to_string()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("tiers.gold.rate"), "{e}");
+    }
 
     #[test]
     fn passwords_are_redacted() {

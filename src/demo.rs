@@ -147,7 +147,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
             tier: Some(t.tier.into()),
             ..Default::default()
         }
-        .apply(&queue, Some(t.name))
+        .apply(&queue, crate::admission::Target::Tenant(t.name))
         .await?;
         println!(
             "tenant {:<6} tier {:<10} cap {}  weight {}",

@@ -37,7 +37,7 @@ async fn caps_hold_across_three_processes_while_workers_are_killed() {
             max_concurrency: Some(cap),
             ..Default::default()
         }
-        .apply(&tq.queue, Some(t))
+        .apply(&tq.queue, agentq::admission::Target::Tenant(t))
         .await
         .expect("set");
     }
@@ -192,6 +192,50 @@ async fn sigterm_stops_a_worker_process_cleanly() {
     assert_eq!(
         job_info(&tq.queue, &id).await.expect("inspect").state,
         "ready"
+    );
+    tq.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_holds_across_two_worker_processes() {
+    let tq = TestQueue::new("fleet-rate").await;
+    LimitsUpdate {
+        rate: Some(agentq::admission::Rate {
+            starts: 5,
+            period: Duration::from_secs(1),
+        }),
+        burst: Some(2),
+        ..Default::default()
+    }
+    .apply(&tq.queue, agentq::admission::Target::Tenant("r"))
+    .await
+    .expect("set");
+    let jobs: Vec<JobSpec> = (0..30).map(|_| JobSpec::new("r", "q", "noop")).collect();
+    tq.queue.enqueue_batch(&jobs).await.expect("enqueue");
+    let mut workers: Vec<Child> = (0..2).map(|_| tq.spawn_worker(&WORKER_ARGS)).collect();
+    drained(&tq, Duration::from_secs(120)).await;
+    for w in &mut workers {
+        kill9(w);
+    }
+    let mut starts: Vec<i64> = tq
+        .outbox()
+        .await
+        .iter()
+        .map(|r| num(r, "started_at"))
+        .collect();
+    starts.sort();
+    assert_eq!(starts.len(), 30);
+    for (i, s) in starts.iter().enumerate() {
+        let in_window = starts[i..].iter().take_while(|t| **t < s + 1000).count();
+        assert!(
+            in_window <= 5 + 2,
+            "{in_window} starts within 1s from {s}: over rate 5/s plus burst 2"
+        );
+    }
+    let span = starts[29] - starts[0];
+    assert!(
+        span >= 28 * 200,
+        "30 starts at 5/s with burst 2 take at least 5.6s, took {span}ms"
     );
     tq.cleanup().await;
 }

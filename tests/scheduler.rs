@@ -47,7 +47,7 @@ async fn set(tq: &TestQueue, tenant: &str, cap: u64, weight: u64) {
         weight: Some(weight),
         ..Default::default()
     }
-    .apply(&tq.queue, Some(tenant))
+    .apply(&tq.queue, agentq::admission::Target::Tenant(tenant))
     .await
     .expect("tenant set");
 }
@@ -417,7 +417,7 @@ async fn enqueue_refuses_over_cap_and_bad_input_writing_nothing() {
         max_memory: Some(64 << 20),
         ..Default::default()
     }
-    .apply(&tq.queue, Some("t"))
+    .apply(&tq.queue, agentq::admission::Target::Tenant("t"))
     .await
     .expect("set");
     let mut over = JobSpec::new("t", "q", "noop");
@@ -444,6 +444,98 @@ async fn enqueue_refuses_over_cap_and_bad_input_writing_nothing() {
     assert!(
         stats.iter().all(|s| s.ready == 0),
         "nothing was enqueued: {stats:?}"
+    );
+    tq.cleanup().await;
+}
+
+#[tokio::test]
+async fn quota_holds_a_tenant_within_one_job_and_raising_it_releases() {
+    let tq = TestQueue::new("quota").await;
+    LimitsUpdate {
+        max_concurrency: Some(1),
+        quota: Some(Duration::from_secs(1)),
+        ..Default::default()
+    }
+    .apply(&tq.queue, agentq::admission::Target::Tenant("q1"))
+    .await
+    .expect("set");
+    fill(&tq, "q1", 5).await;
+    fill(&tq, "other", 5).await;
+    let mut q1_runs = 0;
+    for _ in 0..5 {
+        let batch = claim(&tq, 2).await;
+        for j in &batch {
+            let mut c = done(j, Outcome::Succeeded);
+            c.run_ms = 600;
+            tq.queue.complete(0, &[c]).await.expect("complete");
+        }
+        q1_runs += batch.iter().filter(|j| j.tenant == "q1").count();
+    }
+    assert_eq!(
+        q1_runs, 2,
+        "admitted until its usage (1.2s) reached the 1s quota, then held"
+    );
+    let stats = agentq::queue::inspect::tenant_stats(&tq.queue, None)
+        .await
+        .expect("tenants");
+    let q1 = stats.iter().find(|s| s.tenant == "q1").expect("q1");
+    assert_eq!(
+        (q1.held.as_deref(), q1.usage_ms, q1.ready),
+        (Some("quota"), 1200, 3)
+    );
+    assert!(
+        stats
+            .iter()
+            .find(|s| s.tenant == "other")
+            .is_some_and(|s| s.ready == 0),
+        "others kept running"
+    );
+    LimitsUpdate {
+        quota: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    }
+    .apply(&tq.queue, agentq::admission::Target::Tenant("q1"))
+    .await
+    .expect("raise");
+    assert_eq!(
+        claim(&tq, 1).await.first().map(|j| j.tenant.as_str()),
+        Some("q1"),
+        "raising the quota releases it"
+    );
+    tq.cleanup().await;
+}
+
+#[tokio::test]
+async fn rate_limit_admits_the_burst_then_holds() {
+    let tq = TestQueue::new("rate").await;
+    LimitsUpdate {
+        rate: Some(agentq::admission::Rate {
+            starts: 2,
+            period: Duration::from_secs(1),
+        }),
+        burst: Some(2),
+        ..Default::default()
+    }
+    .apply(&tq.queue, agentq::admission::Target::Tenant("r"))
+    .await
+    .expect("set");
+    fill(&tq, "r", 10).await;
+    let (due, first) = tq
+        .queue
+        .claim(0, "w", 10, LEASE, &["q".to_string()])
+        .await
+        .expect("claim");
+    assert_eq!(first.len(), 2, "the burst");
+    assert!(due > 0, "the claim says when the tenant may start again");
+    let stats = agentq::queue::inspect::tenant_stats(&tq.queue, None)
+        .await
+        .expect("tenants");
+    assert_eq!(stats[0].held.as_deref(), Some("rate"));
+    tokio::time::sleep(Duration::from_millis(600)).await; // lower bound: one emission interval (500ms)
+    let later = claim(&tq, 10).await.len();
+    assert!(
+        (1..=2).contains(&later),
+        "refilled by elapsed time, never past the burst: {later}"
     );
     tq.cleanup().await;
 }

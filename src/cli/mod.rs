@@ -104,6 +104,8 @@ pub enum Command {
     /// Tenant limits.
     #[command(subcommand)]
     Tenant(ops::TenantCommand),
+    /// Tiers as published in Redis.
+    Tiers(ops::ListArgs),
     /// Run the demo: a worker pool and a mixed multi-tenant workload.
     Demo(crate::demo::DemoArgs),
 }
@@ -181,6 +183,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Pause(a) => ops::pause(g, a, true).await,
         Command::Resume(a) => ops::pause(g, a, false).await,
         Command::Tenant(c) => ops::tenant(g, c).await,
+        Command::Tiers(a) => ops::tiers(g, a).await,
         Command::Demo(a) => crate::demo::run(g, a).await,
     };
     match result {

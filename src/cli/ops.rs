@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 
 use super::output::{self, opt};
 use super::{CliResult, Global, duration_arg, size_arg};
-use crate::admission::{self, LimitsUpdate};
+use crate::admission::{self, LimitsUpdate, Target};
 use crate::queue::inspect;
 use crate::queue::job::validate_name;
 use crate::units::{format_duration, format_size};
@@ -70,6 +70,16 @@ pub(super) async fn tenants(g: &Global, a: TenantsArgs) -> CliResult {
     let rows: Vec<Vec<String>> = stats
         .iter()
         .map(|s| {
+            let usage = if s.quota_ms > 0 {
+                format!(
+                    "{}/{} ({:.0}%)",
+                    format_duration(Duration::from_millis(s.usage_ms)),
+                    format_duration(Duration::from_millis(s.quota_ms)),
+                    s.usage_ms as f64 * 100.0 / s.quota_ms as f64
+                )
+            } else {
+                format!("{}/-", format_duration(Duration::from_millis(s.usage_ms)))
+            };
             vec![
                 s.tenant.clone(),
                 opt(&s.tier),
@@ -79,6 +89,7 @@ pub(super) async fn tenants(g: &Global, a: TenantsArgs) -> CliResult {
                 s.weight.to_string(),
                 s.dead.to_string(),
                 opt(&s.held),
+                usage,
             ]
         })
         .collect();
@@ -92,6 +103,7 @@ pub(super) async fn tenants(g: &Global, a: TenantsArgs) -> CliResult {
             "weight",
             "dead",
             "held",
+            "usage/quota (month)",
         ],
         &rows,
     );
@@ -133,16 +145,16 @@ pub(super) async fn pause(g: &Global, a: PauseArgs, on: bool) -> CliResult {
 pub enum TenantCommand {
     /// Change a tenant's limits (effective fleet-wide on the next claim).
     Set(TenantSetArgs),
-    /// Change the limits of tenants that set none themselves.
+    /// Change the limits of tenants that set none themselves (and have no tier value).
     Defaults(LimitFlags),
-    /// Show a tenant's limits.
+    /// Show a tenant's limits and where each comes from.
     Show(TenantShowArgs),
 }
 
 /// The limit flags shared by `tenant set` and `tenant defaults`.
 #[derive(Debug, Args)]
 pub struct LimitFlags {
-    /// Tier label.
+    /// Tier (free, pro, enterprise, or one from agentq.toml).
     #[arg(long)]
     tier: Option<String>,
     /// Most jobs running at once, fleet-wide (1..=100000).
@@ -157,6 +169,21 @@ pub struct LimitFlags {
     /// Share of starts among backlogged tenants (1..=1000).
     #[arg(long)]
     weight: Option<u64>,
+    /// Job starts per period, fleet-wide, e.g. 10/s or 600/m (none: unlimited).
+    #[arg(long, value_parser = admission::parse_rate)]
+    rate: Option<admission::Rate>,
+    /// Starts allowed at once above the steady rate (0: equal to the rate).
+    #[arg(long)]
+    burst: Option<u64>,
+    /// Agent time per calendar month, e.g. 100h/month (none: no quota).
+    #[arg(long, value_parser = admission::parse_quota)]
+    quota: Option<Duration>,
+    /// Price per agent-minute in dollars, e.g. 0.01.
+    #[arg(long)]
+    price_per_minute: Option<f64>,
+    /// Price per 1,000 reported tokens in dollars.
+    #[arg(long)]
+    price_per_1k_tokens: Option<f64>,
 }
 
 impl LimitFlags {
@@ -166,7 +193,13 @@ impl LimitFlags {
             max_timeout: self.max_timeout,
             max_memory: self.max_memory,
             weight: self.weight,
+            rate: self.rate,
+            burst: self.burst,
+            quota: self.quota,
             tier: self.tier.clone(),
+            price_per_minute: self.price_per_minute,
+            price_per_1k_tokens: self.price_per_1k_tokens,
+            expected_rate: None,
         }
     }
 }
@@ -191,52 +224,59 @@ pub struct TenantShowArgs {
     json: bool,
 }
 
-fn describe(u: &LimitsUpdate) -> String {
-    let mut parts = Vec::new();
-    if let Some(v) = u.max_concurrency {
-        parts.push(format!("max_concurrency={v}"));
+fn checked(u: LimitsUpdate) -> Result<LimitsUpdate, super::CliError> {
+    u.validate()?;
+    if u.is_empty() {
+        return Err(super::CliError::Usage(
+            "nothing to set: give at least one of --tier, --max-concurrency, --max-timeout, --max-memory, --weight, --rate, --burst, --quota, --price-per-minute, --price-per-1k-tokens".into(),
+        ));
     }
-    if let Some(v) = u.max_timeout {
-        parts.push(format!("max_timeout={}", format_duration(v)));
+    Ok(u)
+}
+
+fn rate_text(l: &admission::Limits) -> String {
+    if l.rate == 0 {
+        return "unlimited".into();
     }
-    if let Some(v) = u.max_memory {
-        parts.push(format!("max_memory={}", format_size(v)));
+    let burst = if l.burst > 0 { l.burst } else { l.rate };
+    format!(
+        "{}/{} (burst {burst})",
+        l.rate,
+        format_duration(Duration::from_millis(l.rate_period_ms))
+    )
+}
+
+fn quota_text(ms: u64) -> String {
+    if ms == 0 {
+        "none".into()
+    } else {
+        format!("{}/month", format_duration(Duration::from_millis(ms)))
     }
-    if let Some(v) = u.weight {
-        parts.push(format!("weight={v}"));
-    }
-    if let Some(v) = &u.tier {
-        parts.push(format!("tier={v}"));
-    }
-    parts.join(" ")
+}
+
+fn dollars(micros: u64) -> String {
+    format!("${:.4}", micros as f64 / 1e6)
 }
 
 pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
     match c {
         TenantCommand::Set(a) => {
             validate_name("tenant", &a.tenant)?;
-            let u = a.limits.update();
-            u.validate()?;
-            if u.is_empty() {
-                return Err(super::CliError::Usage(
-                    "nothing to set: give at least one of --max-concurrency, --max-timeout, --max-memory, --weight, --tier".into(),
-                ));
-            }
+            let u = checked(a.limits.update())?;
             let q = g.queue().await?;
-            u.apply(&q, Some(&a.tenant)).await?;
-            println!("tenant {}: set {}", a.tenant, describe(&u));
+            u.apply(&q, Target::Tenant(&a.tenant)).await?;
+            println!("tenant {}: set {}", a.tenant, u.describe());
         }
         TenantCommand::Defaults(f) => {
-            let u = f.update();
-            u.validate()?;
-            if u.is_empty() {
+            let u = checked(f.update())?;
+            if u.tier.is_some() {
                 return Err(super::CliError::Usage(
-                    "nothing to set: give at least one limit flag".into(),
+                    "--tier applies to a tenant: use agentq tenant set T --tier NAME".into(),
                 ));
             }
             let q = g.queue().await?;
-            u.apply(&q, None).await?;
-            println!("defaults: set {}", describe(&u));
+            u.apply(&q, Target::Defaults).await?;
+            println!("defaults: set {}", u.describe());
         }
         TenantCommand::Show(a) => {
             validate_name("tenant", &a.tenant)?;
@@ -246,38 +286,100 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
                 output::json(&s);
                 return Ok(());
             }
-            let src = |f: &str| {
-                if s.own.iter().any(|o| o == f) {
-                    "tenant"
+            let src = |fs: &[&str]| {
+                if fs.iter().any(|f| s.own.iter().any(|o| o == f)) {
+                    "tenant".to_string()
+                } else if s.tier.is_some() {
+                    "tier or default".to_string()
                 } else {
-                    "default"
+                    "default".to_string()
                 }
-                .to_string()
             };
             let l = s.limits;
             output::table(
                 &["limit", "value", "from"],
                 &[
-                    vec!["tier".into(), opt(&s.tier), src("tier")],
+                    vec!["tier".into(), opt(&s.tier), src(&["tier"])],
                     vec![
                         "max_concurrency".into(),
                         l.max_concurrency.to_string(),
-                        src("max_concurrency"),
+                        src(&["max_concurrency"]),
                     ],
                     vec![
                         "max_timeout".into(),
                         format_duration(Duration::from_millis(l.max_timeout_ms)),
-                        src("max_timeout_ms"),
+                        src(&["max_timeout_ms"]),
                     ],
                     vec![
                         "max_memory".into(),
                         format_size(l.max_memory),
-                        src("max_memory"),
+                        src(&["max_memory"]),
                     ],
-                    vec!["weight".into(), l.weight.to_string(), src("weight")],
+                    vec!["weight".into(), l.weight.to_string(), src(&["weight"])],
+                    vec!["rate".into(), rate_text(&l), src(&["rate", "burst"])],
+                    vec!["quota".into(), quota_text(l.quota_ms), src(&["quota_ms"])],
+                    vec![
+                        "price/agent-minute".into(),
+                        dollars(l.price_minute_micros),
+                        src(&["price_minute_micros"]),
+                    ],
+                    vec![
+                        "price/1k tokens".into(),
+                        dollars(l.price_ktok_micros),
+                        src(&["price_ktok_micros"]),
+                    ],
                 ],
             );
         }
+    }
+    Ok(())
+}
+
+pub(super) async fn tiers(g: &Global, a: ListArgs) -> CliResult {
+    let q = g.queue().await?;
+    let tiers = admission::published_tiers(&q).await?;
+    if a.json {
+        let v: Vec<serde_json::Value> = tiers
+            .iter()
+            .map(|(n, l)| serde_json::json!({ "tier": n, "limits": l }))
+            .collect();
+        output::json(&v);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = tiers
+        .iter()
+        .map(|(n, l)| {
+            vec![
+                n.clone(),
+                l.max_concurrency.to_string(),
+                format_duration(Duration::from_millis(l.max_timeout_ms)),
+                format_size(l.max_memory),
+                l.weight.to_string(),
+                rate_text(l),
+                quota_text(l.quota_ms),
+                dollars(l.price_minute_micros),
+                dollars(l.price_ktok_micros),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "tier",
+            "max_concurrency",
+            "max_timeout",
+            "max_memory",
+            "weight",
+            "rate",
+            "quota",
+            "$/agent-min",
+            "$/1k tokens",
+        ],
+        &rows,
+    );
+    if tiers.is_empty() {
+        eprintln!(
+            "no tiers published yet: workers publish the tiers of their agentq.toml (or the built-in free, pro, enterprise) at start"
+        );
     }
     Ok(())
 }

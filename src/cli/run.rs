@@ -94,6 +94,7 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     let queue = g.queue().await?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
+    crate::admission::publish_tiers(&queue, &g.settings()?.tiers).await?;
     let mut worker = Worker::new(queue, cfg, registry, Handlers::with_builtins());
     if !a.no_ledger {
         let url = g.settings()?.database_url;

@@ -47,8 +47,17 @@ pub struct TenantStats {
     pub weight: u64,
     /// Dead jobs.
     pub dead: i64,
-    /// Why ready work is not starting: `paused`, `cap`, or none.
+    /// Why ready work is not starting: `paused`, `cap`, `quota`, `rate`, or none.
     pub held: Option<String>,
+    /// Agent time used this calendar month (UTC), ms.
+    pub usage_ms: u64,
+    /// Monthly quota, ms (0: none).
+    pub quota_ms: u64,
+}
+
+/// The current calendar month (UTC) as the scripts key it: `YYYY-MM`.
+pub fn current_month() -> String {
+    chrono::Utc::now().format("%Y-%m").to_string()
 }
 
 fn hash_i64(h: &HashMap<String, String>, k: &str) -> i64 {
@@ -96,6 +105,8 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
         let keys = q.keys(p);
         let tenants: Vec<String> = q.client().smembers(keys.key(&["tenants"])).await?;
         let running: HashMap<String, String> = q.client().hgetall(keys.key(&["running"])).await?;
+        let held: HashMap<String, String> = q.client().hgetall(keys.key(&["held"])).await?;
+        let month = current_month();
         let paused: Vec<String> = q.client().smembers(keys.key(&["paused"])).await?;
         let defaults = admission::defaults(q, p).await?;
         let queues: Vec<String> = match queue {
@@ -116,8 +127,11 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
                 running: hash_i64(&running, &t),
                 cap: set.limits.max_concurrency,
                 weight: set.limits.weight,
+                quota_ms: set.limits.quota_ms,
                 ..Default::default()
             };
+            let used: Option<u64> = q.client().hget(keys.key(&["usage", &t]), &month).await?;
+            s.usage_ms = used.unwrap_or(0);
             let mut paused_with_work = false;
             for (name, h) in &per_queue {
                 let ready = hash_i64(h, &format!("ready:{t}"));
@@ -133,6 +147,8 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
                 Some("paused".into())
             } else if s.ready > 0 && s.running as u64 >= s.cap {
                 Some("cap".into())
+            } else if s.ready > 0 {
+                held.get(&t).cloned()
             } else {
                 None
             };

@@ -424,29 +424,36 @@ impl Queue {
         Ok(n)
     }
 
-    /// Write tenant settings (`tenant` = None: the defaults, on every
-    /// partition). A value of `None` resets that field.
-    pub async fn set_tenant_fields(
+    /// Write limit fields of a tenant, a tier or the defaults (tiers and
+    /// defaults on every partition). A value of `None` resets that field.
+    pub async fn set_limit_fields(
         &self,
-        tenant: Option<&str>,
+        target: crate::admission::Target<'_>,
         fields: &[(&str, Option<String>)],
     ) -> Result<(), QueueError> {
-        let mut args = vec![tenant.unwrap_or("").to_string()];
+        use crate::admission::Target;
+        let who = match target {
+            Target::Tenant(t) => {
+                job::validate_name("tenant", t)?;
+                t.to_string()
+            }
+            Target::Tier(name) => {
+                job::validate_name("tier", name)?;
+                format!("tier:{name}")
+            }
+            Target::Defaults => String::new(),
+        };
+        let mut args = vec![who];
         for (f, v) in fields {
             args.push(f.to_string());
             args.push(v.clone().unwrap_or_default());
         }
-        match tenant {
-            Some(t) => {
-                job::validate_name("tenant", t)?;
-                self.call(ScriptName::TenantSet, self.partition_of(t), args)
-                    .await?;
-            }
-            None => {
-                for p in 0..self.partitions() {
-                    self.call(ScriptName::TenantSet, p, args.clone()).await?;
-                }
-            }
+        let parts: Vec<u32> = match target {
+            Target::Tenant(t) => vec![self.partition_of(t)],
+            _ => (0..self.partitions()).collect(),
+        };
+        for p in parts {
+            self.call(ScriptName::TenantSet, p, args.clone()).await?;
         }
         Ok(())
     }
@@ -456,7 +463,9 @@ impl Queue {
 fn count_and_events(v: Value) -> Result<(i64, String), QueueError> {
     match strings(v)?.as_slice() {
         [n, events] => Ok((n.parse().unwrap_or(0), events.clone())),
-        other => Err(QueueError::Protocol(format!("expected {{count, events}}, got {other:?}"))),
+        other => Err(QueueError::Protocol(format!(
+            "expected {{count, events}}, got {other:?}"
+        ))),
     }
 }
 
@@ -466,13 +475,21 @@ fn report_events(events: &str) {
     for e in events.split_whitespace() {
         let (kind, tenant) = e.split_once(':').unwrap_or((e, ""));
         match kind {
-            "quota_80" => tracing::warn!(event = kind, tenant, "tenant crossed 80% of its monthly quota"),
+            "quota_80" => tracing::warn!(
+                event = kind,
+                tenant,
+                "tenant crossed 80% of its monthly quota"
+            ),
             "quota_100" => tracing::warn!(
                 event = kind,
                 tenant,
                 "tenant reached its monthly quota: its jobs wait until the quota is raised or the month ends"
             ),
-            "rate_2x" => tracing::warn!(event = kind, tenant, "tenant is starting jobs at twice its tier's expected rate"),
+            "rate_2x" => tracing::warn!(
+                event = kind,
+                tenant,
+                "tenant is starting jobs at twice its tier's expected rate"
+            ),
             _ => tracing::warn!(event = kind, tenant, "queue event"),
         }
     }

@@ -59,11 +59,6 @@ for _, t in ipairs(redis.call('ZRANGEBYSCORE', k('throttled'), '-inf', now, 'LIM
   woken[t] = true
 end
 for t in pairs(woken) do sync_tenant(t) end
-local first_throttled = redis.call('ZRANGE', k('throttled'), 0, 0, 'WITHSCORES')
-if first_throttled[2] then
-  local at = tonumber(first_throttled[2])
-  if next_due == 0 or at < next_due then next_due = at end
-end
 
 -- Count a start against the tenant's rate (GCRA) and its expected rate.
 local function count_start(t, l)
@@ -134,5 +129,12 @@ while claimed < batch and guard > 0 do
   end
   sync_tenant(t)
 end
+-- Tenants throttled before or during this claim become due at their score.
+local first_throttled = redis.call('ZRANGE', k('throttled'), 0, 0, 'WITHSCORES')
+if first_throttled[2] then
+  local at = tonumber(first_throttled[2])
+  if next_due == 0 or at < next_due then next_due = at end
+end
+out[1] = next_due
 out[2] = table.concat(events, ' ')
 return out
