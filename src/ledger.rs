@@ -72,6 +72,25 @@ pub async fn migrate(pool: &PgPool) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// Upsert tiers into the `tiers` table (for billing joins and reports).
+pub async fn record_tiers(
+    pool: &PgPool,
+    tiers: &[crate::admission::Tier],
+) -> Result<(), LedgerError> {
+    for t in tiers {
+        let settings = serde_json::to_value(&t.limits).unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO tiers (name, settings) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET settings = excluded.settings, updated_at = now()",
+        )
+        .bind(&t.name)
+        .bind(sqlx::types::Json(settings))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
 /// One attempt's usage record, as stored in the outbox and the ledger.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
@@ -113,6 +132,8 @@ pub struct Record {
     pub input_tokens: i64,
     /// Reported output tokens.
     pub output_tokens: i64,
+    /// Price of the attempt at its tenant's rates, micro-dollars.
+    pub cost_micros: i64,
     /// Error text.
     pub error: String,
 }
@@ -143,6 +164,7 @@ impl Record {
             api_calls: n("api_calls"),
             input_tokens: n("input_tokens"),
             output_tokens: n("output_tokens"),
+            cost_micros: n("cost_micros"),
             error: s("error"),
         };
         (r.attempt >= 1).then_some(r)
@@ -153,7 +175,9 @@ fn ts(ms: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
-/// Insert records; rows already present are skipped. Returns rows inserted.
+/// Insert records and fold the ones actually inserted into `usage_daily`, in
+/// one statement; rows already present are skipped (so a replay changes
+/// neither table). Returns rows inserted.
 pub async fn insert(pool: &PgPool, records: &[Record]) -> Result<u64, LedgerError> {
     if records.is_empty() {
         return Ok(0);
@@ -171,9 +195,9 @@ pub async fn insert(pool: &PgPool, records: &[Record]) -> Result<u64, LedgerErro
             .await?;
     }
     let mut q = QueryBuilder::new(
-        "INSERT INTO usage_ledger (job_id, attempt, tenant, queue, kind, outcome, enqueued_at, started_at, \
-         finished_at, wait_ms, run_ms, cpu_ms, peak_rss_bytes, exit_code, signal, worker, api_calls, \
-         input_tokens, output_tokens, error) ",
+        "WITH ins AS (INSERT INTO usage_ledger (job_id, attempt, tenant, queue, kind, outcome, enqueued_at, \
+         started_at, finished_at, wait_ms, run_ms, cpu_ms, peak_rss_bytes, exit_code, signal, worker, api_calls, \
+         input_tokens, output_tokens, cost_micros, error) ",
     );
     q.push_values(records, |mut b, r| {
         b.push_bind(&r.job_id)
@@ -195,11 +219,40 @@ pub async fn insert(pool: &PgPool, records: &[Record]) -> Result<u64, LedgerErro
             .push_bind(r.api_calls)
             .push_bind(r.input_tokens)
             .push_bind(r.output_tokens)
+            .push_bind(r.cost_micros)
             .push_bind(&r.error);
     });
-    q.push(" ON CONFLICT DO NOTHING");
-    Ok(q.build().execute(pool).await?.rows_affected())
+    q.push(ROLLUP);
+    let inserted: i64 = q.build_query_scalar().fetch_one(pool).await?;
+    Ok(inserted.max(0) as u64)
 }
+
+/// The rest of [`insert`]'s statement: rollup and tenants from the rows
+/// actually inserted. Ordered so concurrent writers lock rollup rows in the
+/// same order (no deadlock).
+const ROLLUP: &str = " ON CONFLICT DO NOTHING
+    RETURNING tenant, finished_at, outcome, run_ms, cpu_ms, peak_rss_bytes, api_calls, input_tokens,
+              output_tokens, cost_micros),
+roll AS (
+    INSERT INTO usage_daily AS d (tenant, day, attempts, succeeded, failed, timed_out, memory_exceeded, lost,
+        agent_ms, cpu_ms, peak_rss_bytes, api_calls, input_tokens, output_tokens, cost_micros)
+    SELECT tenant, (finished_at AT TIME ZONE 'UTC')::date, count(*),
+        count(*) FILTER (WHERE outcome = 'succeeded'), count(*) FILTER (WHERE outcome = 'failed'),
+        count(*) FILTER (WHERE outcome = 'timed_out'), count(*) FILTER (WHERE outcome = 'memory_exceeded'),
+        count(*) FILTER (WHERE outcome = 'lost'), sum(run_ms)::bigint, sum(cpu_ms)::bigint,
+        max(peak_rss_bytes), sum(api_calls)::bigint, sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+        sum(cost_micros)::bigint
+    FROM ins GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (tenant, day) DO UPDATE SET
+        attempts = d.attempts + excluded.attempts, succeeded = d.succeeded + excluded.succeeded,
+        failed = d.failed + excluded.failed, timed_out = d.timed_out + excluded.timed_out,
+        memory_exceeded = d.memory_exceeded + excluded.memory_exceeded, lost = d.lost + excluded.lost,
+        agent_ms = d.agent_ms + excluded.agent_ms, cpu_ms = d.cpu_ms + excluded.cpu_ms,
+        peak_rss_bytes = greatest(d.peak_rss_bytes, excluded.peak_rss_bytes),
+        api_calls = d.api_calls + excluded.api_calls, input_tokens = d.input_tokens + excluded.input_tokens,
+        output_tokens = d.output_tokens + excluded.output_tokens, cost_micros = d.cost_micros + excluded.cost_micros),
+ten AS (INSERT INTO tenants (name) SELECT DISTINCT tenant FROM ins ORDER BY 1 ON CONFLICT DO NOTHING)
+SELECT count(*) FROM ins";
 
 /// Moves outbox records to PostgreSQL; one per worker.
 pub struct LedgerWriter {
@@ -210,6 +263,8 @@ pub struct LedgerWriter {
     pub batch: usize,
     /// Entries pending this long with a consumer are taken over.
     pub claim_idle: Duration,
+    /// Tiers recorded in the `tiers` table once migrations are applied.
+    pub tiers: Vec<crate::admission::Tier>,
 }
 
 /// A batch read from one partition's outbox.
@@ -227,6 +282,7 @@ impl LedgerWriter {
             consumer: consumer.into(),
             batch: 500,
             claim_idle: Duration::from_secs(30),
+            tiers: Vec::new(),
         }
     }
 
@@ -239,6 +295,7 @@ impl LedgerWriter {
             let step = async {
                 if !migrated {
                     migrate(&self.pool).await?;
+                    record_tiers(&self.pool, &self.tiers).await?;
                     migrated = true;
                     tracing::info!(consumer = %self.consumer, "ledger writer ready: migrations applied");
                 }

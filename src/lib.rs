@@ -27,4 +27,5 @@ pub mod ledger;
 pub mod queue;
 pub mod servers;
 pub mod units;
+pub mod usage;
 pub mod worker;

@@ -109,7 +109,7 @@ pub struct Worker {
     cfg: WorkerConfig,
     registry: Arc<Registry>,
     handlers: Arc<Handlers>,
-    ledger: Option<sqlx::PgPool>,
+    ledger: Option<(sqlx::PgPool, Vec<crate::admission::Tier>)>,
 }
 
 struct Ctx {
@@ -136,8 +136,18 @@ impl Worker {
     /// Also run a ledger writer that moves usage records from the outbox to
     /// this database (it applies migrations first; PostgreSQL may be down
     /// meanwhile: records wait in the outbox).
-    pub fn with_ledger(mut self, pool: sqlx::PgPool) -> Self {
-        self.ledger = Some(pool);
+    pub fn with_ledger(self, pool: sqlx::PgPool) -> Self {
+        self.with_ledger_and_tiers(pool, Vec::new())
+    }
+
+    /// [`with_ledger`](Self::with_ledger), also recording `tiers` in the
+    /// database's `tiers` table.
+    pub fn with_ledger_and_tiers(
+        mut self,
+        pool: sqlx::PgPool,
+        tiers: Vec<crate::admission::Tier>,
+    ) -> Self {
+        self.ledger = Some((pool, tiers));
         self
     }
 
@@ -163,8 +173,10 @@ impl Worker {
             self.cfg.reap_interval,
             background.clone(),
         ));
-        let writer = self.ledger.clone().map(|pool| {
-            let w = crate::ledger::LedgerWriter::new(self.queue.clone(), pool, self.cfg.id.clone());
+        let writer = self.ledger.clone().map(|(pool, tiers)| {
+            let mut w =
+                crate::ledger::LedgerWriter::new(self.queue.clone(), pool, self.cfg.id.clone());
+            w.tiers = tiers;
             tokio::spawn(w.run(background.clone()))
         });
         let completer = tokio::spawn(complete_loop(

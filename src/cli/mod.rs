@@ -7,6 +7,7 @@ mod jobs;
 mod ops;
 pub mod output;
 mod run;
+mod usage;
 
 pub use run::cancel_on_signals;
 
@@ -106,6 +107,8 @@ pub enum Command {
     Tenant(ops::TenantCommand),
     /// Tiers as published in Redis.
     Tiers(ops::ListArgs),
+    /// Usage per tenant from the ledger: agent time, CPU, outcomes, tokens, cost.
+    Usage(usage::UsageArgs),
     /// Run the demo: a worker pool and a mixed multi-tenant workload.
     Demo(crate::demo::DemoArgs),
 }
@@ -184,6 +187,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Resume(a) => ops::pause(g, a, false).await,
         Command::Tenant(c) => ops::tenant(g, c).await,
         Command::Tiers(a) => ops::tiers(g, a).await,
+        Command::Usage(a) => usage::usage(g, a).await,
         Command::Demo(a) => crate::demo::run(g, a).await,
     };
     match result {

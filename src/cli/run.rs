@@ -94,7 +94,8 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     let queue = g.queue().await?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
-    crate::admission::publish_tiers(&queue, &g.settings()?.tiers).await?;
+    let tiers = g.settings()?.tiers;
+    crate::admission::publish_tiers(&queue, &tiers).await?;
     let mut worker = Worker::new(queue, cfg, registry, Handlers::with_builtins());
     if !a.no_ledger {
         let url = g.settings()?.database_url;
@@ -104,7 +105,7 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
                 crate::config::redact_url(&url)
             ))
         })?;
-        worker = worker.with_ledger(pool);
+        worker = worker.with_ledger_and_tiers(pool, tiers);
     }
     let summary = worker.run(shutdown).await?;
     tracing::info!(
@@ -119,12 +120,7 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
 
 pub(super) async fn migrate(g: &Global) -> CliResult {
     let url = g.settings()?.database_url;
-    let pool = crate::ledger::connect(&url, None).await.map_err(|e| {
-        CliError::Runtime(anyhow::anyhow!(
-            "cannot reach PostgreSQL at {}: {e}",
-            crate::config::redact_url(&url)
-        ))
-    })?;
+    let pool = super::usage::database(g).await?;
     crate::ledger::migrate(&pool)
         .await
         .map_err(|e| CliError::Runtime(e.into()))?;
