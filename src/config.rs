@@ -212,6 +212,11 @@ impl Settings {
     pub fn redis_is_default(&self) -> bool {
         self.redis_url == DEFAULT_REDIS_URL
     }
+
+    /// True when the database URL is the built-in default.
+    pub fn database_is_default(&self) -> bool {
+        self.database_url == DEFAULT_DATABASE_URL
+    }
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {

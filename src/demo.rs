@@ -1,10 +1,11 @@
 //! `agentq demo`: a worker pool and a mixed multi-tenant workload, with live
-//! progress and a per-tenant summary at the end.
+//! progress and a per-tenant table read back from the usage ledger.
 //!
-//! It uses its own namespace (`demo-<random>`) and deletes it afterwards, so
-//! it never touches real queues on the same Redis.
+//! It uses its own Redis namespace (`demo-<random>`) and its own PostgreSQL
+//! schema (`agentq_demo_<random>`), and removes both afterwards, so it never
+//! touches real queues or billing data on the same servers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,14 +13,15 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use fred::prelude::*;
 use serde_json::json;
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::LimitsUpdate;
+use crate::admission::{LimitsUpdate, Rate, Target};
 use crate::cli::output;
 use crate::cli::{CliError, CliResult, Global};
 use crate::executor::{Handlers, Registry};
 use crate::queue::{JobSpec, Queue};
-use crate::servers::RedisSource;
+use crate::servers::{PostgresSource, RedisSource};
 use crate::worker::{Worker, WorkerConfig};
 
 /// `agentq demo`.
@@ -44,6 +46,8 @@ struct TenantPlan {
     tier: &'static str,
     cap: u64,
     weight: u64,
+    /// Starts per second (None: the tier's rate is lifted for the demo).
+    rate: Option<u64>,
 }
 
 const TENANTS: [TenantPlan; 3] = [
@@ -52,18 +56,21 @@ const TENANTS: [TenantPlan; 3] = [
         tier: "enterprise",
         cap: 6,
         weight: 3,
+        rate: None,
     },
     TenantPlan {
         name: "flood",
         tier: "free",
         cap: 4,
         weight: 1,
+        rate: Some(25),
     },
     TenantPlan {
         name: "light",
         tier: "pro",
         cap: 3,
         weight: 2,
+        rate: None,
     },
 ];
 
@@ -118,46 +125,78 @@ fn light_jobs() -> Vec<JobSpec> {
 /// Run the demo.
 pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
     let settings = g.settings()?;
-    let source = RedisSource::find(&settings.redis_url, settings.redis_is_default())
+    let redis = RedisSource::find(&settings.redis_url, settings.redis_is_default())
         .map_err(|e| CliError::Runtime(e.into()))?;
-    match &source {
+    match &redis {
         RedisSource::Private(p) => println!(
             "No Redis configured or listening on 6379: started a private redis-server on {} (data in {})",
             p.url(),
             p.dir().display()
         ),
-        RedisSource::External(u) => println!("Redis: {}", crate::config::redact_url(u)),
+        RedisSource::External(u) => println!("Redis:      {}", crate::config::redact_url(u)),
     }
+    let pg = PostgresSource::find(&settings.database_url, settings.database_is_default())
+        .map_err(|e| CliError::Runtime(e.into()))?;
+    match &pg {
+        PostgresSource::Private(p) => println!(
+            "No PostgreSQL configured or listening on 5432: started a private one on {} (data in {})",
+            p.url(),
+            p.dir().display()
+        ),
+        PostgresSource::External(u) => println!("PostgreSQL: {}", crate::config::redact_url(u)),
+    }
+    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut s = settings.clone();
-    s.namespace = format!("demo-{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let queue = crate::cli::connect(&s, &source.url()).await?;
-    let dir = workers_dir(a.workers_dir);
+    s.namespace = format!("demo-{tag}");
+    let queue = crate::cli::connect(&s, &redis.url()).await?;
+    let ledger = DemoLedger::create(&pg.url(), &format!("agentq_demo_{tag}")).await?;
+    let dir = workers_dir(a.workers_dir.clone());
     let registry = Registry::load(&dir).map_err(|e| CliError::Usage(e.to_string()))?;
     println!(
-        "Task kinds from {}: {}",
-        dir.display(),
-        registry.kinds().collect::<Vec<_>>().join(", ")
+        "Task kinds: {} (from {})",
+        registry.kinds().collect::<Vec<_>>().join(", "),
+        dir.display()
     );
-    println!("Namespace {} (removed at the end)\n", s.namespace);
+    println!(
+        "Namespace {} and schema {} (both removed at the end)\n",
+        s.namespace, ledger.schema
+    );
 
+    let result = drive(&a, &queue, &ledger.pool, registry).await;
+    if let Err(e) = queue.delete_namespace().await {
+        eprintln!("warning: could not remove the demo namespace: {e}");
+    }
+    ledger.drop_schema().await;
+    result
+}
+
+async fn drive(a: &DemoArgs, queue: &Queue, pool: &PgPool, registry: Registry) -> CliResult {
+    let tiers = crate::admission::builtin_tiers();
+    crate::admission::publish_tiers(queue, &tiers).await?;
     for t in &TENANTS {
+        let rate = Rate {
+            starts: t.rate.unwrap_or(0),
+            period: Duration::from_secs(1),
+        };
         LimitsUpdate {
             max_concurrency: Some(t.cap),
             weight: Some(t.weight),
             tier: Some(t.tier.into()),
+            rate: Some(rate),
             ..Default::default()
         }
-        .apply(&queue, crate::admission::Target::Tenant(t.name))
+        .apply(queue, Target::Tenant(t.name))
         .await?;
+        let rate = t.rate.map_or("unlimited".to_string(), |r| format!("{r}/s"));
         println!(
-            "tenant {:<6} tier {:<10} cap {}  weight {}",
+            "tenant {:<6} tier {:<10} cap {}  weight {}  rate {rate}",
             t.name, t.tier, t.cap, t.weight
         );
     }
 
     let shutdown = CancellationToken::new();
     crate::cli::cancel_on_signals(shutdown.clone())?;
-    let mut pool = Vec::new();
+    let mut workers = Vec::new();
     for i in 0..a.workers.max(1) {
         let mut cfg = WorkerConfig::new(vec!["default".into()]);
         cfg.id = format!("demo-worker-{i}");
@@ -169,19 +208,19 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
             cfg,
             registry.clone(),
             Handlers::with_builtins(),
-        );
-        pool.push(tokio::spawn(w.run(shutdown.clone())));
+        )
+        .with_ledger_and_tiers(pool.clone(), tiers.clone());
+        workers.push(tokio::spawn(w.run(shutdown.clone())));
     }
     println!(
-        "\n{} workers x {} slots started",
+        "\n{} workers x {} slots started, each with a ledger writer",
         a.workers.max(1),
         a.concurrency.max(1)
     );
 
     let started = Instant::now();
-    let mut total = 0;
     let main = workload(a.scale);
-    total += main.len();
+    let total = main.len() + 12;
     queue.enqueue_batch(&main).await?;
     println!(
         "enqueued {} jobs (flood: {}, acme: {})",
@@ -190,25 +229,96 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
         39
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let light = light_jobs();
-    total += light.len();
-    queue.enqueue_batch(&light).await?;
-    println!(
-        "enqueued {} jobs for light, behind the flood\n",
-        light.len()
-    );
+    queue.enqueue_batch(&light_jobs()).await?;
+    println!("enqueued 12 jobs for light, behind the flood\n");
 
-    let outcome = progress(&queue, total, &shutdown).await;
+    let outcome = progress(queue, total, &shutdown).await;
+    let outcome = match outcome {
+        Ok(()) => ledger_caught_up(queue, &shutdown).await,
+        e => e,
+    };
     shutdown.cancel();
-    for w in pool {
+    for w in workers {
         let _ = w.await;
     }
-    let result = match outcome {
-        Ok(()) => summary(&queue, started.elapsed()).await,
-        Err(e) => Err(e),
-    };
-    cleanup(&queue).await;
-    result
+    outcome?;
+    summary(pool, started.elapsed()).await
+}
+
+/// The demo's private schema on PostgreSQL, migrated.
+struct DemoLedger {
+    admin: PgPool,
+    pool: PgPool,
+    schema: String,
+}
+
+impl DemoLedger {
+    async fn create(url: &str, schema: &str) -> Result<DemoLedger, CliError> {
+        let unreachable = |e: crate::ledger::LedgerError| {
+            CliError::Runtime(anyhow::anyhow!(
+                "PostgreSQL at {}: {e}",
+                crate::config::redact_url(url)
+            ))
+        };
+        // A private server accepts TCP a moment before it takes queries.
+        let mut tries = 0;
+        let admin = loop {
+            match crate::ledger::connect(url, None).await {
+                Ok(p) => break p,
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(unreachable(e)),
+            }
+        };
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .map_err(|e| unreachable(e.into()))?;
+        let pool = crate::ledger::connect(url, Some(schema))
+            .await
+            .map_err(unreachable)?;
+        crate::ledger::migrate(&pool).await.map_err(unreachable)?;
+        Ok(DemoLedger {
+            admin,
+            pool,
+            schema: schema.to_string(),
+        })
+    }
+
+    async fn drop_schema(self) {
+        self.pool.close().await;
+        let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema);
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(drop))
+            .execute(&self.admin)
+            .await
+        {
+            eprintln!(
+                "warning: could not drop the demo schema {}: {e}",
+                self.schema
+            );
+        }
+    }
+}
+
+/// Wait until the ledger writers have emptied the outbox.
+async fn ledger_caught_up(queue: &Queue, stop: &CancellationToken) -> CliResult {
+    let key = queue.keys(0).key(&["outbox"]);
+    loop {
+        let left: u64 = queue
+            .client()
+            .xlen(&key)
+            .await
+            .map_err(crate::queue::QueueError::from)?;
+        if left == 0 {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Err(CliError::Runtime(anyhow::anyhow!("interrupted"))),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
 }
 
 /// Jobs finished for good (succeeded or dead), from the queue counters.
@@ -263,59 +373,78 @@ async fn progress(queue: &Queue, total: usize, stop: &CancellationToken) -> CliR
     }
 }
 
-#[derive(Default)]
-struct Row {
-    jobs: std::collections::BTreeSet<String>,
-    outcomes: BTreeMap<String, u64>,
-    longest_wait_ms: u64,
-    agent_ms: u64,
-    peak_rss: u64,
-    intervals: Vec<(i64, i64)>,
+#[derive(sqlx::FromRow)]
+struct TenantRow {
+    tenant: String,
+    jobs: i64,
+    attempts: i64,
+    succeeded: i64,
+    failed: i64,
+    timed_out: i64,
+    memory_exceeded: i64,
+    agent_ms: i64,
+    peak_rss: i64,
+    longest_wait_ms: i64,
+    cost_micros: i64,
 }
 
-/// Per-tenant table from the ledger outbox (every attempt's usage record).
-async fn summary(queue: &Queue, elapsed: Duration) -> CliResult {
-    let entries: Vec<(String, HashMap<String, String>)> = queue
-        .client()
-        .xrange(queue.keys(0).key(&["outbox"]), "-", "+", None)
-        .await
-        .map_err(crate::queue::QueueError::from)?;
-    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    for (_, f) in &entries {
-        let num = |k: &str| f.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-        let r = rows
-            .entry(f.get("tenant").cloned().unwrap_or_default())
-            .or_default();
-        r.jobs.insert(f.get("job").cloned().unwrap_or_default());
-        *r.outcomes
-            .entry(f.get("outcome").cloned().unwrap_or_default())
-            .or_default() += 1;
-        r.longest_wait_ms = r.longest_wait_ms.max(num("wait_ms").max(0) as u64);
-        r.agent_ms += num("run_ms").max(0) as u64;
-        r.peak_rss = r.peak_rss.max(num("peak_rss").max(0) as u64);
-        r.intervals
-            .push((num("started_at"), num("started_at") + num("run_ms")));
+/// Per-tenant table read back from the ledger in PostgreSQL.
+async fn summary(pool: &PgPool, elapsed: Duration) -> CliResult {
+    let db = |e: sqlx::Error| CliError::Runtime(anyhow::anyhow!("reading the ledger: {e}"));
+    let rows: Vec<TenantRow> = sqlx::query_as(
+        "SELECT tenant, count(DISTINCT job_id) AS jobs, count(*) AS attempts,
+            count(*) FILTER (WHERE outcome = 'succeeded') AS succeeded,
+            count(*) FILTER (WHERE outcome = 'failed') AS failed,
+            count(*) FILTER (WHERE outcome = 'timed_out') AS timed_out,
+            count(*) FILTER (WHERE outcome = 'memory_exceeded') AS memory_exceeded,
+            sum(run_ms)::bigint AS agent_ms, max(peak_rss_bytes) AS peak_rss,
+            max(wait_ms) AS longest_wait_ms, sum(cost_micros)::bigint AS cost_micros
+         FROM usage_ledger GROUP BY tenant ORDER BY tenant",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    let spans: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT tenant, (extract(epoch FROM started_at) * 1000)::bigint, (extract(epoch FROM finished_at) * 1000)::bigint
+         FROM usage_ledger",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    let mut intervals: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    for (t, s, f) in spans {
+        intervals.entry(t).or_default().push((s, f));
     }
+    let attempts: i64 = rows.iter().map(|r| r.attempts).sum();
     println!(
-        "Per tenant ({} attempts in {:.1}s):",
-        entries.len(),
+        "Per tenant, from the usage ledger ({attempts} attempts in {:.1}s):",
         elapsed.as_secs_f64()
     );
-    let table: Vec<Vec<String>> = TENANTS
+    let table: Vec<Vec<String>> = rows
         .iter()
-        .map(|t| {
-            let r = rows.remove(t.name).unwrap_or_default();
-            let outcomes: Vec<String> =
-                r.outcomes.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        .map(|r| {
+            let cap = TENANTS
+                .iter()
+                .find(|t| t.name == r.tenant)
+                .map_or(0, |t| t.cap);
+            let peak = peak_overlap(intervals.get(&r.tenant).map_or(&[][..], Vec::as_slice));
+            let tier = TENANTS
+                .iter()
+                .find(|t| t.name == r.tenant)
+                .map_or("-", |t| t.tier);
             vec![
-                t.name.to_string(),
-                t.tier.to_string(),
-                r.jobs.len().to_string(),
-                outcomes.join(" "),
+                r.tenant.clone(),
+                tier.to_string(),
+                r.jobs.to_string(),
+                format!(
+                    "ok {} / failed {} / timeout {} / memory {}",
+                    r.succeeded, r.failed, r.timed_out, r.memory_exceeded
+                ),
                 format!("{:.1}", r.agent_ms as f64 / 1000.0),
-                crate::units::format_size(r.peak_rss),
+                crate::units::format_size(r.peak_rss.max(0) as u64),
                 format!("{:.2}s", r.longest_wait_ms as f64 / 1000.0),
-                format!("{}/{}", peak_overlap(&r.intervals), t.cap),
+                format!("{peak}/{cap}"),
+                format!("${:.4}", r.cost_micros as f64 / 1e6),
             ]
         })
         .collect();
@@ -324,16 +453,17 @@ async fn summary(queue: &Queue, elapsed: Duration) -> CliResult {
             "tenant",
             "tier",
             "jobs",
-            "attempts by outcome",
+            "attempts",
             "agent-s",
             "peak mem",
             "longest wait",
             "peak running/cap",
+            "cost",
         ],
         &table,
     );
     println!(
-        "\nlight's longest wait stayed short although flood's backlog was queued first: fair scheduling across tenants."
+        "\nlight waited little although flood queued first (fair scheduling); flood never ran more than its cap or faster than its rate."
     );
     Ok(())
 }
@@ -351,12 +481,6 @@ pub fn peak_overlap(intervals: &[(i64, i64)]) -> usize {
         peak = peak.max(cur);
     }
     peak.max(0) as usize
-}
-
-async fn cleanup(queue: &Queue) {
-    if let Err(e) = queue.delete_namespace().await {
-        eprintln!("warning: could not remove the demo namespace: {e}");
-    }
 }
 
 #[cfg(test)]
