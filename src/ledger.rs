@@ -333,7 +333,10 @@ impl LedgerWriter {
             if batch.ids.is_empty() {
                 continue;
             }
-            let inserted = insert(&self.pool, &batch.records).await?;
+            let inserted = insert(&self.pool, &batch.records)
+                .await
+                .inspect_err(|_| crate::metrics::ledger_error())?;
+            crate::metrics::ledger_batch(inserted, &batch.records);
             let client = self.queue.client();
             let _: i64 = client.xack(&key, GROUP, batch.ids.clone()).await?;
             let _: i64 = client.xdel(&key, batch.ids.clone()).await?;

@@ -24,6 +24,7 @@ pub mod demo;
 pub mod executor;
 pub mod lease;
 pub mod ledger;
+pub mod metrics;
 pub mod queue;
 pub mod servers;
 pub mod units;

@@ -475,21 +475,30 @@ fn report_events(events: &str) {
     for e in events.split_whitespace() {
         let (kind, tenant) = e.split_once(':').unwrap_or((e, ""));
         match kind {
-            "quota_80" => tracing::warn!(
-                event = kind,
-                tenant,
-                "tenant crossed 80% of its monthly quota"
-            ),
-            "quota_100" => tracing::warn!(
-                event = kind,
-                tenant,
-                "tenant reached its monthly quota: its jobs wait until the quota is raised or the month ends"
-            ),
-            "rate_2x" => tracing::warn!(
-                event = kind,
-                tenant,
-                "tenant is starting jobs at twice its tier's expected rate"
-            ),
+            "quota_80" => {
+                crate::metrics::quota_alert(tenant, "80");
+                tracing::warn!(
+                    event = kind,
+                    tenant,
+                    "tenant crossed 80% of its monthly quota"
+                )
+            }
+            "quota_100" => {
+                crate::metrics::quota_alert(tenant, "100");
+                tracing::warn!(
+                    event = kind,
+                    tenant,
+                    "tenant reached its monthly quota: its jobs wait until the quota is raised or the month ends"
+                )
+            }
+            "rate_2x" => {
+                crate::metrics::rate_alert(tenant);
+                tracing::warn!(
+                    event = kind,
+                    tenant,
+                    "tenant is starting jobs at twice its tier's expected rate"
+                )
+            }
             _ => tracing::warn!(event = kind, tenant, "queue event"),
         }
     }
