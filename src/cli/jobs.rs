@@ -164,11 +164,26 @@ pub struct InspectArgs {
 pub(super) async fn inspect(g: &Global, a: InspectArgs) -> CliResult {
     let queue = g.queue().await?;
     let info = inspect::job_info(&queue, &a.id).await?;
+    // The ledger is best effort here: a job is inspectable while PostgreSQL is down.
+    let ledger = match super::usage::database(g).await {
+        Ok(pool) => match crate::ledger::rows_for_job(&pool, &a.id).await {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                eprintln!("warning: ledger rows unavailable: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            eprintln!("warning: ledger rows unavailable: {e}");
+            None
+        }
+    };
+    let mut v = serde_json::to_value(&info).map_err(anyhow::Error::from)?;
     if a.json {
-        output::json(&info);
+        v["ledger"] = serde_json::to_value(&ledger).map_err(anyhow::Error::from)?;
+        output::json(&v);
         return Ok(());
     }
-    let v = serde_json::to_value(&info).map_err(anyhow::Error::from)?;
     if let serde_json::Value::Object(map) = v {
         let rows: Vec<Vec<String>> = map
             .into_iter()
@@ -182,6 +197,37 @@ pub(super) async fn inspect(g: &Global, a: InspectArgs) -> CliResult {
             })
             .collect();
         output::table(&["field", "value"], &rows);
+    }
+    if let Some(rows) = ledger {
+        println!("\nledger ({} rows):", rows.len());
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.attempt.to_string(),
+                    r.outcome.clone(),
+                    r.started_at.clone(),
+                    r.run_ms.to_string(),
+                    r.cpu_ms.to_string(),
+                    crate::units::format_size(r.peak_rss_bytes.max(0) as u64),
+                    r.worker.clone(),
+                    format!("{:.6}", r.cost_micros as f64 / 1e6),
+                ]
+            })
+            .collect();
+        output::table(
+            &[
+                "attempt",
+                "outcome",
+                "started_at",
+                "run_ms",
+                "cpu_ms",
+                "peak_rss",
+                "worker",
+                "cost $",
+            ],
+            &table,
+        );
     }
     Ok(())
 }

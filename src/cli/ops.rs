@@ -43,6 +43,8 @@ pub(super) async fn queues(g: &Global, a: ListArgs) -> CliResult {
         &["queue", "ready", "delayed", "running", "dead", "paused"],
         &rows,
     );
+    let backlog = inspect::outbox_backlog(&q).await?;
+    println!("\nledger outbox: {backlog} usage records waiting for PostgreSQL");
     Ok(())
 }
 

@@ -74,6 +74,17 @@ pub async fn queue_names(q: &Queue) -> Result<Vec<String>, QueueError> {
     Ok(names.into_iter().collect())
 }
 
+/// Usage records waiting in the outbox for the ledger writer (all
+/// partitions). Growing while PostgreSQL is down; zero when caught up.
+pub async fn outbox_backlog(q: &Queue) -> Result<u64, QueueError> {
+    let mut n = 0;
+    for p in 0..q.partitions() {
+        let len: u64 = q.client().xlen(q.keys(p).key(&["outbox"])).await?;
+        n += len;
+    }
+    Ok(n)
+}
+
 /// Depth of every queue.
 pub async fn queue_stats(q: &Queue) -> Result<Vec<QueueStats>, QueueError> {
     let mut out: BTreeMap<String, QueueStats> = BTreeMap::new();
