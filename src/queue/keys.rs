@@ -22,7 +22,12 @@
 //! | `B:pass`, `B:vt` | hash, string | tenant pass and the partition's virtual time |
 //! | `B:paused` | set | `q:<q>` (queue paused) and `qt:<q>:<t>` (tenant paused on a queue) |
 //! | `B:leases` | zset | running job id -> lease deadline (Redis time, ms) |
-//! | `B:outbox` | stream | ledger records waiting for PostgreSQL |
+//! | `B:outbox` | stream | ledger records waiting for PostgreSQL (consumer group `ledger`) |
+//! | `B:tier:<name>`, `B:tiers` | hash, set | published tiers |
+//! | `B:usage:<t>` | hash | month (`YYYY-MM`) -> agent ms (the quota counter) |
+//! | `B:gcra` | hash | tenant -> theoretical arrival time of its next start |
+//! | `B:throttled`, `B:held` | zset, hash | tenants held by rate or quota: when they may start, and why |
+//! | `B:starts:<t>:<minute>` | string (TTL) | starts per minute (expected-rate alert) |
 //! | `B:reaper` | string (PX) | guard: one reaper run per interval across the fleet |
 //! | `B:wake` | pub/sub channel | "a tenant became claimable" for idle workers |
 
