@@ -12,6 +12,7 @@
 //! delays the ledger: records wait in the stream.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -328,6 +329,19 @@ pub struct LedgerWriter {
     pub claim_idle: Duration,
     /// Tiers recorded in the `tiers` table once migrations are applied.
     pub tiers: Vec<crate::admission::Tier>,
+    /// Set when an insert failed: this writer has entries pending to retry.
+    retry_own: AtomicBool,
+}
+
+/// Where a batch is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    /// This writer's own unacknowledged entries (after a failed insert).
+    OwnPending,
+    /// Entries idle with another (dead) writer.
+    Reclaim,
+    /// New entries.
+    New,
 }
 
 /// A batch read from one partition's outbox.
@@ -346,6 +360,7 @@ impl LedgerWriter {
             batch: 500,
             claim_idle: Duration::from_secs(30),
             tiers: Vec::new(),
+            retry_own: AtomicBool::new(false),
         }
     }
 
@@ -390,16 +405,31 @@ impl LedgerWriter {
         for p in 0..self.queue.partitions() {
             let key = self.queue.keys(p).key(&["outbox"]);
             self.ensure_group(&key).await?;
-            let mut batch = self.read(&key, true).await?;
-            if batch.ids.is_empty() {
-                batch = self.read(&key, false).await?;
+            // Own entries left pending by a failed insert first (`XREADGROUP >`
+            // never returns them again), then a dead writer's, then new ones.
+            let mut batch = Batch {
+                ids: Vec::new(),
+                records: Vec::new(),
+            };
+            for from in [Read::OwnPending, Read::Reclaim, Read::New] {
+                if from == Read::OwnPending && !self.retry_own.load(Ordering::Relaxed) {
+                    continue;
+                }
+                batch = self.read(&key, from).await?;
+                if from == Read::OwnPending && batch.ids.is_empty() {
+                    self.retry_own.store(false, Ordering::Relaxed);
+                }
+                if !batch.ids.is_empty() {
+                    break;
+                }
             }
             if batch.ids.is_empty() {
                 continue;
             }
-            let inserted = insert(&self.pool, &batch.records)
-                .await
-                .inspect_err(|_| crate::metrics::ledger_error())?;
+            let inserted = insert(&self.pool, &batch.records).await.inspect_err(|_| {
+                crate::metrics::ledger_error();
+                self.retry_own.store(true, Ordering::Relaxed);
+            })?;
             crate::metrics::ledger_batch(inserted, &batch.records);
             let client = self.queue.client();
             let _: i64 = client.xack(&key, GROUP, batch.ids.clone()).await?;
@@ -427,11 +457,11 @@ impl LedgerWriter {
         }
     }
 
-    /// Read new entries (`>`), or take over entries idle with another consumer.
-    async fn read(&self, key: &str, reclaim: bool) -> Result<Batch, LedgerError> {
+    /// Read a batch: own pending entries, another consumer's idle ones, or new ones.
+    async fn read(&self, key: &str, from: Read) -> Result<Batch, LedgerError> {
         let client = self.queue.client();
         let count = self.batch.to_string();
-        let v: Value = if reclaim {
+        let v: Value = if from == Read::Reclaim {
             let idle = self.claim_idle.as_millis().to_string();
             let args: Vec<Value> = vec![
                 key.into(),
@@ -456,7 +486,7 @@ impl LedgerWriter {
                 count.into(),
                 "STREAMS".into(),
                 key.into(),
-                ">".into(),
+                if from == Read::OwnPending { "0" } else { ">" }.into(),
             ];
             let reply: Value = client.custom(fred::cmd!("XREADGROUP"), args).await?;
             // [[key, [entries...]]] (RESP2) or {key: [entries]} (RESP3)

@@ -1,7 +1,8 @@
-//! Finding Redis, or starting a private one, for `agentq demo` and the tests.
+//! Finding Redis and PostgreSQL, or starting private ones, for `agentq demo`
+//! and the tests.
 //!
-//! A private server runs from the binary on PATH in a temporary directory on
-//! a free loopback port, and is killed when its handle drops.
+//! A private server runs from the installed binaries in a temporary directory
+//! on a free loopback port, and is stopped when its handle drops.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -164,6 +165,295 @@ impl RedisSource {
         match self {
             RedisSource::External(u) => u.clone(),
             RedisSource::Private(p) => p.url(),
+        }
+    }
+}
+
+/// A PostgreSQL server (`postgres`, not a daemonized `pg_ctl`) this process
+/// started in a temporary directory, with trust authentication for user
+/// `postgres` on 127.0.0.1 only.
+///
+/// When this process runs as root (PostgreSQL refuses to), `initdb` and the
+/// server run as the `postgres` system user, which then owns the directory.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// Port it listens on (127.0.0.1).
+    pub port: u16,
+    bin_dir: PathBuf,
+    run_as: Option<(u32, u32)>,
+}
+
+impl PrivatePostgres {
+    /// Create a cluster with `initdb` in a new temporary directory, start
+    /// `postgres` on a free port and wait (up to 30s) until it reports itself
+    /// ready to accept connections.
+    ///
+    /// Binaries come from PATH, else the newest `/usr/lib/postgresql/*/bin`.
+    pub fn start() -> Result<PrivatePostgres, ServerError> {
+        let bin_dir = postgres_bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("agentq-pg-").tempdir()?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let run_as = if unsafe { libc::geteuid() } == 0 {
+            let ids = system_user("postgres").ok_or_else(|| {
+                ServerError::Start(
+                    "running as root, and PostgreSQL refuses to: no `postgres` system user \
+                     to run it as (create one, or run as an ordinary user)"
+                        .into(),
+                )
+            })?;
+            std::os::unix::fs::chown(dir.path(), Some(ids.0), Some(ids.1))?;
+            Some(ids)
+        } else {
+            None
+        };
+        let mut pg = PrivatePostgres {
+            child: None,
+            dir,
+            port: free_port()?,
+            bin_dir,
+            run_as,
+        };
+        let out = pg
+            .command("initdb")
+            .arg("-D")
+            .arg(pg.data_dir())
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(ServerError::Start(format!(
+                "initdb failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        pg.restart()?;
+        Ok(pg)
+    }
+
+    /// The server's URL (user `postgres`, database `postgres`, no password).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The temporary directory: `data/` (the cluster), `postgres.log` (the
+    /// server's output) and the Unix socket.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// True while the server process this handle started has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Start the server (again) on the same port and data directory, after
+    /// [`stop`](Self::stop); a server still running is stopped first. Waits
+    /// up to 30s until it is ready to accept connections.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .args(["-p", &self.port.to_string()])
+            .arg("-k")
+            .arg(self.dir.path())
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut child = cmd.spawn()?;
+        let pid = child.id();
+        let addr = format!("127.0.0.1:{}", self.port);
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Err(ServerError::Start(format!(
+                    "postgres on port {} exited ({status}) while starting: {}",
+                    self.port,
+                    self.log_tail()
+                )));
+            }
+            if self.pid_file_ready(pid) && listening(&addr) {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ServerError::Start(format!(
+                    "postgres on port {} was not ready within 30s: {}",
+                    self.port,
+                    self.log_tail()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Fast shutdown (SIGINT: roll back open transactions, close sessions,
+    /// checkpoint) and reap it; SIGKILL if it has not exited within 10s.
+    /// Does nothing if it is not running.
+    pub fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        if matches!(c.try_wait(), Ok(None)) {
+            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                // SAFETY: signalling our own, not yet reaped, child.
+                unsafe { libc::kill(pid, libc::SIGINT) };
+            }
+            let until = Instant::now() + Duration::from_secs(10);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// A command for one of the PostgreSQL binaries, run as the right user
+    /// from the temporary directory (the caller's may be unreadable to it).
+    fn command(&self, binary: &str) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(self.bin_dir.join(binary));
+        cmd.current_dir(self.dir.path());
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    /// `postmaster.pid` names `pid` and says `ready` (PostgreSQL 10+), so
+    /// startup recovery is over, not just the socket open.
+    fn pid_file_ready(&self, pid: u32) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.data_dir().join("postmaster.pid")) else {
+            return false;
+        };
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        lines.first() == Some(&pid.to_string().as_str()) && lines.get(7) == Some(&"ready")
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The directory holding `initdb` and `postgres`: `initdb`'s on PATH, else
+/// the newest `/usr/lib/postgresql/<version>/bin` (Debian keeps them there).
+fn postgres_bin_dir() -> Result<PathBuf, ServerError> {
+    let from_path = which("initdb")
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .and_then(|p| p.parent().map(PathBuf::from));
+    let dir = from_path.or_else(|| {
+        std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let version: Vec<u32> = e
+                    .file_name()
+                    .to_str()?
+                    .split('.')
+                    .map(|n| n.parse().ok())
+                    .collect::<Option<_>>()?;
+                let bin = e.path().join("bin");
+                bin.join("initdb").is_file().then_some((version, bin))
+            })
+            .max()
+            .map(|(_, bin)| bin)
+    });
+    let dir = dir.ok_or_else(|| ServerError::Missing {
+        binary: "initdb".into(),
+        package: "postgresql".into(),
+    })?;
+    if !dir.join("postgres").is_file() {
+        return Err(ServerError::Missing {
+            binary: "postgres".into(),
+            package: "postgresql".into(),
+        });
+    }
+    Ok(dir)
+}
+
+/// The uid and gid of system user `name`.
+fn system_user(name: &str) -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: an all-zero passwd is a valid out-parameter (null pointers, zero ids).
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call and `buf.len()` is its size.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then_some((pw.pw_uid, pw.pw_gid))
+}
+
+/// Where PostgreSQL is for a command that may start its own: the configured
+/// URL, or, when none was configured and nothing listens on the default port,
+/// a private server.
+#[derive(Debug)]
+pub enum PostgresSource {
+    /// A server someone else runs.
+    External(String),
+    /// A server this process started.
+    Private(PrivatePostgres),
+}
+
+impl PostgresSource {
+    /// Decide where PostgreSQL is; see the type's docs.
+    pub fn find(url: &str, url_is_default: bool) -> Result<PostgresSource, ServerError> {
+        if !url_is_default || listening("127.0.0.1:5432") {
+            return Ok(PostgresSource::External(url.to_string()));
+        }
+        Ok(PostgresSource::Private(PrivatePostgres::start()?))
+    }
+
+    /// The URL to connect to.
+    pub fn url(&self) -> String {
+        match self {
+            PostgresSource::External(u) => u.clone(),
+            PostgresSource::Private(p) => p.url(),
         }
     }
 }
