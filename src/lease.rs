@@ -150,11 +150,14 @@ pub async fn reaper(queue: Queue, interval: Duration, stop: CancellationToken) {
         }
         for p in 0..queue.partitions() {
             match queue.reap(p, interval, 500).await {
-                Ok(Some(n)) if n > 0 => tracing::warn!(
-                    reaped = n,
-                    partition = p,
-                    "returned expired leases to ready"
-                ),
+                Ok(Some(n)) if n > 0 => {
+                    crate::metrics::lease_expiries(n);
+                    tracing::warn!(
+                        reaped = n,
+                        partition = p,
+                        "returned expired leases to ready"
+                    )
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, partition = p, "reaper failed; will retry"),
             }

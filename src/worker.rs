@@ -42,6 +42,9 @@ pub struct WorkerConfig {
     pub reap_interval: Duration,
     /// Longest idle wait between claims when nothing wakes the worker.
     pub idle_poll: Duration,
+    /// Sample queue depth and tenant state into gauges this often (one
+    /// worker of the fleet at a time); None: never.
+    pub sample_metrics: Option<Duration>,
 }
 
 impl WorkerConfig {
@@ -58,6 +61,7 @@ impl WorkerConfig {
             backoff_max: Duration::from_secs(300),
             reap_interval: Duration::from_secs(1),
             idle_poll: Duration::from_secs(1),
+            sample_metrics: None,
         }
     }
 }
@@ -99,7 +103,8 @@ struct Counters {
 
 /// What a finished attempt sends to the completer.
 enum Finished {
-    Complete(u32, Completion),
+    /// Partition, completion, and (queue, tenant) for metrics.
+    Complete(u32, Completion, (String, String)),
     Release(u32, String, u32, u64),
 }
 
@@ -179,6 +184,14 @@ impl Worker {
             w.tiers = tiers;
             tokio::spawn(w.run(background.clone()))
         });
+        let sampler = self.cfg.sample_metrics.map(|every| {
+            tokio::spawn(crate::metrics::sample(
+                self.queue.clone(),
+                self.cfg.id.clone(),
+                every,
+                background.clone(),
+            ))
+        });
         let completer = tokio::spawn(complete_loop(
             self.queue.clone(),
             rx,
@@ -216,8 +229,8 @@ impl Worker {
         background.cancel();
         let _ = heartbeat.await;
         let _ = reaper.await;
-        if let Some(w) = writer {
-            let _ = w.await;
+        for task in [writer, sampler].into_iter().flatten() {
+            let _ = task.await;
         }
         Ok(WorkerSummary {
             started: counters.started.load(Ordering::Relaxed),
@@ -268,6 +281,7 @@ async fn claim_loop(
     let mut rr = 0u32;
     let mut error_backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
+        crate::metrics::slots(ctx.held.len(), ctx.cfg.concurrency);
         let mut free = ctx.cfg.concurrency.saturating_sub(ctx.held.len());
         if free == 0 {
             tokio::select! {
@@ -294,6 +308,12 @@ async fn claim_loop(
                     claimed += jobs.len();
                     for job in jobs {
                         counters.started.fetch_add(1, Ordering::Relaxed);
+                        let wait = (job.started_at_ms - job.enqueued_at_ms).max(0) as u64;
+                        crate::metrics::started(
+                            &job.queue,
+                            &job.tenant,
+                            Duration::from_millis(wait),
+                        );
                         start_attempt(ctx, job);
                     }
                 }
@@ -359,7 +379,11 @@ fn start_attempt(ctx: &Arc<Ctx>, job: ClaimedJob) {
                 job.attempt,
                 started.elapsed().as_millis() as u64,
             ),
-            _ => Finished::Complete(job.partition, completion(&ctx.cfg, &job, report)),
+            _ => Finished::Complete(
+                job.partition,
+                completion(&ctx.cfg, &job, report),
+                (job.queue.clone(), job.tenant.clone()),
+            ),
         };
         // The completer outlives every job task (it ends when all senders drop).
         let _ = ctx.done.send(finished);
@@ -494,16 +518,30 @@ async fn complete_loop(
             }
         }
         let mut done: BTreeMap<u32, Vec<Completion>> = BTreeMap::new();
+        let mut labels: std::collections::HashMap<String, (String, String)> =
+            std::collections::HashMap::new();
         let mut back: BTreeMap<u32, Vec<(String, u32, u64)>> = BTreeMap::new();
         for f in batch {
             match f {
-                Finished::Complete(p, c) => done.entry(p).or_default().push(c),
+                Finished::Complete(p, c, l) => {
+                    labels.insert(c.id.clone(), l);
+                    done.entry(p).or_default().push(c)
+                }
                 Finished::Release(p, id, a, ms) => back.entry(p).or_default().push((id, a, ms)),
             }
         }
         for (p, list) in done {
             let statuses = retry("complete", || queue.complete(p, &list)).await;
             for (c, s) in list.iter().zip(statuses) {
+                if let Some((q, t)) = labels.get(&c.id) {
+                    crate::metrics::completed(
+                        q,
+                        t,
+                        c.outcome.as_str(),
+                        Duration::from_millis(c.run_ms),
+                        s,
+                    );
+                }
                 if s == CompleteStatus::Refused {
                     counters.refused.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(job = %c.id, attempt = c.attempt, "completion refused: the lease was lost and the job handed to another worker");

@@ -34,6 +34,13 @@ pub struct WorkerArgs {
     /// First retry delay (doubles per attempt, with jitter).
     #[arg(long, value_parser = duration_arg, default_value = "1s")]
     backoff_base: Duration,
+    /// Serve /metrics, /healthz and /readyz here ("off" to disable)
+    /// [default: 0.0.0.0:9464; if that port is taken the worker warns and runs without it].
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Tenant label values on metrics: all, top:N (the rest are "other") or none.
+    #[arg(long, default_value = "top:100")]
+    metrics_tenant_labels: crate::metrics::TenantLabels,
     /// Do not write the usage ledger to PostgreSQL (records wait in the Redis outbox).
     #[arg(long)]
     no_ledger: bool,
@@ -64,6 +71,7 @@ impl WorkerArgs {
         cfg.lease = self.lease;
         cfg.kill_grace = self.kill_grace;
         cfg.backoff_base = self.backoff_base;
+        cfg.sample_metrics = Some(Duration::from_secs(5));
         cfg.reap_interval =
             (self.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         Ok(cfg)
@@ -96,7 +104,8 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     cancel_on_signals(shutdown.clone())?;
     let tiers = g.settings()?.tiers;
     crate::admission::publish_tiers(&queue, &tiers).await?;
-    let mut worker = Worker::new(queue, cfg, registry, Handlers::with_builtins());
+    let mut worker = Worker::new(queue.clone(), cfg, registry, Handlers::with_builtins());
+    let mut db = None;
     if !a.no_ledger {
         let url = g.settings()?.database_url;
         let pool = crate::ledger::connect_lazy(&url).map_err(|e| {
@@ -105,8 +114,16 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
                 crate::config::redact_url(&url)
             ))
         })?;
+        db = Some(pool.clone());
         worker = worker.with_ledger_and_tiers(pool, tiers);
     }
+    crate::metrics::set_tenant_labels(a.metrics_tenant_labels.clone());
+    serve_metrics(
+        a.metrics_addr.as_deref(),
+        crate::metrics::Readiness { queue, db },
+        shutdown.clone(),
+    )
+    .await?;
     let summary = worker.run(shutdown).await?;
     tracing::info!(
         started = summary.started,
@@ -126,4 +143,36 @@ pub(super) async fn migrate(g: &Global) -> CliResult {
         .map_err(|e| CliError::Runtime(e.into()))?;
     println!("migrations applied to {}", crate::config::redact_url(&url));
     Ok(())
+}
+
+/// Start the metrics endpoint: an explicit address must bind (exit 1
+/// otherwise); the default one only warns, so several workers can share a host.
+async fn serve_metrics(
+    addr: Option<&str>,
+    ready: crate::metrics::Readiness,
+    stop: CancellationToken,
+) -> Result<(), CliError> {
+    let (text, explicit) = match addr {
+        Some("off") => return Ok(()),
+        Some(a) => (a, true),
+        None => ("0.0.0.0:9464", false),
+    };
+    let sock: std::net::SocketAddr = text.parse().map_err(|_| {
+        CliError::Usage(format!(
+            "--metrics-addr {text:?} is not HOST:PORT, for example 0.0.0.0:9464 (or off)"
+        ))
+    })?;
+    match crate::metrics::serve(sock, ready, stop).await {
+        Ok(bound) => {
+            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics (health: /healthz, /readyz)");
+            Ok(())
+        }
+        Err(e) if !explicit => {
+            tracing::warn!(addr = %sock, error = %e, "metrics endpoint not started (pass --metrics-addr to choose a port)");
+            Ok(())
+        }
+        Err(e) => Err(CliError::Runtime(anyhow::anyhow!(
+            "cannot serve metrics on {sock}: {e}"
+        ))),
+    }
 }

@@ -233,9 +233,13 @@ impl Queue {
                 )));
             }
             for (n, &i) in idx.iter().enumerate() {
+                let created = flat[2 * n + 1] == "1";
+                if created {
+                    crate::metrics::enqueued(&specs[i].queue, &specs[i].tenant);
+                }
                 out[i] = Some(Enqueued {
                     id: flat[2 * n].clone(),
-                    created: flat[2 * n + 1] == "1",
+                    created,
                 });
             }
         }

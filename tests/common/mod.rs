@@ -86,6 +86,11 @@ impl TestQueue {
         Command::new(bin())
             .arg("worker")
             .arg("--no-ledger") // these tests read the outbox; ledger tests give their own schema
+            .args(if args.contains(&"--metrics-addr") {
+                &[][..]
+            } else {
+                &["--metrics-addr", "off"][..]
+            })
             .args(args)
             .env("AGENTQ_REDIS_URL", self.queue.config().redis_url.clone())
             .env("AGENTQ_NAMESPACE", &self.ns)
@@ -186,6 +191,26 @@ pub async fn job_in_state(
         },
     )
     .await
+}
+
+/// `GET path` on 127.0.0.1:port; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Wait until the namespace has no ready, delayed or running job left.
