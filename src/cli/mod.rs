@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (one
 //! line saying what was wrong and how to fix it; nothing is written).
 
+mod drain;
 mod jobs;
 mod ops;
 pub mod output;
@@ -100,8 +101,12 @@ pub enum Command {
     Inspect(jobs::InspectArgs),
     /// Stop new starts on a queue (or one tenant on it).
     Pause(ops::PauseArgs),
-    /// Undo a pause.
+    /// Undo a pause or a drain.
     Resume(ops::PauseArgs),
+    /// Stop new starts on a queue fleet-wide and wait until nothing runs.
+    Drain(drain::DrainArgs),
+    /// List, retry or purge dead jobs.
+    Dead(drain::DeadArgs),
     /// Tenant limits.
     #[command(subcommand)]
     Tenant(ops::TenantCommand),
@@ -185,6 +190,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Inspect(a) => jobs::inspect(g, a).await,
         Command::Pause(a) => ops::pause(g, a, true).await,
         Command::Resume(a) => ops::pause(g, a, false).await,
+        Command::Drain(a) => drain::drain(g, a).await,
+        Command::Dead(a) => drain::dead(g, a).await,
         Command::Tenant(c) => ops::tenant(g, c).await,
         Command::Tiers(a) => ops::tiers(g, a).await,
         Command::Usage(a) => usage::usage(g, a).await,

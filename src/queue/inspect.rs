@@ -290,6 +290,8 @@ pub struct JobSummary {
     pub enqueued_at: Option<String>,
     /// Last error, if any.
     pub last_error: Option<String>,
+    /// End of the last attempt (for dead jobs: when it died).
+    pub finished_at: Option<String>,
 }
 
 /// Which jobs to list.
@@ -400,6 +402,7 @@ pub async fn list_jobs(
                     "attempts",
                     "enqueued_at",
                     "last_error",
+                    "finished_at",
                 ],
             )
             .await?;
@@ -415,6 +418,7 @@ pub async fn list_jobs(
             attempts: get(4).and_then(|s| s.parse().ok()).unwrap_or(0),
             enqueued_at: get(5).and_then(|s| s.parse().ok()).and_then(rfc3339_ms),
             last_error: get(6),
+            finished_at: get(7).and_then(|s| s.parse().ok()).and_then(rfc3339_ms),
         });
     }
     Ok(out)

@@ -401,6 +401,81 @@ impl Queue {
         Ok(changed)
     }
 
+    /// Retry (`retry` true) or purge dead jobs of `queue`: the given `jobs`,
+    /// or all of `tenant`'s (every tenant's if None) dead for at least
+    /// `older_than`. Returns how many per tenant.
+    pub async fn dead_jobs(
+        &self,
+        retry: bool,
+        queue: &str,
+        tenant: Option<&str>,
+        older_than: Duration,
+        jobs: &[String],
+    ) -> Result<BTreeMap<String, u64>, QueueError> {
+        job::validate_name("queue", queue)?;
+        let mut by_part: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for id in jobs {
+            by_part
+                .entry(self.partition_of_job(id)?)
+                .or_default()
+                .push(id.clone());
+        }
+        let parts: Vec<u32> = match (jobs.is_empty(), tenant) {
+            (false, _) => by_part.keys().copied().collect(),
+            (true, Some(t)) => vec![self.partition_of(t)],
+            (true, None) => (0..self.partitions()).collect(),
+        };
+        const BATCH: usize = 1000;
+        let mut counts = BTreeMap::new();
+        for p in parts {
+            loop {
+                let mut args = vec![
+                    if retry { "retry" } else { "purge" }.to_string(),
+                    queue.to_string(),
+                    tenant.unwrap_or("").to_string(),
+                    older_than.as_millis().to_string(),
+                    BATCH.to_string(),
+                ];
+                args.extend(by_part.get(&p).cloned().unwrap_or_default());
+                let done = strings(self.call(ScriptName::Dead, p, args).await?)?;
+                for t in &done {
+                    *counts.entry(t.clone()).or_default() += 1;
+                }
+                if done.len() < BATCH || !jobs.is_empty() {
+                    break;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Delete every ready and delayed job of `queue` (running jobs are left
+    /// alone). Returns how many per tenant.
+    pub async fn purge_waiting(&self, queue: &str) -> Result<BTreeMap<String, u64>, QueueError> {
+        job::validate_name("queue", queue)?;
+        const BATCH: usize = 1000;
+        let mut counts = BTreeMap::new();
+        for p in 0..self.partitions() {
+            loop {
+                let done = strings(
+                    self.call(
+                        ScriptName::Purge,
+                        p,
+                        vec![queue.to_string(), BATCH.to_string()],
+                    )
+                    .await?,
+                )?;
+                for t in &done {
+                    *counts.entry(t.clone()).or_default() += 1;
+                }
+                if done.len() < BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
     /// Delete every key of this namespace (all partitions). For tests and the
     /// demo's own namespace; never call it on a namespace in use.
     pub async fn delete_namespace(&self) -> Result<u64, QueueError> {

@@ -30,11 +30,15 @@ pub enum ScriptName {
     Pause,
     /// Change tenant limits or defaults.
     TenantSet,
+    /// Retry or purge dead jobs.
+    Dead,
+    /// Delete a queue's ready and delayed jobs.
+    Purge,
 }
 
 impl ScriptName {
     /// Every script, in load order.
-    pub const ALL: [ScriptName; 8] = [
+    pub const ALL: [ScriptName; 10] = [
         ScriptName::Enqueue,
         ScriptName::Claim,
         ScriptName::Complete,
@@ -43,6 +47,8 @@ impl ScriptName {
         ScriptName::Release,
         ScriptName::Pause,
         ScriptName::TenantSet,
+        ScriptName::Dead,
+        ScriptName::Purge,
     ];
 
     /// The script's file name without `.lua`.
@@ -56,6 +62,8 @@ impl ScriptName {
             ScriptName::Release => "release",
             ScriptName::Pause => "pause",
             ScriptName::TenantSet => "tenant_set",
+            ScriptName::Dead => "dead",
+            ScriptName::Purge => "purge",
         }
     }
 
@@ -69,6 +77,8 @@ impl ScriptName {
             ScriptName::Release => include_str!("scripts/release.lua"),
             ScriptName::Pause => include_str!("scripts/pause.lua"),
             ScriptName::TenantSet => include_str!("scripts/tenant_set.lua"),
+            ScriptName::Dead => include_str!("scripts/dead.lua"),
+            ScriptName::Purge => include_str!("scripts/purge.lua"),
         }
     }
 }
