@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
 
 use agentq::queue::JobSpec;
 use agentq::queue::inspect::{job_info, queue_stats};
