@@ -28,6 +28,7 @@
 //! | `B:gcra` | hash | tenant -> theoretical arrival time of its next start |
 //! | `B:throttled`, `B:held` | zset, hash | tenants held by rate or quota: when they may start, and why |
 //! | `B:starts:<t>:<minute>` | string (TTL) | starts per minute (expected-rate alert) |
+//! | `B:sampler` | string (PX) | the worker currently sampling gauges |
 //! | `B:reaper` | string (PX) | guard: one reaper run per interval across the fleet |
 //! | `B:wake` | pub/sub channel | "a tenant became claimable" for idle workers |
 
