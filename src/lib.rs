@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod demo;

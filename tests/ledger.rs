@@ -7,60 +7,9 @@ use std::time::Duration;
 
 use agentq::ledger::{self, LedgerWriter};
 use agentq::queue::JobSpec;
-use common::{TestQueue, drained, fast_worker};
+use common::{TestDb, TestQueue, database_url, drained, fast_worker};
 use fred::prelude::*;
 use serde_json::json;
-use sqlx::PgPool;
-
-fn database_url() -> String {
-    std::env::var("AGENTQ_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// A private schema for one test.
-struct TestDb {
-    pool: PgPool,
-    admin: PgPool,
-    schema: String,
-}
-
-impl TestDb {
-    async fn new(test: &str) -> TestDb {
-        let schema = format!("t_{test}_{:08x}", rand::random::<u32>());
-        let admin = ledger::connect(&database_url(), None)
-            .await
-            .expect("connect to PostgreSQL (set AGENTQ_DATABASE_URL)");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .execute(&admin)
-            .await
-            .expect("create schema");
-        let pool = ledger::connect(&database_url(), Some(&schema))
-            .await
-            .expect("connect");
-        ledger::migrate(&pool).await.expect("migrate");
-        TestDb {
-            pool,
-            admin,
-            schema,
-        }
-    }
-    async fn rows(&self) -> Vec<(String, i32, String)> {
-        sqlx::query_as("SELECT job_id, attempt, outcome FROM usage_ledger ORDER BY job_id, attempt")
-            .fetch_all(&self.pool)
-            .await
-            .expect("select")
-    }
-    async fn cleanup(self) {
-        self.pool.close().await;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA {} CASCADE",
-            self.schema
-        )))
-        .execute(&self.admin)
-        .await
-        .expect("drop schema");
-    }
-}
 
 async fn outbox_len(tq: &TestQueue) -> u64 {
     tq.queue

@@ -8,6 +8,7 @@ mod jobs;
 mod ops;
 pub mod output;
 mod run;
+mod serve;
 mod usage;
 
 pub use run::cancel_on_signals;
@@ -114,6 +115,8 @@ pub enum Command {
     Tiers(ops::ListArgs),
     /// Usage per tenant from the ledger: agent time, CPU, outcomes, tokens, cost.
     Usage(usage::UsageArgs),
+    /// HTTP API for enqueue, status, cancel and usage (tenant API keys).
+    Serve(serve::ServeArgs),
     /// Run the demo: a worker pool and a mixed multi-tenant workload.
     Demo(crate::demo::DemoArgs),
 }
@@ -165,7 +168,7 @@ pub async fn connect(s: &Settings, url: &str) -> Result<Queue, CliError> {
 /// worker and quieter for commands whose stdout a person reads.
 fn init_logging(command: &Command) {
     let default = match command {
-        Command::Worker(_) => "agentq=info,warn",
+        Command::Worker(_) | Command::Serve(_) => "agentq=info,warn",
         _ => "agentq=warn,error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTQ_LOG")
@@ -195,6 +198,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Tenant(c) => ops::tenant(g, c).await,
         Command::Tiers(a) => ops::tiers(g, a).await,
         Command::Usage(a) => usage::usage(g, a).await,
+        Command::Serve(a) => serve::serve(g, a).await,
         Command::Demo(a) => crate::demo::run(g, a).await,
     };
     match result {

@@ -151,6 +151,9 @@ pub enum TenantCommand {
     Defaults(LimitFlags),
     /// Show a tenant's limits and where each comes from.
     Show(TenantShowArgs),
+    /// API keys for the HTTP API.
+    #[command(subcommand)]
+    Key(super::serve::KeyCommand),
 }
 
 /// The limit flags shared by `tenant set` and `tenant defaults`.
@@ -280,6 +283,7 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
             u.apply(&q, Target::Defaults).await?;
             println!("defaults: set {}", u.describe());
         }
+        TenantCommand::Key(c) => return super::serve::key(g, c).await,
         TenantCommand::Show(a) => {
             validate_name("tenant", &a.tenant)?;
             let q = g.queue().await?;

@@ -91,7 +91,7 @@ impl JobSpec {
         validate_name("queue", &self.queue)?;
         validate_name("kind", &self.kind)?;
         if self.payload.len() > max_payload {
-            return Err(QueueError::Invalid(format!(
+            return Err(QueueError::TooLarge(format!(
                 "payload is {} bytes, over the limit of {max_payload} bytes; store large inputs elsewhere and pass a reference",
                 self.payload.len()
             )));

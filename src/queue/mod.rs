@@ -30,6 +30,9 @@ pub enum QueueError {
     /// A requested timeout or memory above the tenant's cap.
     #[error("{0}")]
     OverCap(String),
+    /// A payload over the size limit.
+    #[error("{0}")]
+    TooLarge(String),
     /// No such job.
     #[error("no job {0}: check the id (agentq jobs --queue Q lists ids)")]
     NotFound(String),
@@ -46,7 +49,10 @@ impl QueueError {
     pub fn is_input(&self) -> bool {
         matches!(
             self,
-            QueueError::Invalid(_) | QueueError::OverCap(_) | QueueError::NotFound(_)
+            QueueError::Invalid(_)
+                | QueueError::OverCap(_)
+                | QueueError::TooLarge(_)
+                | QueueError::NotFound(_)
         )
     }
 
@@ -204,6 +210,9 @@ impl Queue {
     pub async fn enqueue_batch(&self, specs: &[JobSpec]) -> Result<Vec<Enqueued>, QueueError> {
         for (i, s) in specs.iter().enumerate() {
             s.validate(self.cfg.max_payload).map_err(|e| match e {
+                QueueError::TooLarge(m) if specs.len() > 1 => {
+                    QueueError::TooLarge(format!("job {}: {m}", i + 1))
+                }
                 QueueError::Invalid(m) if specs.len() > 1 => {
                     QueueError::Invalid(format!("job {}: {m}", i + 1))
                 }
@@ -474,6 +483,22 @@ impl Queue {
             }
         }
         Ok(counts)
+    }
+
+    /// Cancel a job that has not started. Returns its state before
+    /// (`ready` or `delayed`: cancelled; anything else: left as it was).
+    pub async fn cancel(&self, id: &str) -> Result<String, QueueError> {
+        let p = self.partition_of_job(id)?;
+        match self
+            .call(ScriptName::Cancel, p, vec![id.to_string()])
+            .await?
+        {
+            Value::String(s) if s.is_empty() => Err(QueueError::NotFound(id.to_string())),
+            Value::String(s) => Ok(s.to_string()),
+            Value::Bytes(b) if b.is_empty() => Err(QueueError::NotFound(id.to_string())),
+            Value::Bytes(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+            other => Err(QueueError::Protocol(format!("cancel said {other:?}"))),
+        }
     }
 
     /// Delete every key of this namespace (all partitions). For tests and the

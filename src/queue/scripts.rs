@@ -34,11 +34,13 @@ pub enum ScriptName {
     Dead,
     /// Delete a queue's ready and delayed jobs.
     Purge,
+    /// Cancel a job that has not started.
+    Cancel,
 }
 
 impl ScriptName {
     /// Every script, in load order.
-    pub const ALL: [ScriptName; 10] = [
+    pub const ALL: [ScriptName; 11] = [
         ScriptName::Enqueue,
         ScriptName::Claim,
         ScriptName::Complete,
@@ -49,6 +51,7 @@ impl ScriptName {
         ScriptName::TenantSet,
         ScriptName::Dead,
         ScriptName::Purge,
+        ScriptName::Cancel,
     ];
 
     /// The script's file name without `.lua`.
@@ -64,6 +67,7 @@ impl ScriptName {
             ScriptName::TenantSet => "tenant_set",
             ScriptName::Dead => "dead",
             ScriptName::Purge => "purge",
+            ScriptName::Cancel => "cancel",
         }
     }
 
@@ -79,6 +83,7 @@ impl ScriptName {
             ScriptName::TenantSet => include_str!("scripts/tenant_set.lua"),
             ScriptName::Dead => include_str!("scripts/dead.lua"),
             ScriptName::Purge => include_str!("scripts/purge.lua"),
+            ScriptName::Cancel => include_str!("scripts/cancel.lua"),
         }
     }
 }

@@ -233,3 +233,53 @@ pub fn peak_overlap(intervals: &[(i64, i64)]) -> usize {
 pub fn num(r: &HashMap<String, String>, k: &str) -> i64 {
     r.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
+
+pub fn database_url() -> String {
+    std::env::var("AGENTQ_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A private schema for one test.
+pub struct TestDb {
+    pub pool: sqlx::PgPool,
+    pub admin: sqlx::PgPool,
+    pub schema: String,
+}
+
+impl TestDb {
+    pub async fn new(test: &str) -> TestDb {
+        let schema = format!("t_{test}_{:08x}", rand::random::<u32>());
+        let admin = agentq::ledger::connect(&database_url(), None)
+            .await
+            .expect("connect to PostgreSQL (set AGENTQ_DATABASE_URL)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .expect("create schema");
+        let pool = agentq::ledger::connect(&database_url(), Some(&schema))
+            .await
+            .expect("connect");
+        agentq::ledger::migrate(&pool).await.expect("migrate");
+        TestDb {
+            pool,
+            admin,
+            schema,
+        }
+    }
+    pub async fn rows(&self) -> Vec<(String, i32, String)> {
+        sqlx::query_as("SELECT job_id, attempt, outcome FROM usage_ledger ORDER BY job_id, attempt")
+            .fetch_all(&self.pool)
+            .await
+            .expect("select")
+    }
+    pub async fn cleanup(self) {
+        self.pool.close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.schema
+        )))
+        .execute(&self.admin)
+        .await
+        .expect("drop schema");
+    }
+}

@@ -1,0 +1,92 @@
+//! Tenant API keys: `aq_<prefix>_<secret>`, shown once at creation; the
+//! database keeps the prefix, the tenant and a SHA-256 of the secret.
+
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+use crate::ledger::LedgerError;
+
+/// A key as printed once by `agentq tenant key create`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NewKey {
+    /// The tenant it belongs to.
+    pub tenant: String,
+    /// Public part, for listings and revocation.
+    pub prefix: String,
+    /// The whole key (give it to the tenant; it is not stored).
+    pub key: String,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let v: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    hex::encode(v)
+}
+
+fn hash(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Split `aq_<prefix>_<secret>`; None if it is not shaped like a key.
+pub fn parse(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix("aq_")?;
+    let (prefix, secret) = rest.split_once('_')?;
+    let hexy = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hexy(prefix, 8) && hexy(secret, 64)).then_some((prefix, secret))
+}
+
+/// Create a key for `tenant`.
+pub async fn create(pool: &PgPool, tenant: &str) -> Result<NewKey, LedgerError> {
+    let prefix = random_hex(4);
+    let secret = random_hex(32);
+    sqlx::query("INSERT INTO api_keys (prefix, tenant, secret_hash) VALUES ($1, $2, $3)")
+        .bind(&prefix)
+        .bind(tenant)
+        .bind(hash(&secret))
+        .execute(pool)
+        .await?;
+    Ok(NewKey {
+        tenant: tenant.to_string(),
+        key: format!("aq_{prefix}_{secret}"),
+        prefix,
+    })
+}
+
+/// Revoke a key by its prefix (or whole key); returns the tenant it belonged to.
+pub async fn revoke(pool: &PgPool, key_or_prefix: &str) -> Result<Option<String>, LedgerError> {
+    let prefix = parse(key_or_prefix).map_or(key_or_prefix, |(p, _)| p);
+    let tenant: Option<(String,)> =
+        sqlx::query_as("UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING tenant")
+            .bind(prefix)
+            .fetch_optional(pool)
+            .await?;
+    Ok(tenant.map(|t| t.0))
+}
+
+/// The tenant of a valid, unrevoked key.
+pub async fn verify(pool: &PgPool, key: &str) -> Result<Option<String>, LedgerError> {
+    let Some((prefix, secret)) = parse(key) else {
+        return Ok(None);
+    };
+    let row: Option<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT tenant, secret_hash FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
+    )
+    .bind(prefix)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(|(tenant, stored)| constant_time_eq(&stored, &hash(secret)).then_some(tenant)))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keys_parse() {
+        let k = format!("aq_{}_{}", "a1b2c3d4", "0".repeat(64));
+        assert_eq!(super::parse(&k), Some(("a1b2c3d4", &*"0".repeat(64))));
+        assert!(super::parse("aq_zz_00").is_none());
+        assert!(super::parse("Bearer x").is_none());
+    }
+}
