@@ -2,7 +2,6 @@
 
 mod common;
 
-
 use agentq::queue::JobSpec;
 use agentq::queue::inspect::{job_info, queue_stats};
 use common::{TestQueue, fast_worker};
