@@ -20,6 +20,7 @@
 pub mod admission;
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod executor;
@@ -31,3 +32,5 @@ pub mod servers;
 pub mod units;
 pub mod usage;
 pub mod worker;
+
+pub use client::Client;

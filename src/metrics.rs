@@ -207,6 +207,14 @@ pub fn lease_expiries(n: u64) {
     ::metrics::counter!(LEASE_EXPIRIES).increment(n);
 }
 
+/// Create the fleet-level counters at zero, so `increase()` sees their
+/// first event (Prometheus misses a series' first sample otherwise).
+pub fn register_zeroes() {
+    for name in [REFUSED, LEASE_EXPIRIES, LEDGER_ROWS, LEDGER_ERRORS] {
+        ::metrics::counter!(name).increment(0);
+    }
+}
+
 /// This worker's slot use.
 pub fn slots(busy: usize, total: usize) {
     ::metrics::gauge!(BUSY_SLOTS).set(busy as f64);

@@ -167,6 +167,7 @@ impl Worker {
         let (tx, rx) = mpsc::unbounded_channel();
 
         let _sub = subscribe_wake(&self.queue, wake.clone()).await?;
+        crate::metrics::register_zeroes();
         let heartbeat = tokio::spawn(lease::heartbeat(
             self.queue.clone(),
             held.clone(),

@@ -231,3 +231,37 @@ pub(super) async fn inspect(g: &Global, a: InspectArgs) -> CliResult {
     }
     Ok(())
 }
+
+/// `agentq script`.
+#[derive(Debug, Args)]
+pub struct ScriptArgs {
+    /// Which script (enqueue is the published wire format, v1).
+    #[arg(default_value = "enqueue")]
+    name: String,
+    /// Print only its SHA1 (for EVALSHA after SCRIPT LOAD).
+    #[arg(long)]
+    sha: bool,
+}
+
+pub(super) fn script(a: ScriptArgs) -> CliResult {
+    use crate::queue::ScriptName;
+    let Some(name) = ScriptName::ALL
+        .iter()
+        .copied()
+        .find(|n| n.as_str() == a.name)
+    else {
+        let names: Vec<&str> = ScriptName::ALL.iter().map(|n| n.as_str()).collect();
+        return Err(CliError::Usage(format!(
+            "no script {:?}: use one of {}",
+            a.name,
+            names.join(", ")
+        )));
+    };
+    let source = crate::queue::script_source(name);
+    if a.sha {
+        println!("{}", fred::types::scripts::Script::from_lua(source).sha1());
+    } else {
+        print!("{source}");
+    }
+    Ok(())
+}

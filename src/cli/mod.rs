@@ -115,6 +115,8 @@ pub enum Command {
     Tiers(ops::ListArgs),
     /// Usage per tenant from the ledger: agent time, CPU, outcomes, tokens, cost.
     Usage(usage::UsageArgs),
+    /// Print a Lua script as loaded into Redis (enqueue: the wire format for other languages).
+    Script(jobs::ScriptArgs),
     /// HTTP API for enqueue, status, cancel and usage (tenant API keys).
     Serve(serve::ServeArgs),
     /// Run the demo: a worker pool and a mixed multi-tenant workload.
@@ -199,6 +201,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Tiers(a) => ops::tiers(g, a).await,
         Command::Usage(a) => usage::usage(g, a).await,
         Command::Serve(a) => serve::serve(g, a).await,
+        Command::Script(a) => jobs::script(a),
         Command::Demo(a) => crate::demo::run(g, a).await,
     };
     match result {
