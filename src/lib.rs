@@ -18,6 +18,8 @@
 #![warn(missing_docs)]
 
 pub mod admission;
+#[cfg(feature = "apalis")]
+pub mod apalis;
 pub mod api;
 pub mod cli;
 pub mod client;
