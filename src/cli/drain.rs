@@ -218,10 +218,7 @@ pub(super) async fn dead(g: &Global, a: DeadArgs) -> CliResult {
                         j.kind.clone(),
                         j.attempts.to_string(),
                         opt(&j.finished_at),
-                        j.last_error
-                            .as_deref()
-                            .map(|e| e.lines().next().unwrap_or("").chars().take(80).collect())
-                            .unwrap_or_default(),
+                        output::first_line(&j.last_error, 80),
                     ]
                 })
                 .collect();
@@ -230,34 +227,25 @@ pub(super) async fn dead(g: &Global, a: DeadArgs) -> CliResult {
                 &rows,
             );
         }
-        DeadAction::Retry(f) => {
-            f.check()?;
-            let q = g.queue().await?;
-            let done = q
-                .dead_jobs(
-                    true,
-                    &a.queue,
-                    f.tenant.as_deref(),
-                    f.older_than.unwrap_or_default(),
-                    &f.jobs,
-                )
-                .await?;
-            print_counts(&format!("retried (back to ready in {})", a.queue), &done);
-        }
-        DeadAction::Purge(f) => {
-            f.check()?;
-            let q = g.queue().await?;
-            let done = q
-                .dead_jobs(
-                    false,
-                    &a.queue,
-                    f.tenant.as_deref(),
-                    f.older_than.unwrap_or_default(),
-                    &f.jobs,
-                )
-                .await?;
-            print_counts(&format!("purged dead from {}", a.queue), &done);
-        }
+        DeadAction::Retry(f) => change_dead(g, &a.queue, true, f).await?,
+        DeadAction::Purge(f) => change_dead(g, &a.queue, false, f).await?,
     }
+    Ok(())
+}
+
+/// `dead retry` and `dead purge`: act on the selected dead jobs, print counts.
+async fn change_dead(g: &Global, queue: &str, retry: bool, f: DeadFilter) -> CliResult {
+    f.check()?;
+    let q = g.queue().await?;
+    let age = f.older_than.unwrap_or_default();
+    let done = q
+        .dead_jobs(retry, queue, f.tenant.as_deref(), age, &f.jobs)
+        .await?;
+    let verb = if retry {
+        format!("retried (back to ready in {queue})")
+    } else {
+        format!("purged dead from {queue}")
+    };
+    print_counts(&verb, &done);
     Ok(())
 }

@@ -129,10 +129,7 @@ pub(super) async fn list(g: &Global, a: JobsArgs) -> CliResult {
                 j.state.clone(),
                 j.attempts.to_string(),
                 opt(&j.enqueued_at),
-                j.last_error
-                    .as_deref()
-                    .map(|e| e.lines().next().unwrap_or("").chars().take(60).collect())
-                    .unwrap_or_default(),
+                output::first_line(&j.last_error, 60),
             ]
         })
         .collect();

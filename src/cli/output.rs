@@ -63,6 +63,16 @@ pub fn json<T: Serialize>(v: &T) {
     }
 }
 
+/// The first line of an optional error, cut to `max` characters.
+pub fn first_line(text: &Option<String>, max: usize) -> String {
+    text.as_deref()
+        .and_then(|e| e.lines().next())
+        .unwrap_or("")
+        .chars()
+        .take(max)
+        .collect()
+}
+
 /// `-` for None.
 pub fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref()
