@@ -29,4 +29,5 @@ end
 local now = now_ms()
 redis.call('HSET', jk, 'state', 'cancelled', 'finished_at', now)
 redis.call('PEXPIRE', jk, default('retention_ms'))
+finish()
 return state

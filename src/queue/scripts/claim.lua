@@ -135,6 +135,7 @@ if first_throttled[2] then
   local at = tonumber(first_throttled[2])
   if next_due == 0 or at < next_due then next_due = at end
 end
+finish()
 out[1] = next_due
 out[2] = table.concat(events, ' ')
 return out

@@ -35,6 +35,6 @@ for o = 0, #ARGV - N, N do
     }, now)
   end
 end
-wake_if_needed()
+finish()
 out[1] = table.concat(events, ' ')
 return out

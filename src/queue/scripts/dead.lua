@@ -46,5 +46,5 @@ for _, id in ipairs(ids) do
   end
 end
 for t in pairs(touched) do sync_tenant(t) end
-wake_if_needed()
+finish()
 return out

@@ -120,5 +120,5 @@ for _, job in ipairs(jobs) do
   end
 end
 for t in pairs(touched) do sync_tenant(t) end
-wake_if_needed()
+finish()
 return out

@@ -160,10 +160,24 @@ local function hold_reason(t)
   return nil, nil
 end
 
+-- Tenants whose admission must be re-checked before the script ends (once
+-- each, however many of their attempts the script closed).
+local pending_sync = {}
+local function sync_later(t) pending_sync[t] = true end
+
+-- Queue counters change many times per batch; they are only read outside
+-- scripts, so changes are summed here and written once per field by finish().
+local pending_stats = {}
 local function stat(q, t, state, delta)
   local key = k('q', q, 'stats')
-  redis.call('HINCRBY', key, state, delta)
-  redis.call('HINCRBY', key, state .. ':' .. t, delta)
+  local fields = pending_stats[key]
+  if not fields then
+    fields = {}
+    pending_stats[key] = fields
+  end
+  fields[state] = (fields[state] or 0) + delta
+  local per = state .. ':' .. t
+  fields[per] = (fields[per] or 0) + delta
 end
 
 
@@ -171,7 +185,7 @@ local function paused_on(q, t)
   return redis.call('SISMEMBER', k('paused'), 'qt:' .. q .. ':' .. t) == 1
 end
 
--- Set when a tenant entered a sched set in this call; see wake_if_needed().
+-- Set when a tenant entered a sched set in this call; see finish().
 local entered_any = false
 
 -- Recompute tenant t's membership in the sched set of every queue where it has
@@ -302,7 +316,7 @@ local function finish_attempt(id, job, a, now)
     redis.call('HSET', jk, 'ready_at', now)
     make_ready(id, q, t, tonumber(job.score))
   end
-  sync_tenant(t)
+  sync_later(t)
   return state
 end
 
@@ -316,9 +330,18 @@ local function load_job(id)
   return job
 end
 
--- Tell idle workers (subscribed to B:wake) that a tenant became claimable.
--- Published only when some tenant entered a sched set, so a busy fleet is not
--- woken by every completion.
-local function wake_if_needed()
+-- Every script that changes jobs ends with this: re-sync the tenants it
+-- touched, write the summed counters, and tell idle workers (subscribed to
+-- B:wake) if a tenant became claimable, so a busy fleet is not woken by
+-- every completion.
+local function finish()
+  for t in pairs(pending_sync) do sync_tenant(t) end
+  pending_sync = {}
+  for key, fields in pairs(pending_stats) do
+    for f, delta in pairs(fields) do
+      if delta ~= 0 then redis.call('HINCRBY', key, f, delta) end
+    end
+  end
+  pending_stats = {}
   if entered_any then redis.call('PUBLISH', k('wake'), '1') end
 end

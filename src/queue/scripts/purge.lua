@@ -34,4 +34,5 @@ if #out < max then
     out[#out + 1] = t
   end
 end
+finish()
 return out

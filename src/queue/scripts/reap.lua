@@ -33,5 +33,5 @@ for _, id in ipairs(expired) do
     redis.call('ZREM', k('leases'), id)
   end
 end
-wake_if_needed()
+finish()
 return { reaped, table.concat(events, ' ') }

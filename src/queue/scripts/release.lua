@@ -25,5 +25,5 @@ for i = 2, #ARGV - 2, 3 do
     released = released + 1
   end
 end
-wake_if_needed()
+finish()
 return { released, table.concat(events, ' ') }
