@@ -488,7 +488,12 @@ impl LedgerWriter {
                 key.into(),
                 if from == Read::OwnPending { "0" } else { ">" }.into(),
             ];
-            let reply: Value = client.custom(fred::cmd!("XREADGROUP"), args).await?;
+            // Route by the stream key: by default a custom command is sent to
+            // the slot of its first string argument, here "GROUP".
+            let on_key = fred::types::ClusterHash::from(key);
+            let reply: Value = client
+                .custom(fred::cmd!("XREADGROUP", hash: on_key), args)
+                .await?;
             // [[key, [entries...]]] (RESP2) or {key: [entries]} (RESP3)
             match reply {
                 Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {

@@ -66,11 +66,16 @@ impl PrivateRedis {
     /// Start `redis-server` on a free port with `extra` arguments (for example
     /// `["--appendonly", "yes"]`), and wait until it answers.
     pub fn start(extra: &[&str]) -> Result<PrivateRedis, ServerError> {
+        Self::start_on(free_port()?, extra)
+    }
+
+    /// Start `redis-server` on `port` with `extra` arguments.
+    fn start_on(port: u16, extra: &[&str]) -> Result<PrivateRedis, ServerError> {
         let dir = tempfile::Builder::new().prefix("agentq-redis-").tempdir()?;
         let mut r = PrivateRedis {
             child: None,
             dir,
-            port: free_port()?,
+            port,
             args: extra.iter().map(|s| s.to_string()).collect(),
         };
         r.restart()?;
@@ -135,6 +140,140 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A Redis Cluster this process started: `masters` primaries without
+/// replicas, each a [`PrivateRedis`] on loopback with its own directory and
+/// cluster bus port. Stopped when the handle drops.
+#[derive(Debug)]
+pub struct PrivateRedisCluster {
+    nodes: Vec<PrivateRedis>,
+}
+
+impl PrivateRedisCluster {
+    /// Start `masters` (at least 3, as `redis-cli --cluster create` requires)
+    /// cluster-enabled servers, join them with `redis-cli --cluster create`
+    /// (slots split evenly) and wait (up to 30s) until every node reports
+    /// `cluster_state:ok`.
+    pub fn start(masters: usize) -> Result<PrivateRedisCluster, ServerError> {
+        if masters < 3 {
+            return Err(ServerError::Start(format!(
+                "a Redis Cluster needs at least 3 masters, asked for {masters}"
+            )));
+        }
+        let cli = which("redis-cli").ok_or_else(|| ServerError::Missing {
+            binary: "redis-cli".into(),
+            package: "redis-tools".into(),
+        })?;
+        let ports = free_ports(masters * 2)?;
+        let mut nodes = Vec::with_capacity(masters);
+        for pair in ports.chunks_exact(2) {
+            let bus = pair[1].to_string();
+            nodes.push(PrivateRedis::start_on(
+                pair[0],
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    // Relative to --dir: each node keeps its own.
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-node-timeout",
+                    "5000",
+                ],
+            )?);
+        }
+        let cluster = PrivateRedisCluster { nodes };
+        let out = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(cluster.addrs())
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(ServerError::Start(format!(
+                "redis-cli --cluster create failed: {}",
+                last_line(&out.stdout, &out.stderr)
+            )));
+        }
+        cluster.wait_ok(&cli, Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    /// `127.0.0.1:<port>` of every node.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// Ports of the nodes (all primaries).
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// The cluster URL agentq takes: `redis-cluster://<first>?node=<other>&...`.
+    pub fn url(&self) -> String {
+        let addrs = self.addrs();
+        let others: Vec<String> = addrs[1..].iter().map(|a| format!("node={a}")).collect();
+        format!("redis-cluster://{}?{}", addrs[0], others.join("&"))
+    }
+
+    /// Poll `CLUSTER INFO` on every node until all report `cluster_state:ok`
+    /// with every slot assigned and every node known.
+    fn wait_ok(&self, cli: &std::path::Path, limit: Duration) -> Result<(), ServerError> {
+        let until = Instant::now() + limit;
+        let known = format!("cluster_known_nodes:{}", self.nodes.len());
+        loop {
+            let all_ok = self.nodes.iter().all(|n| {
+                Command::new(cli)
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .stdin(Stdio::null())
+                    .output()
+                    .is_ok_and(|o| {
+                        let text = String::from_utf8_lossy(&o.stdout);
+                        let has = |l: &str| text.lines().any(|x| x.trim() == l);
+                        has("cluster_state:ok") && has("cluster_slots_ok:16384") && has(&known)
+                    })
+            });
+            if all_ok {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                return Err(ServerError::Start(format!(
+                    "Redis Cluster on {:?} did not reach cluster_state:ok within {limit:?}",
+                    self.ports()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// `n` distinct free loopback ports: every listener is held until all are
+/// chosen, so no two are the same.
+fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+/// The last non-empty line of a command's output, for one-line errors.
+fn last_line(stdout: &[u8], stderr: &[u8]) -> String {
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(stdout),
+        String::from_utf8_lossy(stderr)
+    );
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no output")
+        .trim()
+        .to_string()
 }
 
 /// Where Redis is for a command that may start its own: the configured URL,

@@ -76,11 +76,16 @@ impl QueueError {
 /// Where the queue lives and how it is laid out.
 #[derive(Clone, Debug)]
 pub struct QueueConfig {
-    /// `redis://`, `rediss://` (TLS) or `redis-cluster://` URL.
+    /// `redis://`, `rediss://` (TLS), or for a Redis Cluster
+    /// `redis-cluster://host:port?node=host:port&...` (`rediss-cluster://`
+    /// with TLS): the scheme selects cluster mode, the nodes are seeds.
     pub redis_url: String,
     /// Key namespace: every key starts with `{<namespace>:<partition>}`.
     pub namespace: String,
     /// Number of partitions tenants are spread over (1 unless on a cluster).
+    /// Each partition is one hash tag, so one slot, so one shard: use at
+    /// least as many partitions as the cluster has primaries (a few times
+    /// more spreads them evenly). Fixed for the life of a namespace.
     pub partitions: u32,
     /// Payload limit checked client-side before sending (the script checks
     /// the partition's `max_payload` setting again).
@@ -113,7 +118,8 @@ pub struct Queue {
 pub(crate) fn build_client(url: &str) -> Result<Client, QueueError> {
     let config = Config::from_url(url).map_err(|e| {
         QueueError::Invalid(format!(
-            "redis URL is not valid ({e}); use redis://host:port, rediss:// for TLS"
+            "redis URL is not valid ({e}); use redis://host:port, rediss:// for TLS, \
+             redis-cluster://host:port?node=host:port for a Redis Cluster"
         ))
     })?;
     let client = Builder::from_config(config)
@@ -147,14 +153,57 @@ impl Queue {
             return Err(QueueError::Invalid("partitions must be 1..=1024".into()));
         }
         let client = build_client(&cfg.redis_url)?;
-        client.init().await?;
+        if let Err(e) = client.init().await {
+            return Err(topology_error(&cfg.redis_url, e));
+        }
+        check_not_cluster_node(&client, &cfg.redis_url).await?;
         let scripts = scripts::Scripts::new();
         scripts.load(&client).await?;
-        Ok(Queue {
+        let queue = Queue {
             client,
             cfg: Arc::new(cfg),
             scripts: Arc::new(scripts),
-        })
+        };
+        queue.log_shard_spread();
+        Ok(queue)
+    }
+
+    /// On a Redis Cluster: the primary (`host:port`) that owns each
+    /// partition's slot, from the client's cached slot map. None when not
+    /// clustered.
+    pub fn partition_shards(&self) -> Option<BTreeMap<u32, String>> {
+        let state = self.client.cached_cluster_state()?;
+        (0..self.partitions())
+            .map(|p| {
+                let slot = fred::util::redis_keyslot(self.keys(p).base().as_bytes());
+                let owner = state.get_server(slot)?;
+                Some((p, format!("{}:{}", owner.host, owner.port)))
+            })
+            .collect()
+    }
+
+    /// Say how partitions map to shards, and warn when some shard gets none
+    /// (all of a partition's keys live on the shard owning its slot).
+    fn log_shard_spread(&self) {
+        let Some(owners) = self.partition_shards() else {
+            return;
+        };
+        let primaries = self
+            .client
+            .cached_cluster_state()
+            .map_or(0, |s| s.unique_primary_nodes().len());
+        let used: std::collections::BTreeSet<&String> = owners.values().collect();
+        if used.len() < primaries {
+            tracing::warn!(
+                partitions = self.partitions(),
+                shards_used = used.len(),
+                primaries,
+                "some cluster shards own no partition of this namespace and get no queue traffic: \
+                 raise --partitions (a fixed setting per namespace; see README, Redis Cluster)"
+            );
+        } else {
+            tracing::debug!(?owners, "partitions on cluster shards");
+        }
     }
 
     /// The underlying fred client.
@@ -506,11 +555,18 @@ impl Queue {
     pub async fn delete_namespace(&self) -> Result<u64, QueueError> {
         use futures::TryStreamExt;
         let pattern = format!("{{{}:*", self.cfg.namespace);
-        let keys: Vec<fred::types::Key> = self
-            .client
-            .scan_buffered(pattern, Some(500), None)
-            .try_collect()
-            .await?;
+        // In a cluster SCAN sees one node's keys: scan every primary.
+        let keys: Vec<fred::types::Key> = if self.client.is_clustered() {
+            self.client
+                .scan_cluster_buffered(pattern, Some(500), None)
+                .try_collect()
+                .await?
+        } else {
+            self.client
+                .scan_buffered(pattern, Some(500), None)
+                .try_collect()
+                .await?
+        };
         // One DEL per partition and chunk: a multi-key DEL must stay in one slot.
         let mut by_tag: BTreeMap<String, Vec<fred::types::Key>> = BTreeMap::new();
         for k in keys {
@@ -561,6 +617,39 @@ impl Queue {
         }
         Ok(())
     }
+}
+
+/// A clear error for a `redis-cluster://` URL that points at a server
+/// without cluster support; other connection errors pass through.
+fn topology_error(url: &str, e: fred::error::Error) -> QueueError {
+    if e.details().contains("cluster support disabled") {
+        return QueueError::Invalid(format!(
+            "Redis at {} is not a cluster: use redis://host:port for a single server",
+            crate::config::redact_url(url)
+        ));
+    }
+    QueueError::Redis(e)
+}
+
+/// Refuse a plain `redis://` URL that points at a Redis Cluster node: keys
+/// of slots that node does not own would be refused with MOVED.
+async fn check_not_cluster_node(client: &Client, url: &str) -> Result<(), QueueError> {
+    if client.is_clustered() {
+        return Ok(());
+    }
+    // Servers (or proxies) that refuse INFO are taken as plain servers.
+    let info: String = match client.info(Some(fred::types::InfoKind::Cluster)).await {
+        Ok(info) => info,
+        Err(_) => return Ok(()),
+    };
+    if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+        return Err(QueueError::Invalid(format!(
+            "Redis at {} is a Redis Cluster node: use redis-cluster://host:port \
+             (add ?node=host:port for more seed nodes)",
+            crate::config::redact_url(url)
+        )));
+    }
+    Ok(())
 }
 
 /// A `{ count, events }` reply.
