@@ -1,97 +1,175 @@
-//! Throughput: batch enqueue of no-op jobs over many tenants, then processing
-//! by an in-process worker pool (builtin `noop` kind, ledger outbox on).
+//! Throughput: batch-enqueue a backlog of no-op jobs over many tenants (each
+//! with a concurrency cap set), then process it with an in-process worker
+//! (builtin `noop` kind) at each concurrency, ledger off and on.
 //!
-//!     cargo bench --bench throughput            # JOBS=20000 TENANTS=50 by default
-//!     JOBS=100000 CONCURRENCY=256 cargo bench --bench throughput
+//!     cargo bench --bench throughput                 # 100k jobs, 50 tenants, concurrency 64 and 256
+//!     BENCH_QUICK=1 cargo bench --bench throughput   # 5k jobs, seconds
 //!
-//! Prints a table and writes target/bench-throughput.json. Uses its own
-//! namespace on AGENTQ_REDIS_URL (default redis://127.0.0.1:6379) and removes it.
+//! Knobs: JOBS (100000), TENANTS (50), BATCH (500 jobs per enqueue call),
+//! CONCURRENCY (64,256), LEDGER (off,on), CAP (1000, each tenant's cap).
+//! Ledger on: a job counts only once its row is in PostgreSQL (the run ends
+//! when `usage_ledger` holds every row). Writes target/bench/agentq-throughput.json.
 
-use std::time::{Duration, Instant};
+mod common;
 
-use agentq::admission::LimitsUpdate;
-use agentq::executor::{Handlers, Registry};
-use agentq::queue::{JobSpec, Queue, QueueConfig};
-use agentq::worker::{Worker, WorkerConfig};
-use tokio_util::sync::CancellationToken;
+use agentq::executor::Registry;
+use common::{LedgerSchema, Table, grouped, knob, knob_list};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// One processing run's results.
+struct Run {
+    concurrency: usize,
+    ledger: bool,
+    enqueue_per_s: f64,
+    /// Jobs/s until the queue was empty (every completion acknowledged).
+    acked_per_s: f64,
+    /// Jobs/s until the job counted: acked (ledger off) or its row in PostgreSQL (on).
+    jobs_per_s: f64,
+    completed: u64,
+}
+
+struct Sizes {
+    jobs: usize,
+    tenants: usize,
+    batch: usize,
+    cap: u64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let jobs = env_usize("JOBS", 20_000);
-    let tenants = env_usize("TENANTS", 50);
-    let concurrency = env_usize("CONCURRENCY", 64);
-    let url = std::env::var("AGENTQ_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut cfg = QueueConfig::new(url);
-    cfg.namespace = format!("bench-{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let queue = Queue::connect(cfg).await?;
-    for t in 0..tenants {
-        LimitsUpdate {
-            max_concurrency: Some(1000),
-            ..Default::default()
+    let sizes = Sizes {
+        jobs: knob("JOBS", 100_000, 5_000),
+        tenants: knob("TENANTS", 50, 50),
+        batch: knob("BATCH", 500, 500),
+        cap: knob("CAP", 1000, 1000) as u64,
+    };
+    let concurrencies = knob_list("CONCURRENCY", &[64, 256]);
+    let ledgers = ledger_modes();
+    println!(
+        "throughput: {} no-op jobs over {} tenants (cap {} each), batch enqueue {} per call; {}",
+        sizes.jobs,
+        sizes.tenants,
+        sizes.cap,
+        sizes.batch,
+        common::load_note()
+    );
+
+    let mut runs = Vec::new();
+    for &ledger in &ledgers {
+        for &c in &concurrencies {
+            let run = run_once(&sizes, c, ledger).await?;
+            eprintln!(
+                "  concurrency {c}, ledger {}: {:.0} jobs/s",
+                on_off(ledger),
+                run.jobs_per_s
+            );
+            runs.push(run);
         }
-        .apply(
+    }
+    report(&sizes, &runs)
+}
+
+/// `LEDGER=off`, `on` or `off,on` (default).
+fn ledger_modes() -> Vec<bool> {
+    let v = std::env::var("LEDGER").unwrap_or_else(|_| "off,on".into());
+    let modes: Vec<bool> = v
+        .split(',')
+        .filter_map(|s| match s.trim() {
+            "off" | "false" | "0" => Some(false),
+            "on" | "true" | "1" => Some(true),
+            _ => None,
+        })
+        .collect();
+    if modes.is_empty() {
+        eprintln!("LEDGER={v:?}: use off, on or off,on; running both");
+        return vec![false, true];
+    }
+    modes
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+/// Fresh namespace (and schema): enqueue the backlog, then process it.
+async fn run_once(sizes: &Sizes, concurrency: usize, ledger: bool) -> anyhow::Result<Run> {
+    let queue = common::fresh_queue("throughput").await?;
+    let schema = match ledger {
+        true => Some(LedgerSchema::create("throughput").await?),
+        false => None,
+    };
+    let body = async {
+        common::set_tenant_caps(&queue, sizes.tenants, sizes.cap).await?;
+        let specs = common::round_robin_specs(sizes.jobs, sizes.tenants, "noop");
+        let run = common::process_backlog(
             &queue,
-            agentq::admission::Target::Tenant(&format!("tenant{t}")),
+            &specs,
+            sizes.batch,
+            concurrency,
+            Registry::empty(),
+            schema.as_ref(),
         )
         .await?;
+        let jobs = sizes.jobs as f64;
+        Ok(Run {
+            concurrency,
+            ledger,
+            enqueue_per_s: jobs / run.enqueue_s,
+            acked_per_s: jobs / run.acked_s,
+            jobs_per_s: jobs / run.counted_s,
+            completed: run.completed,
+        })
+    };
+    let result = body.await;
+    common::remove_namespace(&queue).await;
+    if let Some(s) = schema {
+        s.drop().await;
     }
+    result
+}
 
-    let specs: Vec<JobSpec> = (0..jobs)
-        .map(|i| JobSpec::new(format!("tenant{}", i % tenants), "bench", "noop"))
+fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
+    let enqueue: Vec<f64> = runs.iter().map(|r| r.enqueue_per_s).collect();
+    // Every run enqueues the same backlog; the median is the figure.
+    let enqueue_per_s = common::percentile(&enqueue, 0.5);
+    let mut t = Table::new(&["measure", "concurrency", "ledger", "jobs/s"]);
+    t.row(vec![
+        format!("batch enqueue ({}/call, median)", sizes.batch),
+        "-".into(),
+        "-".into(),
+        grouped(enqueue_per_s),
+    ]);
+    for r in runs {
+        t.row(vec![
+            "processing".into(),
+            r.concurrency.to_string(),
+            on_off(r.ledger).into(),
+            grouped(r.jobs_per_s),
+        ]);
+    }
+    t.print();
+    let process: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "concurrency": r.concurrency,
+                "ledger": r.ledger,
+                "jobs_per_s": r.jobs_per_s.round(),
+                "acked_per_s": r.acked_per_s.round(),
+                "enqueue_per_s": r.enqueue_per_s.round(),
+                "completed": r.completed,
+            })
+        })
         .collect();
-    let t0 = Instant::now();
-    for chunk in specs.chunks(500) {
-        queue.enqueue_batch(chunk).await?;
-    }
-    let enqueue_s = t0.elapsed().as_secs_f64();
-
-    let mut wc = WorkerConfig::new(vec!["bench".into()]);
-    wc.concurrency = concurrency;
-    let stop = CancellationToken::new();
-    let worker = Worker::new(
-        queue.clone(),
-        wc,
-        Registry::empty(),
-        Handlers::with_builtins(),
-    );
-    let t1 = Instant::now();
-    let handle = tokio::spawn(worker.run(stop.clone()));
-    loop {
-        let stats = agentq::queue::inspect::queue_stats(&queue).await?;
-        if stats.iter().all(|s| s.ready + s.running + s.delayed == 0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let process_s = t1.elapsed().as_secs_f64();
-    stop.cancel();
-    let summary = handle.await??;
-    queue.delete_namespace().await?;
-
-    let enq = jobs as f64 / enqueue_s;
-    let proc_rate = summary.completed as f64 / process_s;
-    println!(
-        "throughput: {jobs} no-op jobs over {tenants} tenants, worker concurrency {concurrency}"
-    );
-    println!("{:<28} {:>12}", "measure", "jobs/s");
-    println!("{:<28} {:>12.0}", "batch enqueue (500/call)", enq);
-    println!("{:<28} {:>12.0}", "processing (outbox on)", proc_rate);
     let json = serde_json::json!({
-        "jobs": jobs, "tenants": tenants, "concurrency": concurrency,
-        "enqueue_jobs_per_s": enq.round(), "process_jobs_per_s": proc_rate.round(),
-        "completed": summary.completed,
+        "jobs": sizes.jobs,
+        "tenants": sizes.tenants,
+        "enqueue_per_s": enqueue_per_s.round(),
+        "enqueue_batch": sizes.batch,
+        "tenant_cap": sizes.cap,
+        "process": process,
+        "machine": common::load_note(),
     });
-    std::fs::create_dir_all("target")?;
-    std::fs::write(
-        "target/bench-throughput.json",
-        serde_json::to_string_pretty(&json)?,
-    )?;
+    let path = common::write_json("throughput", &json)?;
+    println!("wrote {}", path.display());
     Ok(())
 }
