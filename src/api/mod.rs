@@ -6,7 +6,7 @@
 //! key), 403 (another tenant's job), 404, 409 (idempotency key reused with a
 //! different job, or a job that can no longer be cancelled), 413 (payload too
 //! large), 422 (over the tenant's caps), 429 (over the request rate, with
-//! `Retry-After`) and 503 (Redis or PostgreSQL unavailable).
+//! `Retry-After`) and 503 (Redis or PostgreSQL unavailable, or Redis full).
 
 pub mod keys;
 mod wire;
@@ -74,6 +74,14 @@ impl From<QueueError> for ApiError {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m)
             }
             QueueError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", m),
+            QueueError::Full(_) => {
+                tracing::error!(error = %m, "queue full");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "queue_full",
+                    "the queue's Redis is out of memory; nothing was written; retry later",
+                )
+            }
             QueueError::Redis(_) | QueueError::Protocol(_) => {
                 tracing::error!(error = %m, "queue unavailable");
                 Self::new(

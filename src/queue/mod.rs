@@ -36,6 +36,13 @@ pub enum QueueError {
     /// No such job.
     #[error("no job {0}: check the id (agentq jobs --queue Q lists ids)")]
     NotFound(String),
+    /// Redis refused a write because it reached `maxmemory` (policy
+    /// `noeviction`): nothing was written. A runtime failure, not bad input.
+    #[error(
+        "redis is full ({0}); nothing was written: free memory in Redis (agentq dead Q \
+         purge, agentq drain Q --purge, or raise maxmemory) and retry"
+    )]
+    Full(String),
     /// Redis failed or is unreachable.
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
@@ -68,6 +75,13 @@ impl QueueError {
         }
         if let Some(rest) = d.strip_prefix("agentq over_cap: ") {
             return QueueError::OverCap(rest.to_string());
+        }
+        // A script's first write under maxmemory with noeviction: Redis
+        // rejects it before anything is written (later writes of the same
+        // call are never cut off), so the call had no effect.
+        if d.starts_with("OOM ") || d.contains("OOM command not allowed") {
+            let said = d.split(" script:").next().unwrap_or(d);
+            return QueueError::Full(said.trim_end_matches('.').to_string());
         }
         e
     }

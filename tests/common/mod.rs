@@ -283,3 +283,319 @@ impl TestDb {
         .expect("drop schema");
     }
 }
+
+// ---- Fault-suite helpers: worker processes with a ledger or a skewed clock,
+// signals, ledger reads, lease and counter checks.
+
+/// How to start a worker process beyond [`TestQueue::spawn_worker`]'s defaults.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerProc {
+    /// Write the ledger to this PostgreSQL URL (None: `--no-ledger`).
+    pub database_url: Option<String>,
+    /// Extra environment, e.g. [`skewed_clock_env`].
+    pub env: Vec<(String, String)>,
+    /// Pipe stderr (read it with [`LogTail`]) instead of inheriting it.
+    pub capture_stderr: bool,
+    /// `AGENTQ_LOG` (default `agentq=warn`).
+    pub log: Option<String>,
+}
+
+impl TestQueue {
+    /// A worker process on this namespace, started as `how` says.
+    pub fn spawn_worker_with(&self, args: &[&str], how: &WorkerProc) -> Child {
+        let mut cmd = Command::new(bin());
+        cmd.arg("worker");
+        match &how.database_url {
+            Some(url) => cmd.env("AGENTQ_DATABASE_URL", url),
+            None => cmd.arg("--no-ledger"),
+        };
+        if !args.contains(&"--metrics-addr") {
+            cmd.args(["--metrics-addr", "off"]);
+        }
+        cmd.args(args)
+            .env("AGENTQ_REDIS_URL", self.queue.config().redis_url.clone())
+            .env("AGENTQ_NAMESPACE", &self.ns)
+            .env("AGENTQ_WORKERS_DIR", workers_dir())
+            .env("AGENTQ_LOG", how.log.as_deref().unwrap_or("agentq=warn"))
+            .envs(how.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(if how.capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            });
+        cmd.spawn().expect("spawn agentq worker")
+    }
+
+    /// Outbox entries over every partition.
+    pub async fn outbox_len(&self) -> u64 {
+        let mut n = 0;
+        for p in 0..self.queue.partitions() {
+            let len: u64 = self
+                .queue
+                .client()
+                .xlen(self.queue.keys(p).key(&["outbox"]))
+                .await
+                .expect("xlen");
+            n += len;
+        }
+        n
+    }
+
+    /// Leases held right now (partition 0): job id -> deadline (Redis ms).
+    pub async fn leases(&self) -> Vec<(String, f64)> {
+        self.queue
+            .client()
+            .zrange(
+                self.queue.keys(0).key(&["leases"]),
+                0,
+                -1,
+                None,
+                false,
+                None,
+                true,
+            )
+            .await
+            .expect("zrange leases")
+    }
+
+    /// Redis server time in ms.
+    pub async fn redis_now_ms(&self) -> i64 {
+        let t: Vec<String> = self
+            .queue
+            .client()
+            .custom(fred::cmd!("TIME"), Vec::<Value>::new())
+            .await
+            .expect("TIME");
+        let secs: i64 = t[0].parse().expect("secs");
+        let micros: i64 = t[1].parse().expect("micros");
+        secs * 1000 + micros / 1000
+    }
+
+    /// Panic unless every counter says nothing runs or waits: the tenants'
+    /// running counts, the queues' stats and the lease set.
+    pub async fn assert_quiet(&self) {
+        let running = self.running().await;
+        assert!(
+            running.values().all(|&n| n == 0),
+            "running counters back to zero: {running:?}"
+        );
+        let stats = agentq::queue::inspect::queue_stats(&self.queue)
+            .await
+            .expect("stats");
+        for s in &stats {
+            assert_eq!(
+                (s.ready, s.delayed, s.running),
+                (0, 0, 0),
+                "queue {} counters",
+                s.queue
+            );
+        }
+        assert_eq!(self.leases().await, vec![], "no lease left");
+    }
+
+    /// Every job's (state, attempts, last error), in the order of `ids`.
+    pub async fn job_states(&self, ids: &[String]) -> Vec<(String, u64, String)> {
+        let infos = futures::future::join_all(
+            ids.iter()
+                .map(|id| agentq::queue::inspect::job_info(&self.queue, id)),
+        )
+        .await;
+        infos
+            .into_iter()
+            .zip(ids)
+            .map(|(i, id)| {
+                let i = i.unwrap_or_else(|e| panic!("job {id} is gone: {e}"));
+                (i.state, i.attempts, i.last_error.unwrap_or_default())
+            })
+            .collect()
+    }
+}
+
+/// SIGKILL a child process and reap it.
+pub fn kill9(c: &mut Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// Send SIGTERM to a child process.
+pub fn sigterm(c: &Child) {
+    let pid = libc::pid_t::try_from(c.id()).expect("pid");
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
+/// A child process that is SIGKILLed and reaped when dropped, so a failing
+/// test leaves no worker behind (an orphan holding the test's stderr would
+/// also keep `cargo test` waiting for it).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        kill9(&mut self.0);
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+/// Wait (up to `limit`) for a child to exit; its exit code.
+pub async fn exit_code(c: &mut Child, limit: Duration) -> Option<i32> {
+    let status = eventually(limit, "process exits", || {
+        let s = c.try_wait().expect("try_wait");
+        async move { s }
+    })
+    .await;
+    status.code()
+}
+
+/// `url` with PostgreSQL's search path set to `schema`, for worker
+/// processes that write the ledger into a test's schema.
+pub fn database_url_in_schema(url: &str, schema: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options%5Bsearch_path%5D={schema}")
+}
+
+impl TestDb {
+    /// This schema's URL, for worker processes.
+    pub fn url(&self) -> String {
+        database_url_in_schema(&database_url(), &self.schema)
+    }
+}
+
+/// libfaketime's multi-threaded preload library, if installed.
+pub fn faketime_lib() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+        "/usr/local/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+}
+
+/// Environment that runs a process with its wall clock shifted by `offset`
+/// (libfaketime syntax, e.g. "+1h", "-1h"). The monotonic clock is left
+/// alone: only the wall clock is skewed, as on a host with a wrong clock.
+pub fn skewed_clock_env(offset: &str) -> Vec<(String, String)> {
+    let lib = faketime_lib().expect(
+        "libfaketime is not installed: apt-get install faketime libfaketime (.ci/run does)",
+    );
+    vec![
+        ("LD_PRELOAD".into(), lib.display().to_string()),
+        ("FAKETIME".into(), offset.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+    ]
+}
+
+/// The lines a child writes to stderr, collected by a thread.
+#[derive(Clone, Default)]
+pub struct LogTail(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl LogTail {
+    /// Start collecting the child's piped stderr.
+    pub fn follow(c: &mut Child) -> LogTail {
+        use std::io::BufRead;
+        let tail = LogTail::default();
+        let err = c.stderr.take().expect("stderr piped");
+        let lines = tail.0.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        tail
+    }
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// One usage-ledger row, as the fault tests check it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct LedgerRow {
+    pub job_id: String,
+    pub attempt: i32,
+    pub tenant: String,
+    pub outcome: String,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub error: String,
+}
+
+/// Every ledger row, or None while PostgreSQL or the table is not there.
+pub async fn ledger_rows(pool: &sqlx::PgPool) -> Option<Vec<LedgerRow>> {
+    sqlx::query_as(
+        "SELECT job_id, attempt, tenant, outcome, error, \
+                (extract(epoch FROM started_at) * 1000)::bigint AS started_ms, \
+                (extract(epoch FROM finished_at) * 1000)::bigint AS finished_ms \
+         FROM usage_ledger ORDER BY job_id, attempt",
+    )
+    .fetch_all(pool)
+    .await
+    .ok()
+}
+
+/// Most attempts of each tenant holding a slot at once, from
+/// `[started, finished)` of its rows.
+pub fn peak_overlap_by_tenant(rows: &[LedgerRow]) -> HashMap<String, usize> {
+    let mut by: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    for r in rows {
+        by.entry(r.tenant.clone())
+            .or_default()
+            .push((r.started_ms, r.finished_ms));
+    }
+    by.into_iter()
+        .map(|(t, iv)| (t, peak_overlap(&iv)))
+        .collect()
+}
+
+/// Panic unless each job has exactly one record per attempt, numbered
+/// 1..=n where n is the job's attempt count, and no record names another
+/// job. `records` are (job id, attempt) pairs from the ledger or the outbox.
+pub fn assert_one_record_per_attempt(records: &[(String, i64)], ids: &[String], attempts: &[u64]) {
+    let mut seen: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (job, attempt) in records {
+        seen.entry(job.as_str()).or_default().push(*attempt);
+    }
+    for (id, &n) in ids.iter().zip(attempts) {
+        let mut got = seen.remove(id.as_str()).unwrap_or_default();
+        got.sort();
+        let want: Vec<i64> = (1..=n as i64).collect();
+        assert_eq!(got, want, "job {id}: records vs its {n} attempts");
+    }
+    assert!(
+        seen.is_empty(),
+        "records of jobs nobody enqueued: {:?}",
+        seen.keys()
+    );
+}
+
+/// (job id, attempt) of every ledger row.
+pub fn row_attempts(rows: &[LedgerRow]) -> Vec<(String, i64)> {
+    rows.iter()
+        .map(|r| (r.job_id.clone(), i64::from(r.attempt)))
+        .collect()
+}
+
+/// (job id, attempt) of every outbox record.
+pub fn outbox_attempts(records: &[HashMap<String, String>]) -> Vec<(String, i64)> {
+    records
+        .iter()
+        .map(|r| (r["job"].clone(), num(r, "attempt")))
+        .collect()
+}

@@ -1,0 +1,919 @@
+//! Fault suite (issue 7): worker crashes, a Redis SIGKILL and restart, Redis
+//! full, a PostgreSQL outage while workers are killed, skewed worker clocks,
+//! and SIGTERM under load.
+//!
+//! Each test starts what it needs (private servers on free ports where it
+//! must stop them), works in its own namespace and schema, and cleans up, so
+//! the tests run in parallel. Deadlines are generous; nothing here measures
+//! speed. `cargo test --test faults -- --nocapture` prints the figures.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentq::admission::{LimitsUpdate, Target};
+use agentq::queue::inspect::queue_stats;
+use agentq::queue::{JobSpec, QueueError};
+use agentq::servers::{PrivatePostgres, PrivateRedis};
+use common::{
+    LedgerRow, Proc, TestDb, TestQueue, WorkerProc, drained, eventually, ledger_rows, sigterm,
+};
+use fred::prelude::*;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// Generous deadline for anything that waits; never a speed assertion.
+const PATIENCE: Duration = Duration::from_secs(240);
+
+/// What a job was built to do, so its end can be judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Meant {
+    /// echo or a short sleep: must succeed.
+    Succeed,
+    /// exits 1 every time: retried, then dead with its own error.
+    FailRetried,
+    /// exits 65: dead at once with its own error.
+    FailPermanent,
+    /// sleeps past its timeout: timed out, retried, then dead.
+    TimeOut,
+}
+
+/// Enqueue `specs` in chunks; the ids in order.
+async fn enqueue_all(tq: &TestQueue, specs: &[JobSpec]) -> Vec<String> {
+    let mut ids = Vec::with_capacity(specs.len());
+    for chunk in specs.chunks(500) {
+        let done = tq.queue.enqueue_batch(chunk).await.expect("enqueue");
+        ids.extend(done.into_iter().map(|e| e.id));
+    }
+    ids
+}
+
+/// Set each tenant's concurrency cap.
+async fn set_caps(tq: &TestQueue, caps: &HashMap<String, u64>) {
+    for (t, &cap) in caps {
+        LimitsUpdate {
+            max_concurrency: Some(cap),
+            ..Default::default()
+        }
+        .apply(&tq.queue, Target::Tenant(t))
+        .await
+        .expect("set cap");
+    }
+}
+
+/// True when no job of the namespace is ready, delayed or running.
+async fn is_drained(tq: &TestQueue) -> bool {
+    queue_stats(&tq.queue).await.is_ok_and(|s| {
+        s.iter()
+            .all(|q| q.ready == 0 && q.delayed == 0 && q.running == 0)
+    })
+}
+
+/// A fleet of worker processes that a killer task SIGKILLs and restarts.
+struct Fleet {
+    procs: Arc<Mutex<Vec<Proc>>>,
+    kills: Arc<Mutex<u32>>,
+}
+
+impl Fleet {
+    fn start(tq: &TestQueue, n: usize, args: &[&str], how: &WorkerProc) -> Fleet {
+        let procs = (0..n)
+            .map(|_| Proc(tq.spawn_worker_with(args, how)))
+            .collect();
+        Fleet {
+            procs: Arc::new(Mutex::new(procs)),
+            kills: Arc::new(Mutex::new(0)),
+        }
+    }
+
+    /// SIGKILL a random worker every `every` (jittered), restarting it at
+    /// once, until `stop` fires.
+    fn kill_randomly(
+        &self,
+        tq: &TestQueue,
+        every: Duration,
+        args: &[&str],
+        how: &WorkerProc,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let (procs, kills) = (self.procs.clone(), self.kills.clone());
+        let tq = TestQueue {
+            queue: tq.queue.clone(),
+            ns: tq.ns.clone(),
+        };
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let how = how.clone();
+        tokio::spawn(async move {
+            loop {
+                let ms = every.as_millis() as u64;
+                let wait = Duration::from_millis(rand::random_range(ms / 2..=ms * 3 / 2));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+                let mut ps = procs.lock().unwrap_or_else(|p| p.into_inner());
+                let i = rand::random_range(0..ps.len());
+                // Dropping the old one SIGKILLs it.
+                ps[i] = Proc(tq.spawn_worker_with(&argv, &how));
+                *kills.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+            }
+        })
+    }
+
+    fn kills(&self) -> u32 {
+        *self.kills.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every worker is still the process it was (none exited by itself).
+    fn all_alive(&self) -> bool {
+        let mut ps = self.procs.lock().unwrap_or_else(|p| p.into_inner());
+        ps.iter_mut().all(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn kill_all(&self) {
+        self.procs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// Outbox entries delivered to a ledger writer and not yet acknowledged.
+async fn outbox_pending(tq: &TestQueue) -> u64 {
+    let key = tq.queue.keys(0).key(&["outbox"]);
+    let v: Result<Vec<Value>, _> = tq
+        .queue
+        .client()
+        .custom(
+            fred::cmd!("XPENDING"),
+            vec![Value::from(key), Value::from(agentq::ledger::GROUP)],
+        )
+        .await;
+    v.ok()
+        .and_then(|v| v.first().and_then(|n| n.as_u64()))
+        .unwrap_or(0)
+}
+
+/// Wait until the ledger holds `total` rows and no outbox entry waits for a
+/// writer. Entries still in the stream after that were acknowledged but not
+/// deleted (a writer SIGKILLed between its `XACK` and `XDEL`, see
+/// src/ledger.rs): each must already be in the ledger. Returns the rows and
+/// how many such entries were left.
+async fn ledger_caught_up(
+    tq: &TestQueue,
+    pool: &sqlx::PgPool,
+    total: u64,
+) -> (Vec<LedgerRow>, usize) {
+    let rows = eventually(PATIENCE, "every attempt in the ledger", || async {
+        let rows = ledger_rows(pool).await?;
+        (rows.len() as u64 >= total && outbox_pending(tq).await == 0).then_some(rows)
+    })
+    .await;
+    let have: std::collections::HashSet<(String, i64)> =
+        common::row_attempts(&rows).into_iter().collect();
+    let left = common::outbox_attempts(&tq.outbox().await);
+    for a in &left {
+        assert!(
+            have.contains(a),
+            "outbox entry {a:?} never reached the ledger"
+        );
+    }
+    (rows, left.len())
+}
+
+// ---------------------------------------------------------------------------
+// Worker crashes: 5,000 mixed jobs, 20 tenants, 3 workers, SIGKILL every few s.
+
+const TENANTS: usize = 20;
+const JOBS: usize = 5000;
+
+/// Job `i` of the crash workload: tenant `t00`..`t19`; per tenant (250
+/// jobs) 3 that always fail (4 attempts), 3 permanent failures, 2 that time
+/// out (3 attempts), the rest echo or a 10-50 ms sleep (20 attempts, so
+/// crashes alone never use them up).
+fn crash_job(i: usize) -> (JobSpec, Meant) {
+    let tenant = format!("t{:02}", i % TENANTS);
+    let n = i / TENANTS;
+    let (mut s, meant, attempts) = match n {
+        _ if n % 80 == 1 => (
+            JobSpec::new(&tenant, "q", "fail")
+                .payload(&json!({"code": 1, "message": format!("flaky-{i}")})),
+            Meant::FailRetried,
+            4,
+        ),
+        _ if n % 80 == 2 => (
+            JobSpec::new(&tenant, "q", "fail")
+                .payload(&json!({"code": 65, "message": format!("bad-input-{i}")})),
+            Meant::FailPermanent,
+            20,
+        ),
+        _ if n % 120 == 3 => {
+            let mut s = JobSpec::new(&tenant, "q", "sleep").payload(&json!({"ms": 5000}));
+            s.timeout = Some(Duration::from_millis(300));
+            (s, Meant::TimeOut, 3)
+        }
+        _ if n.is_multiple_of(2) => (
+            JobSpec::new(&tenant, "q", "sleep").payload(&json!({"ms": 10 + (i * 7) % 41})),
+            Meant::Succeed,
+            20,
+        ),
+        _ => (
+            JobSpec::new(&tenant, "q", "echo").payload(&json!({"i": i})),
+            Meant::Succeed,
+            20,
+        ),
+    };
+    s.max_attempts = Some(attempts);
+    (s, meant)
+}
+
+/// Panic unless the job ended as it was built to: succeeded, or dead with
+/// at least one attempt that failed for its own reason (a crash can use up
+/// an attempt, but never makes a job die that had no failure of its own).
+fn assert_own_end(id: &str, meant: Meant, state: &str, last_error: &str, rows: &[&LedgerRow]) {
+    let own = |outcome: &str, text: &str| {
+        rows.iter()
+            .any(|r| r.outcome == outcome && r.error.contains(text))
+    };
+    match meant {
+        Meant::Succeed => assert_eq!(state, "succeeded", "job {id}: {last_error}"),
+        Meant::FailPermanent => {
+            assert_eq!(state, "dead", "job {id}");
+            assert!(last_error.contains("bad-input-"), "job {id}: {last_error}");
+        }
+        Meant::FailRetried => {
+            assert_eq!(state, "dead", "job {id}");
+            assert!(own("failed", "flaky-"), "job {id}: {rows:?}");
+        }
+        Meant::TimeOut => {
+            assert_eq!(state, "dead", "job {id}");
+            assert!(own("timed_out", ""), "job {id}: {rows:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_crashes_lose_no_job_and_keep_every_cap() {
+    let started = std::time::Instant::now();
+    let tq = TestQueue::new("faults-crash").await;
+    let db = TestDb::new("faults_crash").await;
+    let caps: HashMap<String, u64> = (0..TENANTS)
+        .map(|t| (format!("t{t:02}"), 2 + (t % 2) as u64))
+        .collect();
+    set_caps(&tq, &caps).await;
+    let (specs, meant): (Vec<JobSpec>, Vec<Meant>) = (0..JOBS).map(crash_job).unzip();
+    let ids = enqueue_all(&tq, &specs).await;
+
+    // 3 x 16 slots against caps summing to 50: the caps, not the slots, bind.
+    let args = [
+        "--queues",
+        "q",
+        "--concurrency",
+        "16",
+        "--lease",
+        "2s",
+        "--backoff-base",
+        "50ms",
+        "--kill-grace",
+        "200ms",
+    ];
+    let how = WorkerProc {
+        database_url: Some(db.url()),
+        ..Default::default()
+    };
+    let fleet = Fleet::start(&tq, 3, &args, &how);
+    let stop = CancellationToken::new();
+    let killer = fleet.kill_randomly(&tq, Duration::from_secs(2), &args, &how, stop.clone());
+    drained(&tq, PATIENCE).await;
+    stop.cancel();
+    killer.await.expect("killer");
+    let ran_for = started.elapsed();
+
+    // The writers (still running) move every record to PostgreSQL.
+    let states = tq.job_states(&ids).await;
+    let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
+    let total: u64 = attempts.iter().sum();
+    let (rows, stale) = ledger_caught_up(&tq, &db.pool, total).await;
+    fleet.kill_all();
+
+    common::assert_one_record_per_attempt(&common::row_attempts(&rows), &ids, &attempts);
+    let mut by_job: HashMap<&str, Vec<&LedgerRow>> = HashMap::new();
+    for r in &rows {
+        by_job.entry(r.job_id.as_str()).or_default().push(r);
+    }
+    for ((id, m), (state, _, err)) in ids.iter().zip(&meant).zip(&states) {
+        assert_own_end(id, *m, state, err, &by_job[id.as_str()]);
+    }
+    let peaks = common::peak_overlap_by_tenant(&rows);
+    for (t, &cap) in &caps {
+        assert!(
+            peaks[t] <= cap as usize,
+            "tenant {t}: {} attempts held slots at once, cap {cap}",
+            peaks[t]
+        );
+    }
+    let at_cap = caps
+        .iter()
+        .filter(|(t, c)| peaks[*t] == **c as usize)
+        .count();
+    assert!(
+        at_cap >= TENANTS / 2,
+        "caps bind: {at_cap} tenants reached theirs ({peaks:?})"
+    );
+    let lost = rows.iter().filter(|r| r.outcome == "lost").count();
+    assert!(lost > 0, "the kills cut attempts short");
+    tq.assert_quiet().await;
+    eprintln!(
+        "crashes: {JOBS} jobs, {total} attempts, {} rows, {lost} lost to {} kills, \
+         {at_cap}/{TENANTS} tenants at cap, drained in {ran_for:?}; {stale} acked outbox \
+         entries left undeleted (already in the ledger)",
+        rows.len(),
+        fleet.kills()
+    );
+    db.cleanup().await;
+    tq.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------
+// Redis SIGKILL and restart (AOF, appendfsync always) while jobs run.
+
+/// Enqueue one job at a time until `stop`, each with its own idempotency key
+/// and retried until acknowledged (the pattern for exactly-once enqueue over
+/// a flaky connection). Returns the acknowledged ids and the errors seen.
+async fn enqueue_until(tq: &TestQueue, stop: CancellationToken) -> (Vec<String>, u32) {
+    let (mut acked, mut errors) = (Vec::new(), 0);
+    for i in 0.. {
+        if stop.is_cancelled() {
+            break;
+        }
+        let kind = if i % 2 == 0 { "echo" } else { "sleep" };
+        let mut s =
+            JobSpec::new(format!("r{}", i % 4), "q", kind).payload(&json!({"ms": 20 + i % 50}));
+        s.max_attempts = Some(20);
+        s.idempotency_key = Some(format!("e{i}"));
+        loop {
+            match tq.queue.enqueue(&s).await {
+                Ok(e) => {
+                    acked.push(e.id);
+                    break;
+                }
+                Err(_) => {
+                    errors += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (acked, errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_run_loses_no_acknowledged_enqueue() {
+    let mut redis = PrivateRedis::start(&["--appendonly", "yes", "--appendfsync", "always"])
+        .expect("redis-server");
+    let tq = TestQueue::with_url("faults-redis", &redis.url()).await;
+    let args = [
+        "--queues",
+        "q",
+        "--concurrency",
+        "4",
+        "--lease",
+        "1s",
+        "--backoff-base",
+        "50ms",
+    ];
+    let fleet = Fleet::start(&tq, 2, &args, &WorkerProc::default());
+    let stop = CancellationToken::new();
+    let producer = {
+        let (tq2, stop) = (
+            TestQueue {
+                queue: tq.queue.clone(),
+                ns: tq.ns.clone(),
+            },
+            stop.clone(),
+        );
+        tokio::spawn(async move { enqueue_until(&tq2, stop).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let running_at_kill = tq.running().await.values().sum::<i64>();
+    redis.kill(); // SIGKILL: no shutdown, no final fsync
+    tokio::time::sleep(Duration::from_secs(3)).await; // longer than the lease
+    tokio::task::block_in_place(|| redis.restart()).expect("restart redis");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let (acked, errors) = producer.await.expect("producer");
+
+    drained(&tq, PATIENCE).await;
+    assert!(
+        fleet.all_alive(),
+        "the same workers reconnected by themselves"
+    );
+    let states = tq.job_states(&acked).await;
+    for (id, (state, _, err)) in acked.iter().zip(&states) {
+        assert_eq!(state, "succeeded", "acknowledged job {id}: {err}");
+    }
+    // One record per attempt, and no job but the acknowledged ones.
+    let records = tq.outbox().await;
+    let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
+    common::assert_one_record_per_attempt(&common::outbox_attempts(&records), &acked, &attempts);
+    tq.assert_quiet().await;
+    let lost = records.iter().filter(|r| r["outcome"] == "lost").count();
+    eprintln!(
+        "redis restart: {} acknowledged enqueues, {errors} enqueue errors retried, \
+         {running_at_kill} running at the kill, {lost} attempts reaped as lost",
+        acked.len()
+    );
+    fleet.kill_all();
+    tq.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------
+// Redis full: maxmemory with noeviction.
+
+/// Write filler until Redis refuses even a small write for memory; returns
+/// the filler keys. Sizes shrink so that memory really stays over the limit
+/// (a refused big write frees its own buffer again).
+async fn fill_redis(tq: &TestQueue) -> Vec<String> {
+    let mut keys = Vec::new();
+    for size in [256 * 1024, 16 * 1024, 1024, 64] {
+        let blob = "x".repeat(size);
+        loop {
+            let key = format!("filler:{}:{}", tq.ns, keys.len());
+            let r: Result<(), _> = tq
+                .queue
+                .client()
+                .set(&key, blob.as_str(), None, None, false)
+                .await;
+            match r {
+                Ok(()) => keys.push(key),
+                Err(e) => {
+                    assert!(
+                        e.details().contains("OOM"),
+                        "filling stopped for memory: {e}"
+                    );
+                    break;
+                }
+            }
+            assert!(
+                keys.len() < 100_000,
+                "Redis never filled up: is maxmemory set?"
+            );
+        }
+    }
+    keys
+}
+
+/// One HTTP/1.0 POST with a bearer key; (status, body as JSON).
+async fn post_json(port: u16, path: &str, key: &str, body: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(body.as_bytes()).await.expect("write body");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+/// The HTTP API on a free port, in process; its port.
+async fn start_api(tq: &TestQueue, db: &TestDb, stop: CancellationToken) -> u16 {
+    let port = agentq::servers::free_port().expect("port");
+    let (q, pool) = (tq.queue.clone(), db.pool.clone());
+    let cfg = agentq::api::ApiConfig::default();
+    tokio::spawn(async move {
+        agentq::api::serve(([127, 0, 0, 1], port).into(), q, pool, cfg, stop).await
+    });
+    eventually(Duration::from_secs(30), "api listening", || async {
+        agentq::servers::listening(&format!("127.0.0.1:{port}")).then_some(())
+    })
+    .await;
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_full_refuses_enqueue_clearly_and_harms_nothing_queued() {
+    let redis = PrivateRedis::start(&["--maxmemory", "24mb", "--maxmemory-policy", "noeviction"])
+        .expect("redis-server");
+    let tq = TestQueue::with_url("faults-full", &redis.url()).await;
+    let db = TestDb::new("faults_full").await;
+    let key = agentq::api::keys::create(&db.pool, "a")
+        .await
+        .expect("key")
+        .key;
+    let api_stop = CancellationToken::new();
+    let port = start_api(&tq, &db, api_stop.clone()).await;
+
+    // Jobs queued before Redis fills up, and a worker that holds off (paused).
+    tq.queue.set_paused("q", None, true).await.expect("pause");
+    let specs: Vec<JobSpec> = (0..40)
+        .map(|i| {
+            JobSpec::new(if i % 2 == 0 { "a" } else { "b" }, "q", "echo").payload(&json!({"i": i}))
+        })
+        .collect();
+    let ids = enqueue_all(&tq, &specs).await;
+    let mut worker =
+        Proc(tq.spawn_worker(&["--queues", "q", "--concurrency", "4", "--lease", "1s"]));
+    let seq_key = tq.queue.keys(0).key(&["seq"]);
+    let seq_before: Option<String> = tq.queue.client().get(&seq_key).await.expect("seq");
+    let filler = fill_redis(&tq).await;
+
+    // Library, CLI and HTTP all refuse, saying why.
+    let one = tq.queue.enqueue(&JobSpec::new("a", "q", "echo")).await;
+    assert!(matches!(one, Err(QueueError::Full(_))), "{one:?}");
+    let msg = one.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("redis is full") && msg.contains("maxmemory"),
+        "{msg}"
+    );
+    let batch = tq.queue.enqueue_batch(&specs[..3]).await;
+    assert!(matches!(batch, Err(QueueError::Full(_))), "{batch:?}");
+    let (code, out, err) = tq.cli(&["enqueue", "--queue", "q", "--tenant", "a", "--kind", "echo"]);
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("redis is full"), "{err}");
+    eprintln!("redis full: the CLI said: {}", err.trim());
+    let (status, body) = post_json(port, "/v1/jobs", &key, r#"{"queue":"q","kind":"echo"}"#).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("queue_full")),
+        "{body}"
+    );
+
+    // Nothing already queued was harmed, and no id was even allocated.
+    let seq_after: Option<String> = tq.queue.client().get(&seq_key).await.expect("seq");
+    assert_eq!(seq_after, seq_before, "a refused enqueue writes nothing");
+    assert!(tq.job_states(&ids).await.iter().all(|s| s.0 == "ready"));
+    let q = queue_stats(&tq.queue).await.expect("stats");
+    assert_eq!(q.iter().map(|s| s.ready).sum::<i64>(), 40);
+
+    // Memory back: the same worker runs every queued job, enqueue works again.
+    let _: i64 = tq.queue.client().del(filler).await.expect("del filler");
+    tq.queue.set_paused("q", None, false).await.expect("resume");
+    drained(&tq, PATIENCE).await;
+    assert!(
+        matches!(worker.try_wait(), Ok(None)),
+        "the worker rode it out"
+    );
+    let states = tq.job_states(&ids).await;
+    assert!(states.iter().all(|s| s.0 == "succeeded"), "{states:?}");
+    let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
+    common::assert_one_record_per_attempt(
+        &common::outbox_attempts(&tq.outbox().await),
+        &ids,
+        &attempts,
+    );
+    let (status, body) = post_json(port, "/v1/jobs", &key, r#"{"queue":"q","kind":"echo"}"#).await;
+    assert_eq!(status, 201, "{body}");
+    drop(worker);
+    api_stop.cancel();
+    db.cleanup().await;
+    tq.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL outage while workers are being SIGKILLed.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_while_workers_are_killed_lands_every_row_once() {
+    let mut pg = tokio::task::block_in_place(PrivatePostgres::start).expect("private PostgreSQL");
+    let tq = TestQueue::new("faults-pg").await;
+    let reader = agentq::ledger::connect_lazy(&pg.url()).expect("reader pool");
+    let specs: Vec<JobSpec> = (0..1200)
+        .map(|i| {
+            let t = format!("p{}", i % 6);
+            let mut s = if i % 2 == 0 {
+                JobSpec::new(t, "q", "sleep").payload(&json!({"ms": 20 + i % 40}))
+            } else {
+                JobSpec::new(t, "q", "echo")
+            };
+            s.max_attempts = Some(20);
+            s
+        })
+        .collect();
+    let ids = enqueue_all(&tq, &specs).await;
+    let args = [
+        "--queues",
+        "q",
+        "--concurrency",
+        "6",
+        "--lease",
+        "1s",
+        "--backoff-base",
+        "50ms",
+    ];
+    let how = WorkerProc {
+        database_url: Some(pg.url()),
+        ..Default::default()
+    };
+    let fleet = Fleet::start(&tq, 3, &args, &how);
+    let stop = CancellationToken::new();
+    let killer = fleet.kill_randomly(&tq, Duration::from_millis(1500), &args, &how, stop.clone());
+
+    eventually(PATIENCE, "first rows in PostgreSQL", || async {
+        ledger_rows(&reader)
+            .await
+            .filter(|r| !r.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    tokio::task::block_in_place(|| pg.stop());
+    tokio::time::sleep(Duration::from_secs(4)).await; // jobs run, workers die, records wait
+    let waiting = tq.outbox_len().await;
+    assert!(ledger_rows(&reader).await.is_none(), "PostgreSQL is down");
+    tokio::task::block_in_place(|| pg.restart()).expect("restart PostgreSQL");
+    drained(&tq, PATIENCE).await;
+    stop.cancel();
+    killer.await.expect("killer");
+
+    let states = tq.job_states(&ids).await;
+    assert!(
+        states.iter().all(|s| s.0 == "succeeded"),
+        "every job succeeded"
+    );
+    let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
+    let total: u64 = attempts.iter().sum();
+    let (rows, stale) = ledger_caught_up(&tq, &reader, total).await;
+    fleet.kill_all();
+    common::assert_one_record_per_attempt(&common::row_attempts(&rows), &ids, &attempts);
+    let lost = rows.iter().filter(|r| r.outcome == "lost").count();
+    assert!(lost > 0, "the kills cut attempts short");
+    assert!(
+        waiting > 0,
+        "records waited in the outbox during the outage"
+    );
+    tq.assert_quiet().await;
+    eprintln!(
+        "postgres outage: {} jobs, {total} rows exactly once, {waiting} waiting during the outage, \
+         {lost} lost to {} kills; {stale} acked outbox entries left undeleted (already in the ledger)",
+        ids.len(),
+        fleet.kills()
+    );
+    reader.close().await;
+    tq.cleanup().await;
+    tokio::task::block_in_place(|| pg.stop());
+}
+
+// ---------------------------------------------------------------------------
+// Clocks: one worker an hour ahead, one an hour behind, short leases.
+
+/// Seconds between the first timestamp in a worker's log and the real clock.
+fn log_clock_offset(lines: &[String]) -> Option<i64> {
+    let strip = |l: &str| -> String {
+        let mut out = String::new();
+        let mut esc = false;
+        for ch in l.chars() {
+            match (esc, ch) {
+                (false, '\u{1b}') => esc = true,
+                (true, 'm') => esc = false,
+                (true, _) => {}
+                (false, c) => out.push(c),
+            }
+        }
+        out
+    };
+    let line = lines
+        .iter()
+        .map(|l| strip(l))
+        .find(|l| l.starts_with("20"))?;
+    let stamp = line.split_whitespace().next()?;
+    let t = chrono::DateTime::parse_from_rfc3339(stamp).ok()?;
+    Some(t.timestamp() - chrono::Utc::now().timestamp())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
+    let tq = TestQueue::new("faults-clock").await;
+    let mut specs: Vec<JobSpec> = (0..16)
+        .map(|i| {
+            JobSpec::new(format!("c{}", i % 3), "q", "sleep")
+                .payload(&json!({"ms": 2500 + 100 * i}))
+        })
+        .collect();
+    specs.extend((0..20).map(|i| JobSpec::new(format!("c{}", i % 3), "q", "echo")));
+    specs.extend((0..4).map(|i| {
+        let mut s = JobSpec::new("c0", "q", "fail")
+            .payload(&json!({"code": 1, "message": format!("retry-{i}")}));
+        s.max_attempts = Some(2); // a delayed retry in between: due times come from Redis
+        s
+    }));
+    let ids = enqueue_all(&tq, &specs).await;
+    let lease_ms = 2000;
+    let mut tails = Vec::new();
+    let mut workers = Vec::new();
+    for (id, offset) in [("clock-plus", "+1h"), ("clock-minus", "-1h")] {
+        let how = WorkerProc {
+            env: common::skewed_clock_env(offset),
+            capture_stderr: true,
+            log: Some("agentq=info".into()),
+            ..Default::default()
+        };
+        let args = [
+            "--queues",
+            "q",
+            "--concurrency",
+            "4",
+            "--lease",
+            "2s",
+            "--backoff-base",
+            "300ms",
+            "--id",
+            id,
+        ];
+        let mut c = Proc(tq.spawn_worker_with(&args, &how));
+        tails.push(common::LogTail::follow(&mut c));
+        workers.push(c);
+    }
+
+    // While they run, every lease deadline is Redis time + the lease, never
+    // an hour off either way.
+    let mut samples = 0;
+    while !is_drained(&tq).await {
+        let leases = tq.leases().await;
+        let now = tq.redis_now_ms().await;
+        for (id, deadline) in &leases {
+            assert!(
+                *deadline as i64 <= now + lease_ms,
+                "job {id}: lease deadline {deadline} is beyond Redis time {now} + the lease"
+            );
+        }
+        samples += leases.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(samples > 0, "leases were sampled while jobs ran");
+    for (tail, want) in tails.iter().zip([3600, -3600]) {
+        let off = log_clock_offset(&tail.lines()).expect("a timestamped log line");
+        assert!(
+            (off - want).abs() < 300,
+            "worker clock skewed by {off}s, wanted {want}s"
+        );
+    }
+
+    let states = tq.job_states(&ids).await;
+    let records = tq.outbox().await;
+    let real_now = chrono::Utc::now().timestamp_millis();
+    for r in &records {
+        assert_ne!(r["outcome"], "lost", "no lease was lost or stolen: {r:?}");
+        for k in ["started_at", "finished_at"] {
+            let skew = (common::num(r, k) - real_now).abs();
+            assert!(
+                skew < 300_000,
+                "{k} comes from Redis, not a skewed worker: {r:?}"
+            );
+        }
+    }
+    for (id, (state, attempts, err)) in ids.iter().zip(&states) {
+        let want = if err.contains("retry-") {
+            ("dead", 2)
+        } else {
+            ("succeeded", 1)
+        };
+        assert_eq!((state.as_str(), *attempts), want, "job {id}: {err}");
+    }
+    let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
+    common::assert_one_record_per_attempt(&common::outbox_attempts(&records), &ids, &attempts);
+    for w in ["clock-plus", "clock-minus"] {
+        assert!(records.iter().any(|r| r["worker"] == w), "{w} ran jobs");
+    }
+    tq.assert_quiet().await;
+    for mut w in workers {
+        sigterm(&w);
+        assert_eq!(common::exit_code(&mut w, PATIENCE).await, Some(0));
+    }
+    tq.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------
+// Graceful drain: SIGTERM during a busy run.
+
+fn term_worker(tq: &TestQueue, args: &[String]) -> Proc {
+    Proc(tq.spawn_worker(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+}
+
+/// Leases held right now by worker `id`.
+async fn leases_of(tq: &TestQueue, id: &str) -> Vec<String> {
+    let mut mine = Vec::new();
+    for (job, _) in tq.leases().await {
+        let w: Option<String> = tq
+            .queue
+            .client()
+            .hget(tq.queue.keys(0).job(&job), "worker")
+            .await
+            .expect("hget");
+        if w.as_deref() == Some(id) {
+            mine.push(job);
+        }
+    }
+    mine
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_nothing_and_leaves_no_lease() {
+    let tq = TestQueue::new("faults-term").await;
+    let specs: Vec<JobSpec> = (0..240)
+        .map(|i| {
+            JobSpec::new(format!("d{}", i % 5), "q", "sleep")
+                .payload(&json!({"ms": 100 + (i * 37) % 800}))
+        })
+        .collect();
+    let ids = enqueue_all(&tq, &specs).await;
+    // Long leases: a lease left behind would sit there for 10 minutes.
+    let args = |id: &str| {
+        [
+            "--queues",
+            "q",
+            "--concurrency",
+            "6",
+            "--lease",
+            "10m",
+            "--shutdown-grace",
+            "300ms",
+            "--id",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([id.to_string()])
+        .collect::<Vec<_>>()
+    };
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|i| term_worker(&tq, &args(&format!("term-{i}"))))
+        .collect();
+    eventually(PATIENCE, "all three workers busy", || async {
+        let held = [
+            leases_of(&tq, "term-0").await,
+            leases_of(&tq, "term-1").await,
+            leases_of(&tq, "term-2").await,
+        ];
+        (held.iter().all(|h| h.len() >= 3) && tq.outbox_len().await > 0).then_some(())
+    })
+    .await;
+
+    // One worker stops while the others keep going: it hands back what it held.
+    let mut first = workers.remove(0);
+    sigterm(&first);
+    assert_eq!(common::exit_code(&mut first, PATIENCE).await, Some(0));
+    assert_eq!(
+        leases_of(&tq, "term-0").await,
+        Vec::<String>::new(),
+        "term-0 left no lease"
+    );
+    for w in &workers {
+        sigterm(w);
+    }
+    for w in &mut workers {
+        assert_eq!(common::exit_code(w, PATIENCE).await, Some(0));
+    }
+    assert_eq!(tq.leases().await, vec![], "no lease left to expire");
+    assert!(
+        tq.running().await.values().all(|&n| n == 0),
+        "running counters at zero"
+    );
+    let states = tq.job_states(&ids).await;
+    assert!(
+        states.iter().all(|s| s.0 == "ready" || s.0 == "succeeded"),
+        "every job is done or ready again: {states:?}"
+    );
+    let handed_back = tq
+        .outbox()
+        .await
+        .iter()
+        .filter(|r| r["outcome"] == "lost")
+        .count();
+    assert!(handed_back > 0, "some running attempts were handed back");
+
+    // Fresh workers finish the rest; nothing was reaped, every attempt has one record.
+    let again: Vec<Proc> = (3..5)
+        .map(|i| term_worker(&tq, &args(&format!("term-{i}"))))
+        .collect();
+    drained(&tq, PATIENCE).await;
+    let states = tq.job_states(&ids).await;
+    assert!(states.iter().all(|s| s.0 == "succeeded"), "{states:?}");
+    let records = tq.outbox().await;
+    assert!(
+        records
+            .iter()
+            .all(|r| !r.get("error").is_some_and(|e| e.contains("lease expired"))),
+        "no lease expired: every hand-back was explicit"
+    );
+    let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
+    common::assert_one_record_per_attempt(&common::outbox_attempts(&records), &ids, &attempts);
+    tq.assert_quiet().await;
+    eprintln!(
+        "sigterm: {} jobs, {handed_back} attempts handed back at shutdown",
+        ids.len()
+    );
+    drop(again);
+    tq.cleanup().await;
+}
