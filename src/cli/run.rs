@@ -7,6 +7,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::{CliError, CliResult, Global, duration_arg};
+use crate::executor::sandbox::{BadTaskUser, SandboxConfig, TaskUser, parse_cgroup_parent};
 use crate::executor::{Handlers, Registry};
 use crate::worker::{Worker, WorkerConfig};
 
@@ -47,6 +48,17 @@ pub struct WorkerArgs {
     /// Worker id [default: host-pid-random].
     #[arg(long)]
     id: Option<String>,
+    /// Per-attempt cgroups go in <controller mount>/<this>/<worker id>/ ("off": rlimits only).
+    #[arg(long, env = "AGENTQ_CGROUP_PARENT", default_value = crate::executor::sandbox::DEFAULT_CGROUP_PARENT)]
+    cgroup_parent: String,
+    /// Most processes and threads one attempt may have at once.
+    #[arg(long, env = "AGENTQ_TASK_PIDS_MAX", default_value_t = crate::executor::sandbox::DEFAULT_PIDS_MAX,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    task_pids_max: u64,
+    /// Run task programs as this user: a name (nobody), uid, uid:gid, or a range FIRST-LAST
+    /// (each running attempt gets its own uid) [default: the worker's user].
+    #[arg(long, env = "AGENTQ_TASK_USER")]
+    task_user: Option<String>,
 }
 
 impl WorkerArgs {
@@ -76,6 +88,41 @@ impl WorkerArgs {
             (self.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         Ok(cfg)
     }
+
+    /// The task containment these flags describe, for worker `worker_id`.
+    pub fn sandbox(&self, worker_id: &str) -> Result<SandboxConfig, CliError> {
+        let task_user = match self.task_user.as_deref().filter(|u| !u.is_empty()) {
+            None => None,
+            Some(u) => {
+                let user: TaskUser = u
+                    .parse()
+                    .map_err(|e: BadTaskUser| CliError::Usage(format!("--task-user: {e}")))?;
+                if let TaskUser::Range { first, last } = user
+                    && u64::from(last - first) + 1 < self.concurrency as u64
+                {
+                    return Err(CliError::Usage(format!(
+                        "--task-user range {first}-{last} has fewer uids than --concurrency {}: widen it",
+                        self.concurrency
+                    )));
+                }
+                Some(user)
+            }
+        };
+        let cgroup_parent = parse_cgroup_parent(&self.cgroup_parent);
+        if let Some(p) = &cgroup_parent
+            && !crate::executor::cgroup::valid_parent(p)
+        {
+            return Err(CliError::Usage(format!(
+                "--cgroup-parent {p:?} is not valid: use a relative path of letters, digits, '_', '.', '-' and '/', for example agentq (or off)"
+            )));
+        }
+        Ok(SandboxConfig {
+            cgroup_parent,
+            worker_id: worker_id.to_string(),
+            pids_max: self.task_pids_max,
+            task_user,
+        })
+    }
 }
 
 /// Cancel `token` on SIGINT or SIGTERM.
@@ -95,6 +142,7 @@ pub fn cancel_on_signals(token: CancellationToken) -> Result<(), CliError> {
 
 pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     let cfg = a.config()?;
+    let sandbox = crate::executor::sandbox::install(a.sandbox(&cfg.id)?);
     let registry = Registry::load(&a.workers_dir).map_err(|e| CliError::Usage(e.to_string()))?;
     if registry.is_empty() {
         tracing::warn!(dir = %a.workers_dir.display(), "no task kinds found; only in-process kinds (noop) will run");
@@ -125,6 +173,7 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     )
     .await?;
     let summary = worker.run(shutdown).await?;
+    sandbox.shutdown();
     tracing::info!(
         started = summary.started,
         completed = summary.completed,

@@ -19,13 +19,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod cgroup;
 pub mod handler;
 pub mod manifest;
 pub mod process;
+pub mod sandbox;
 
 pub use handler::{Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler};
 pub use manifest::{Manifest, ManifestError, Registry, parse_manifest};
-pub use process::{is_memory_exceeded, run_process};
+pub use process::{is_memory_exceeded, run_process, run_process_in};
+pub use sandbox::{Sandbox, SandboxConfig, TaskUser};
 
 /// Exit code that means "permanent failure, never retry" (EX_DATAERR).
 pub const EXIT_PERMANENT: i32 = 65;

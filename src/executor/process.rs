@@ -20,7 +20,7 @@
 //! If the future is dropped midway, a guard kills the group and reaps the
 //! child on a helper thread, so no process or zombie is left behind.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -35,6 +35,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
 use tokio_util::sync::CancellationToken;
 
+use super::cgroup::{Attempt, CgroupLimits, CgroupStats, join_self};
+use super::sandbox::{self, Sandbox};
 use super::{EXIT_PERMANENT, INTERRUPTED, Limits, Manifest, Outcome, Report, TaskInput, TaskUsage};
 use crate::units::{format_duration, format_size};
 
@@ -107,6 +109,18 @@ pub async fn run_process(
     limits: &Limits,
     cancel: CancellationToken,
 ) -> Report {
+    run_process_in(sandbox::current(), m, input, limits, cancel).await
+}
+
+/// [`run_process`] under an explicit [`Sandbox`] (containment mode, process
+/// cap, task user) instead of the worker-wide one.
+pub async fn run_process_in(
+    sb: &Sandbox,
+    m: &Manifest,
+    input: &TaskInput,
+    limits: &Limits,
+    cancel: CancellationToken,
+) -> Report {
     if cancel.is_cancelled() {
         return Report::failed(INTERRUPTED, false);
     }
@@ -121,7 +135,14 @@ pub async fn run_process(
         Err(e) => return Report::failed(e, true),
     };
     let stdin_bytes = encode_input(input);
-    let workdir = match tempfile::Builder::new().prefix("agentq-task-").tempdir() {
+    // 0700: the directory of one attempt is nobody else's business (the
+    // default follows the umask and is usually listable by everyone).
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o700);
+    let workdir = match tempfile::Builder::new()
+        .prefix("agentq-task-")
+        .permissions(private)
+        .tempdir()
+    {
         Ok(d) => d,
         Err(e) => {
             return Report::failed(
@@ -129,6 +150,31 @@ pub async fn run_process(
                 false,
             );
         }
+    };
+
+    let user = match sb.lease_user() {
+        Ok(u) => u,
+        Err(e) => return Report::failed(e, false),
+    };
+    if let Some(u) = &user
+        && let Err(e) = give_workdir(workdir.path(), u.uid, u.gid)
+    {
+        return Report::failed(
+            format!("cannot hand the working directory to uid {}: {e}", u.uid),
+            false,
+        );
+    }
+    let cgroup = match sb.cgroups() {
+        None => None,
+        Some(c) => match c.create(&CgroupLimits {
+            memory: limits.memory,
+            pids: Some(sb.pids_max()),
+        }) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                return Report::failed(format!("cannot create the attempt's cgroup: {e}"), false);
+            }
+        },
     };
 
     let mut cmd = std::process::Command::new(&program);
@@ -144,12 +190,28 @@ pub async fn run_process(
             cmd.env(name, value);
         }
     }
-    let memory = limits.memory;
-    // SAFETY: the hook only calls async-signal-safe functions (prctl, getppid,
-    // setrlimit, the close_range syscall) and does not allocate.
+    let setup = ChildSetup {
+        // In cgroup mode the cgroup is the cap (for all processes together).
+        rlimit_data: if cgroup.is_none() {
+            limits.memory
+        } else {
+            None
+        },
+        // RLIMIT_NPROC counts per uid and does not bind root.
+        rlimit_nproc: (cgroup.is_none() && user.is_some()).then(|| sb.pids_max()),
+        join: cgroup
+            .as_ref()
+            .map(|c| c.join_paths().to_vec())
+            .unwrap_or_default(),
+        ids: user.as_ref().map(|u| (u.uid, u.gid)),
+        // SAFETY: plain syscall.
+        parent: unsafe { libc::getpid() },
+    };
+    // SAFETY: the hook only calls async-signal-safe functions (open, write,
+    // setgroups, setgid, setuid, umask, prctl, getppid, setrlimit, the
+    // close_range syscall) and does not allocate.
     unsafe {
-        let parent = libc::getpid();
-        cmd.pre_exec(move || child_setup(memory, parent));
+        cmd.pre_exec(move || child_setup(&setup));
     }
 
     let mut attempt = 0;
@@ -215,13 +277,13 @@ pub async fn run_process(
     let exit_result = match exit_result {
         Some(r) => r,
         None => {
-            signal_group(pid, libc::SIGTERM);
+            signal_all(pid, cgroup.as_ref(), libc::SIGTERM);
             // A stopped process would not act on SIGTERM until continued.
-            signal_group(pid, libc::SIGCONT);
+            signal_all(pid, cgroup.as_ref(), libc::SIGCONT);
             match tokio::time::timeout(limits.kill_grace, &mut exited).await {
                 Ok(r) => r,
                 Err(_) => {
-                    signal_group(pid, libc::SIGKILL);
+                    signal_all(pid, cgroup.as_ref(), libc::SIGKILL);
                     exited.await
                 }
             }
@@ -230,8 +292,10 @@ pub async fn run_process(
     let wall = start.elapsed();
 
     // Kill whatever is left of the group while the (zombie) leader still pins
-    // the group id, then reap the leader.
+    // the group id, and everything in the attempt's cgroup (descendants that
+    // left the group too), then reap the leader.
     signal_group(pid, libc::SIGKILL);
+    let cgroup = kill_cgroup(cgroup).await;
     let reaped = match exit_result {
         Ok(()) => reap_now(pid),
         Err(_) => {
@@ -266,7 +330,15 @@ pub async fn run_process(
     };
     drop(stopper);
     drop(stdin_task);
-    let _ = tokio::task::spawn_blocking(move || workdir.close()).await;
+    let cgroup_stats = cgroup.as_ref().map(Attempt::stats);
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(c) = cgroup {
+            c.remove();
+        }
+        workdir.close()
+    })
+    .await;
+    drop(user);
 
     let stderr_text = tail_text(&stderr, ERROR_TAIL);
     let (status, usage) = match reaped {
@@ -288,7 +360,37 @@ pub async fn run_process(
         limits,
         stdout: &stdout,
         stderr_tail: &stderr_text,
+        cgroup: cgroup_stats,
+        pids_max: sb.pids_max(),
     })
+}
+
+/// Makes the (0700) working directory the task user's own.
+fn give_workdir(dir: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+}
+
+/// SIGKILLs every process left in the attempt's cgroup and waits until it
+/// is empty (on the blocking pool; the cgroup comes back for its stats).
+async fn kill_cgroup(cgroup: Option<Attempt>) -> Option<Attempt> {
+    let cgroup = cgroup?;
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = cgroup.kill_all() {
+            tracing::warn!(error = %e, "processes of a finished attempt survived SIGKILL");
+        }
+        cgroup
+    })
+    .await
+    .ok()
+}
+
+/// Sends `sig` to the process group and, in cgroup mode, to every process
+/// of the attempt (those that called setsid are not in the group).
+fn signal_all(pgid: libc::pid_t, cgroup: Option<&Attempt>, sig: libc::c_int) {
+    signal_group(pgid, sig);
+    if let Some(c) = cgroup {
+        c.signal(sig);
+    }
 }
 
 /// Why the runtime stopped the process (if it did).
@@ -321,6 +423,9 @@ struct Finished<'a> {
     limits: &'a Limits,
     stdout: &'a [u8],
     stderr_tail: &'a str,
+    /// What the attempt's cgroup recorded (cgroup mode only).
+    cgroup: Option<CgroupStats>,
+    pids_max: u64,
 }
 
 /// Turns what was observed into a [`Report`] (pure).
@@ -342,6 +447,16 @@ fn classify(f: Finished<'_>) -> Report {
         }
     };
     let failed = f.status != Status::Exited(0);
+    // The cgroup's peak covers every process of the attempt and has no
+    // floor from the worker's own RSS (ru_maxrss is kept across exec).
+    let peak = f
+        .cgroup
+        .and_then(|c| c.peak_memory)
+        .unwrap_or(f.usage.peak_rss_bytes);
+    let out_of_memory = match f.cgroup {
+        Some(c) => failed && c.oom_kills > 0,
+        None => is_memory_exceeded(f.limits.memory, failed, peak, f.stderr_tail),
+    };
     let (outcome, permanent, error) = match f.ended_by {
         Some(EndedBy::Cancel) => (Outcome::Failed, false, Some(INTERRUPTED.to_string())),
         Some(EndedBy::Timeout) => (
@@ -363,24 +478,25 @@ fn classify(f: Finished<'_>) -> Report {
                 "task program failed permanently (exit code {EXIT_PERMANENT})"
             ))),
         ),
-        None if is_memory_exceeded(
-            f.limits.memory,
-            failed,
-            f.usage.peak_rss_bytes,
-            f.stderr_tail,
-        ) =>
-        {
-            (
-                Outcome::MemoryExceeded,
-                false,
-                Some(with_tail(format!(
+        None if out_of_memory => (
+            Outcome::MemoryExceeded,
+            false,
+            Some(with_tail(match f.cgroup {
+                Some(c) => format!(
+                    "memory cap {} exceeded ({}, peak {}, {} process(es) killed by the kernel's OOM killer)",
+                    format_size(f.limits.memory.unwrap_or(0)),
+                    describe_status(f.status),
+                    format_size(peak),
+                    c.oom_kills
+                ),
+                None => format!(
                     "memory cap {} exceeded ({}, peak RSS {})",
                     format_size(f.limits.memory.unwrap_or(0)),
                     describe_status(f.status),
-                    format_size(f.usage.peak_rss_bytes)
-                ))),
-            )
-        }
+                    format_size(peak)
+                ),
+            })),
+        ),
         None => (
             Outcome::Failed,
             false,
@@ -390,6 +506,12 @@ fn classify(f: Finished<'_>) -> Report {
             ))),
         ),
     };
+    let error = match (error, f.cgroup) {
+        (Some(e), Some(c)) if c.pids_refused > 0 => {
+            Some(with_process_cap_note(&e, f.pids_max, c.pids_refused))
+        }
+        (e, _) => e,
+    };
     Report {
         outcome,
         permanent,
@@ -398,11 +520,25 @@ fn classify(f: Finished<'_>) -> Report {
         wall_ms: millis(f.wall),
         cpu_user_ms: f.usage.cpu_user_ms,
         cpu_sys_ms: f.usage.cpu_sys_ms,
-        peak_rss_bytes: f.usage.peak_rss_bytes,
+        peak_rss_bytes: peak,
         output,
         usage,
         error,
     }
+}
+
+/// Appends "process cap N reached" to the summary (first line) of `error`.
+fn with_process_cap_note(error: &str, cap: u64, refused: u64) -> String {
+    let (summary, rest) = match error.split_once('\n') {
+        Some((s, r)) => (s, Some(r)),
+        None => (error, None),
+    };
+    let mut out = format!("{summary}; process cap {cap} reached ({refused} fork(s) refused)");
+    if let Some(r) = rest {
+        out.push('\n');
+        out.push_str(r);
+    }
+    out
 }
 
 fn describe_status(s: Status) -> String {
@@ -610,23 +746,56 @@ fn spawn_error_is_permanent(e: &io::Error) -> bool {
     )
 }
 
+/// What the child does between fork and exec (built before the fork: no
+/// allocation happens in the child).
+struct ChildSetup {
+    /// `RLIMIT_DATA` (rlimit mode).
+    rlimit_data: Option<u64>,
+    /// `RLIMIT_NPROC` (rlimit mode with a task user).
+    rlimit_nproc: Option<u64>,
+    /// `cgroup.procs` files to join (cgroup mode).
+    join: Vec<CString>,
+    /// uid and gid to switch to.
+    ids: Option<(u32, u32)>,
+    /// The worker's pid, to notice a worker that died before PDEATHSIG was set.
+    parent: libc::pid_t,
+}
+
 /// Runs in the child between fork and exec: async-signal-safe calls only.
-fn child_setup(memory: Option<u64>, parent: libc::pid_t) -> io::Result<()> {
+fn child_setup(s: &ChildSetup) -> io::Result<()> {
+    // Join the attempt's cgroups first, while still privileged, so every
+    // process the program starts is inside.
+    join_self(&s.join)?;
+    if let Some((uid, gid)) = s.ids {
+        // SAFETY: plain syscalls with integer arguments (null list for
+        // setgroups with size 0).
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid as libc::gid_t) != 0
+                || libc::setuid(uid as libc::uid_t) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // Files the task creates (in /tmp, say) are its own by default.
+            libc::umask(0o077);
+        }
+    }
     // Die with the worker: if the worker is SIGKILLed, its lease expires and
     // the job runs elsewhere, so a surviving orphan would break the tenant's
     // fleet-wide concurrency cap. PDEATHSIG fires when the spawning thread
     // exits; spawns happen on tokio's long-lived runtime threads. If the
-    // worker already died before prctl, getppid() no longer matches.
+    // worker already died before prctl, getppid() no longer matches. Set
+    // after setuid, which clears it.
     // SAFETY: plain syscalls with integer arguments.
     unsafe {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
             return Err(io::Error::last_os_error());
         }
-        if libc::getppid() != parent {
+        if libc::getppid() != s.parent {
             libc::_exit(137);
         }
     }
-    if let Some(cap) = memory {
+    if let Some(cap) = s.rlimit_data {
         // RLIMIT_DATA rather than RLIMIT_AS: since Linux 4.7 RLIMIT_DATA
         // counts private writable mappings (heap, anonymous mmap, i.e. the
         // memory a program actually allocates) but not PROT_NONE
@@ -634,14 +803,10 @@ fn child_setup(memory: Option<u64>, parent: libc::pid_t) -> io::Result<()> {
         // as Go, the JVM, V8/Node and anything using jemalloc or large
         // guard regions reserve gigabytes of address space up front and
         // would fail to even start under an RLIMIT_AS of a few hundred MiB.
-        let rl = libc::rlimit {
-            rlim_cur: cap as libc::rlim_t,
-            rlim_max: cap as libc::rlim_t,
-        };
-        // SAFETY: plain syscall with a valid pointer.
-        if unsafe { libc::setrlimit(libc::RLIMIT_DATA, &rl) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_rlimit(libc::RLIMIT_DATA, cap)?;
+    }
+    if let Some(n) = s.rlimit_nproc {
+        set_rlimit(libc::RLIMIT_NPROC, n)?;
     }
     // No inherited descriptors beyond 0/1/2: mark everything else
     // close-on-exec (not closed outright: std reports exec failures through
@@ -656,6 +821,18 @@ fn child_setup(memory: Option<u64>, parent: libc::pid_t) -> io::Result<()> {
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         );
+    }
+    Ok(())
+}
+
+fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+    let rl = libc::rlimit {
+        rlim_cur: value as libc::rlim_t,
+        rlim_max: value as libc::rlim_t,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(resource, &rl) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -1,0 +1,583 @@
+//! Hostile task programs (`workers/hostile/`): each is contained and ends
+//! with its own clear outcome, and the worker and other jobs go on.
+//!
+//! Most tests run `run_process_in` under a sandbox of their own (a private
+//! cgroup parent, removed at the end). They assert the cgroup behaviour
+//! where this machine offers writable cgroups (memory + pids), else the
+//! rlimit fallback's behaviour, so every test asserts something either way.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agentq::executor::sandbox::Mode;
+use agentq::executor::*;
+use common::*;
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+fn hostile_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("workers/hostile")
+}
+
+fn kind(name: &str) -> Manifest {
+    Registry::load(&hostile_dir())
+        .expect("workers/hostile loads")
+        .get(name)
+        .unwrap_or_else(|| panic!("hostile kind {name}"))
+        .clone()
+}
+
+fn input(kind: &str, tenant: &str, payload: serde_json::Value) -> TaskInput {
+    TaskInput {
+        id: format!("job-{kind}"),
+        tenant: tenant.into(),
+        queue: "default".into(),
+        kind: kind.into(),
+        attempt: 1,
+        payload: RawValue::from_string(payload.to_string()).unwrap(),
+    }
+}
+
+fn limits(timeout: Duration) -> Limits {
+    Limits {
+        timeout,
+        memory: Some(256 << 20),
+        kill_grace: Duration::from_millis(500),
+    }
+}
+
+/// A sandbox with its own cgroup parent; `Drop` removes the parent.
+struct TestSandbox {
+    sb: Sandbox,
+    parent: String,
+}
+
+impl TestSandbox {
+    fn new(tag: &str, pids_max: u64, task_user: Option<TaskUser>) -> TestSandbox {
+        let parent = format!("agentq-test-{tag}-{:08x}", rand::random::<u32>());
+        let sb = Sandbox::new(SandboxConfig {
+            cgroup_parent: Some(parent.clone()),
+            worker_id: "w".into(),
+            pids_max,
+            task_user,
+        });
+        TestSandbox { sb, parent }
+    }
+
+    fn cgroup(&self) -> bool {
+        matches!(self.sb.mode(), Mode::Cgroup(_))
+    }
+
+    async fn run(&self, m: &Manifest, i: &TaskInput, lim: &Limits) -> Report {
+        run_process_in(&self.sb, m, i, lim, CancellationToken::new()).await
+    }
+}
+
+impl Drop for TestSandbox {
+    fn drop(&mut self) {
+        remove_cgroup_parent(&self.parent);
+    }
+}
+
+/// Removes `<mount>/<parent>` in every v1 hierarchy and on v2 (empty dirs only).
+fn remove_cgroup_parent(parent: &str) {
+    for base in ["memory", "pids", "freezer", "unified", ""] {
+        let dir = Path::new("/sys/fs/cgroup").join(base).join(parent);
+        if let Ok(workers) = std::fs::read_dir(&dir) {
+            for w in workers.flatten().filter(|e| e.path().is_dir()) {
+                for a in std::fs::read_dir(w.path()).into_iter().flatten().flatten() {
+                    let _ = std::fs::remove_dir(a.path());
+                }
+                let _ = std::fs::remove_dir(w.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
+/// True when `pid` no longer runs (gone, or a zombie).
+fn is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+            .unwrap_or(false),
+    }
+}
+
+async fn wait_dead(pid: i32, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if is_dead(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Pids whose command line mentions `needle`.
+fn processes_running(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(needle) && !is_dead(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn nobody() -> TaskUser {
+    "nobody".parse().expect("user nobody exists")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_bomb_hits_the_process_cap_and_is_killed() {
+    // As root RLIMIT_NPROC does not bind, so the fallback runs it as nobody.
+    let ts = TestSandbox::new("bomb", 32, None);
+    let ts = if ts.cgroup() {
+        ts
+    } else {
+        TestSandbox::new("bomb", 32, Some(nobody()))
+    };
+    let m = kind("forkbomb");
+    let r = ts
+        .run(
+            &m,
+            &input("forkbomb", "evil", json!({})),
+            &limits(Duration::from_secs(3)),
+        )
+        .await;
+    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    let e = r.error.clone().unwrap();
+    assert!(e.starts_with("timed out after 3s"), "{e}");
+    if ts.cgroup() {
+        assert!(e.contains("process cap 32 reached"), "{e}");
+    }
+    let needle = m.dir.join("run").display().to_string();
+    eventually(
+        Duration::from_secs(20),
+        "no fork bomb process left",
+        || async { processes_running(&needle).is_empty().then_some(()) },
+    )
+    .await;
+    // The same sandbox runs the next job normally.
+    let echo = Registry::load(&workers_dir()).unwrap();
+    let r = ts
+        .run(
+            echo.get("echo").unwrap(),
+            &input("echo", "good", json!({"after": "bomb"})),
+            &limits(Duration::from_secs(30)),
+        )
+        .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+}
+
+#[tokio::test]
+async fn huge_stdout_is_bounded() {
+    let ts = TestSandbox::new("bigout", 64, None);
+    let m = kind("bigout");
+    // 128 MiB on one line, then the result: only the tail is kept, the
+    // result line is still found.
+    let r = ts
+        .run(
+            &m,
+            &input("bigout", "evil", json!({"mib": 128})),
+            &limits(Duration::from_secs(60)),
+        )
+        .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    assert_eq!(r.output, Some(json!("end")));
+    // Writing forever: stopped at the timeout, nothing unbounded kept.
+    let r = ts
+        .run(
+            &m,
+            &input("bigout", "evil", json!({"forever": true})),
+            &limits(Duration::from_secs(2)),
+        )
+        .await;
+    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    let e = r.error.unwrap();
+    assert!(e.starts_with("timed out after 2s"), "{e}");
+    assert!(e.len() < 4096, "error is {} bytes", e.len());
+    if ts.cgroup() {
+        // The cgroup's peak is the program's own, with no floor from this
+        // (large) test process; python plus a 1 MiB buffer stays far below.
+        assert!(r.peak_rss_bytes < 128 << 20, "{}", r.peak_rss_bytes);
+    }
+}
+
+#[tokio::test]
+async fn closing_stdout_early_is_a_plain_failure() {
+    let ts = TestSandbox::new("closeout", 64, None);
+    let started = Instant::now();
+    let r = ts
+        .run(
+            &kind("closeout"),
+            &input("closeout", "evil", json!({})),
+            &limits(Duration::from_secs(30)),
+        )
+        .await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    assert_eq!(r.exit_code, Some(3));
+    assert_eq!(r.error_summary(), Some("task program exited with code 3"));
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn ignoring_sigterm_gets_sigkill_after_the_grace() {
+    let ts = TestSandbox::new("noterm", 64, None);
+    let lim = Limits {
+        timeout: Duration::from_secs(1),
+        memory: None,
+        kill_grace: Duration::from_millis(500),
+    };
+    let r = ts
+        .run(&kind("noterm"), &input("noterm", "evil", json!({})), &lim)
+        .await;
+    assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
+    assert_eq!(r.signal, Some(libc::SIGKILL));
+    assert!(r.wall_ms >= 1500, "{}", r.wall_ms);
+    // The child that ignores TERM as well died with the group.
+    let child = r
+        .output
+        .as_ref()
+        .and_then(|o| o["child"].as_i64())
+        .expect("child pid") as i32;
+    assert!(
+        wait_dead(child, Duration::from_secs(10)).await,
+        "{child} alive"
+    );
+}
+
+#[tokio::test]
+async fn grandchildren_that_leave_the_group_are_killed() {
+    let ts = TestSandbox::new("escape", 64, None);
+    let r = ts
+        .run(
+            &kind("escape"),
+            &input("escape", "evil", json!({})),
+            &limits(Duration::from_secs(30)),
+        )
+        .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    let out = r.output.unwrap();
+    let grouped = out["grouped"].as_i64().unwrap() as i32;
+    let escaped: Vec<i32> = serde_json::from_value(out["escaped"].clone()).unwrap();
+    assert_eq!(escaped.len(), 2);
+    assert!(wait_dead(grouped, Duration::from_secs(10)).await);
+    if ts.cgroup() {
+        for pid in &escaped {
+            assert!(
+                wait_dead(*pid, Duration::from_secs(10)).await,
+                "setsid daemon {pid} survived"
+            );
+        }
+    } else {
+        // Known limit of the fallback: a new session escapes killpg.
+        for pid in &escaped {
+            assert!(!is_dead(*pid), "{pid}");
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_with_their_own_uids_cannot_read_each_other() {
+    let ts = TestSandbox::new("snoop", 64, Some("2000000-2000003".parse().unwrap()));
+    let notes = tempfile::tempdir().unwrap();
+    set_mode(notes.path(), 0o777);
+    let note = notes.path().join("a.json");
+    let m = kind("snoop");
+    // Tenant A keeps a secret in its working directory and stays a while.
+    let a_input = input(
+        "snoop",
+        "acme",
+        json!({"secret": "acme-private", "note": note, "hold_ms": 4000}),
+    );
+    let lim = limits(Duration::from_secs(30));
+    let ts = std::sync::Arc::new(ts);
+    let a_task = {
+        let (ts, m, lim) = (ts.clone(), m.clone(), lim.clone());
+        tokio::spawn(async move { ts.run(&m, &a_input, &lim).await })
+    };
+    let a_seen: serde_json::Value =
+        eventually(Duration::from_secs(20), "tenant A running", || async {
+            let text = std::fs::read_to_string(&note).ok()?;
+            serde_json::from_str(&text).ok()
+        })
+        .await;
+    let a_cwd = a_seen["cwd"].as_str().unwrap().to_string();
+    let a_pid = a_seen["pid"].as_i64().unwrap();
+    let worker_environ = format!("/proc/{}/environ", std::process::id());
+    let targets = [
+        format!("{a_cwd}/secret.txt"),
+        a_cwd.clone(),
+        format!("/proc/{a_pid}/environ"),
+        format!("/proc/{a_pid}/cwd/secret.txt"),
+        worker_environ.clone(),
+    ];
+    let b = ts
+        .run(
+            &m,
+            &input("snoop", "globex", json!({"paths": targets})),
+            &lim,
+        )
+        .await;
+    assert_eq!(b.outcome, Outcome::Succeeded, "{b:?}");
+    let out = b.output.unwrap();
+    for t in &targets {
+        assert_eq!(
+            out["readable"][t],
+            json!(false),
+            "tenant B could read {t}: {out}"
+        );
+    }
+    let a = a_task.await.unwrap();
+    assert_eq!(a.outcome, Outcome::Succeeded, "{a:?}");
+    let a_uid = a.output.unwrap()["uid"].as_u64().unwrap();
+    let b_uid = out["uid"].as_u64().unwrap();
+    assert!((2000000..=2000003).contains(&a_uid) && (2000000..=2000003).contains(&b_uid));
+    assert_ne!(a_uid, b_uid);
+    // A's working directory is gone once A ended.
+    assert!(!Path::new(&a_cwd).exists(), "{a_cwd} left behind");
+}
+
+#[tokio::test]
+async fn tasks_as_nobody_cannot_read_the_workers_secrets() {
+    let ts = TestSandbox::new("nobody", 64, Some(nobody()));
+    let secrets = tempfile::tempdir().unwrap();
+    set_mode(secrets.path(), 0o755);
+    let file = secrets.path().join("agentq.toml");
+    std::fs::write(&file, "redis_url = \"redis://:hunter2@127.0.0.1:6379\"\n").unwrap();
+    set_mode(&file, 0o600);
+    let targets = [
+        file.display().to_string(),
+        format!("/proc/{}/environ", std::process::id()),
+        "/root".to_string(),
+    ];
+    let r = ts
+        .run(
+            &kind("snoop"),
+            &input("snoop", "evil", json!({"paths": targets})),
+            &limits(Duration::from_secs(30)),
+        )
+        .await;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
+    let out = r.output.unwrap();
+    assert_eq!(out["uid"], json!(65534), "{out}");
+    for t in &targets {
+        assert_eq!(
+            out["readable"][t],
+            json!(false),
+            "nobody could read {t}: {out}"
+        );
+    }
+    // Its own working directory is its own.
+    assert!(!out["cwd"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn cgroup_mode_is_used_where_cgroups_are_writable() {
+    let ts = TestSandbox::new("mode", 64, None);
+    let writable = ["memory", "pids"].iter().all(|c| {
+        Path::new("/sys/fs/cgroup")
+            .join(c)
+            .join("cgroup.procs")
+            .exists()
+    }) && unsafe { libc::geteuid() } == 0;
+    if writable {
+        assert!(ts.cgroup(), "{}", ts.sb.describe());
+        let dirs: Vec<PathBuf> = ["memory", "pids"]
+            .iter()
+            .map(|c| {
+                Path::new("/sys/fs/cgroup")
+                    .join(c)
+                    .join(&ts.parent)
+                    .join("w")
+            })
+            .collect();
+        for d in &dirs {
+            assert!(d.is_dir(), "{}", d.display());
+        }
+        // Attempt cgroups are removed after each attempt.
+        let r = ts
+            .run(
+                &kind("closeout"),
+                &input("closeout", "t", json!({})),
+                &limits(Duration::from_secs(30)),
+            )
+            .await;
+        assert_eq!(r.exit_code, Some(3));
+        for d in &dirs {
+            let left: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .collect();
+            assert!(left.is_empty(), "{left:?}");
+        }
+    } else {
+        assert_eq!(ts.sb.mode(), Mode::Rlimit, "{}", ts.sb.describe());
+    }
+    // "off" always means the rlimit path, and says why.
+    let off = Sandbox::rlimit_only();
+    assert_eq!(off.mode(), Mode::Rlimit);
+    assert!(off.describe().contains("disabled"), "{}", off.describe());
+}
+
+/// `agentq worker` SIGKILLed mid-attempt: its daemonized grandchildren
+/// outlive it (PDEATHSIG reaches only the direct child), and the next
+/// worker's startup sweep of dead workers' cgroups kills them.
+#[tokio::test]
+async fn stale_attempts_of_a_killed_worker_are_swept_at_startup() {
+    let tq = TestQueue::new("hostile-sweep").await;
+    let parent = format!("agentq-test-sweep-{:08x}", rand::random::<u32>());
+    let notes = tempfile::tempdir().unwrap();
+    let note = notes.path().join("escape.json");
+    let hostile = hostile_dir().display().to_string();
+    let args = [
+        "--workers-dir",
+        hostile.as_str(),
+        "--cgroup-parent",
+        parent.as_str(),
+        "--lease",
+        "2s",
+        "--shutdown-grace",
+        "1s",
+    ];
+    let mut first = tq.spawn_worker(&args);
+    let mut spec = agentq::queue::job::JobSpec::new("evil", "default", "escape");
+    spec.payload = json!({"note": note, "wait": true}).to_string();
+    tq.queue.enqueue(&spec).await.expect("enqueue");
+    let seen: serde_json::Value = eventually(Duration::from_secs(30), "escape running", || async {
+        serde_json::from_str(&std::fs::read_to_string(&note).ok()?).ok()
+    })
+    .await;
+    let escaped: Vec<i32> = serde_json::from_value(seen["escaped"].clone()).unwrap();
+    first.kill().expect("SIGKILL worker");
+    first.wait().expect("reap worker");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for pid in &escaped {
+        assert!(
+            !is_dead(*pid),
+            "{pid} died with the worker; the gap this test covers is gone"
+        );
+    }
+    let mut second = tq.spawn_worker(&args);
+    let cgroups = Path::new("/sys/fs/cgroup/memory").exists();
+    for pid in &escaped {
+        if cgroups {
+            assert!(
+                wait_dead(*pid, Duration::from_secs(30)).await,
+                "{pid} survived the sweep"
+            );
+        } else {
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+    }
+    // The job itself is re-run after the lease expires (and killed with
+    // the second worker below).
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    second.wait().expect("worker exits");
+    remove_cgroup_parent(&parent);
+    tq.cleanup().await;
+}
+
+/// The whole pipeline: a worker process runs every hostile kind beside a
+/// well-behaved tenant; each hostile job ends with its own outcome in the
+/// job record and the ledger, every good job succeeds, the worker lives on.
+#[tokio::test]
+async fn hostile_jobs_get_their_own_outcomes_and_the_rest_goes_on() {
+    let tq = TestQueue::new("hostile-e2e").await;
+    let db = TestDb::new("hostile_e2e").await;
+    let parent = format!("agentq-test-e2e-{:08x}", rand::random::<u32>());
+    // One workers folder with the hostile kinds and echo.
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    for k in ["forkbomb", "bigout", "closeout", "noterm", "escape"] {
+        std::os::unix::fs::symlink(hostile_dir().join(k), dir.path().join(k)).unwrap();
+    }
+    std::os::unix::fs::symlink(workers_dir().join("echo"), dir.path().join("echo")).unwrap();
+    let url = format!("{}?options[search_path]={}", database_url(), db.schema);
+    let mut worker = Command::new(bin())
+        .args(["worker", "--metrics-addr", "off", "--concurrency", "4"])
+        .args(["--workers-dir", &dir.path().display().to_string()])
+        .args([
+            "--cgroup-parent",
+            &parent,
+            "--task-pids-max",
+            "32",
+            "--kill-grace",
+            "500ms",
+        ])
+        .args(["--task-user", "nobody", "--backoff-base", "50ms"])
+        .env("AGENTQ_REDIS_URL", tq.queue.config().redis_url.clone())
+        .env("AGENTQ_NAMESPACE", &tq.ns)
+        .env("AGENTQ_DATABASE_URL", &url)
+        .env("AGENTQ_LOG", "agentq=warn")
+        .spawn()
+        .expect("spawn worker");
+    let hostile = [
+        ("forkbomb", json!({}), "timed_out", "process cap"),
+        ("bigout", json!({"mib": 32}), "succeeded", ""),
+        ("closeout", json!({}), "failed", "exited with code 3"),
+        ("noterm", json!({}), "timed_out", "timed out after 1s"),
+        ("escape", json!({}), "succeeded", ""),
+    ];
+    let mut ids = Vec::new();
+    for (k, payload, _, _) in &hostile {
+        let mut spec = agentq::queue::job::JobSpec::new("evil", "default", *k);
+        spec.payload = payload.to_string();
+        spec.max_attempts = Some(1);
+        ids.push(tq.queue.enqueue(&spec).await.expect("enqueue").id);
+    }
+    let mut good = Vec::new();
+    for i in 0..6 {
+        let mut spec = agentq::queue::job::JobSpec::new("good", "default", "echo");
+        spec.payload = json!({"i": i}).to_string();
+        good.push(tq.queue.enqueue(&spec).await.expect("enqueue").id);
+    }
+    for (id, (k, _, outcome, needle)) in ids.iter().zip(&hostile) {
+        let info = job_in_state(&tq, id, &["succeeded", "dead"]).await;
+        assert_eq!(info.outcome.as_deref(), Some(*outcome), "{k}: {info:?}");
+        if !needle.is_empty() {
+            let e = info.last_error.clone().unwrap_or_default();
+            assert!(e.contains(needle), "{k}: {e}");
+        }
+    }
+    for id in &good {
+        let info = job_in_state(&tq, id, &["succeeded", "dead"]).await;
+        assert_eq!(info.state, "succeeded", "{info:?}");
+    }
+    // One ledger row per attempt, with the same outcomes.
+    let rows = eventually(Duration::from_secs(60), "ledger rows", || async {
+        let rows = db.rows().await;
+        (rows.len() == ids.len() + good.len()).then_some(rows)
+    })
+    .await;
+    for (id, (k, _, outcome, _)) in ids.iter().zip(&hostile) {
+        let row = rows.iter().find(|r| &r.0 == id).expect("row");
+        assert_eq!(row.2, *outcome, "{k}");
+    }
+    assert!(worker.try_wait().unwrap().is_none(), "the worker died");
+    unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
+    assert!(worker.wait().unwrap().success());
+    remove_cgroup_parent(&parent);
+    db.cleanup().await;
+    tq.cleanup().await;
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
