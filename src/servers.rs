@@ -469,6 +469,65 @@ impl PrivatePostgres {
         let _ = c.wait();
     }
 
+    /// Require `password` (scram-sha-256) for user `postgres` over TCP, and
+    /// with `tls = Some((cert, key))` (PEM files) serve TLS too (`ssl = on`;
+    /// the files are copied into the data directory). Local socket
+    /// connections stay trusted. Restarts the server.
+    pub fn secure(
+        &mut self,
+        password: &str,
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<(), ServerError> {
+        let sql = format!(
+            "ALTER USER postgres PASSWORD '{}'",
+            password.replace('\'', "''")
+        );
+        let out = self
+            .command("psql")
+            .arg("-h")
+            .arg(self.dir.path())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", &sql])
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(ServerError::Start(format!(
+                "setting the password failed: {}",
+                last_line(&out.stdout, &out.stderr)
+            )));
+        }
+        let data = self.data_dir();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n",
+        )?;
+        let mut conf = String::from("\npassword_encryption = 'scram-sha-256'\n");
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (src, name, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+                let dst = data.join(name);
+                std::fs::copy(src, &dst)?;
+                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))?;
+                if let Some((uid, gid)) = self.run_as {
+                    std::os::unix::fs::chown(&dst, Some(uid), Some(gid))?;
+                }
+            }
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?;
+        std::io::Write::write_all(&mut f, conf.as_bytes())?;
+        self.restart()
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
