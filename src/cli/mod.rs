@@ -159,11 +159,26 @@ pub async fn connect(s: &Settings, url: &str) -> Result<Queue, CliError> {
     cfg.partitions = s.partitions;
     Queue::connect(cfg).await.map_err(|e| match e {
         QueueError::Redis(re) => CliError::Runtime(anyhow::anyhow!(
-            "cannot reach Redis at {}: {re}; is redis-server running? (set AGENTQ_REDIS_URL or --redis-url)",
-            crate::config::redact_url(url)
+            "cannot reach Redis at {}: {re}; {}",
+            crate::config::redact_url(url),
+            redis_hint(&re.to_string())
         )),
         other => other.into(),
     })
+}
+
+/// How to fix a Redis connection error, from its text.
+fn redis_hint(error: &str) -> &'static str {
+    if error.contains("Certificate") || error.contains("certificate") {
+        "the server's TLS certificate is not trusted: point SSL_CERT_FILE at the CA's PEM file"
+    } else if error.contains("WRONGPASS")
+        || error.contains("NOAUTH")
+        || error.contains("Authentication")
+    {
+        "the password (or user) in the URL is wrong: redis://:PASSWORD@host:port or redis://USER:PASSWORD@host:port"
+    } else {
+        "is redis-server running? (set AGENTQ_REDIS_URL or --redis-url; rediss:// for TLS)"
+    }
 }
 
 /// Log to stderr with the `AGENTQ_LOG` filter; the default is `info` for the
