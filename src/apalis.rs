@@ -34,7 +34,8 @@ use serde::de::DeserializeOwned;
 use crate::executor::{Outcome, TaskUsage};
 use crate::queue::{ClaimedJob, Completion, Queue, QueueError};
 
-type ClaimFuture = Pin<Box<dyn Future<Output = Result<(i64, Vec<ClaimedJob>), QueueError>> + Send>>;
+type ClaimFuture =
+    Pin<Box<dyn Future<Output = Result<(Option<Duration>, Vec<ClaimedJob>), QueueError>> + Send>>;
 
 /// The lease of a task handed to apalis, stored in the task's data.
 #[derive(Clone, Debug)]

@@ -150,8 +150,9 @@ pub struct Reconciled {
 /// Raise each tenant's Redis usage counter for the current month to at least
 /// what the ledger holds (after a Redis loss), then re-check its admission.
 pub async fn reconcile(queue: &Queue, pool: &PgPool) -> Result<Vec<Reconciled>, LedgerError> {
-    let today = chrono::Utc::now().date_naive();
-    let month = crate::queue::inspect::current_month();
+    let now = queue.server_time().await?;
+    let today = now.date_naive();
+    let month = now.format("%Y-%m").to_string();
     let sums: Vec<(String, i64)> = sqlx::query_as(
         "SELECT tenant, sum(agent_ms)::bigint FROM usage_daily WHERE day >= $1 GROUP BY tenant ORDER BY tenant",
     )

@@ -292,7 +292,7 @@ async fn claim_loop(
             continue;
         }
         let mut claimed = 0;
-        let mut next_due = 0i64;
+        let mut due_in: Option<Duration> = None;
         let mut failed = false;
         for i in 0..parts {
             let p = (rr + i) % parts;
@@ -302,9 +302,10 @@ async fn claim_loop(
                 .await
             {
                 Ok((due, jobs)) => {
-                    if due > 0 && (next_due == 0 || due < next_due) {
-                        next_due = due;
-                    }
+                    due_in = match (due_in, due) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     free -= jobs.len().min(free);
                     claimed += jobs.len();
                     for job in jobs {
@@ -338,14 +339,7 @@ async fn claim_loop(
         }
         error_backoff = Duration::from_millis(100);
         if claimed == 0 {
-            let mut wait = ctx.cfg.idle_poll;
-            if next_due > 0 {
-                let now = chrono::Utc::now().timestamp_millis();
-                // next_due is Redis time; a skewed local clock only makes this poll early or late
-                wait = wait.min(Duration::from_millis(
-                    (next_due - now).clamp(1, i64::MAX) as u64
-                ));
-            }
+            let wait = due_in.map_or(ctx.cfg.idle_poll, |d| d.min(ctx.cfg.idle_poll));
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}

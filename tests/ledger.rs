@@ -271,7 +271,9 @@ async fn reconcile_restores_quota_counters_from_the_ledger() {
     ledger::insert(&db.pool, &[record("0-r1", 1, "t", "succeeded", 5000, 0)])
         .await
         .expect("insert");
-    let month = agentq::queue::inspect::current_month();
+    let month = agentq::queue::inspect::current_month(&tq.queue)
+        .await
+        .expect("month");
     let key = tq.queue.keys(0).key(&["usage", "t"]);
     let done = agentq::usage::reconcile(&tq.queue, &db.pool)
         .await

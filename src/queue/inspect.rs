@@ -55,9 +55,10 @@ pub struct TenantStats {
     pub quota_ms: u64,
 }
 
-/// The current calendar month (UTC) as the scripts key it: `YYYY-MM`.
-pub fn current_month() -> String {
-    chrono::Utc::now().format("%Y-%m").to_string()
+/// The current calendar month (UTC) as the scripts key it, `YYYY-MM`, by
+/// Redis's clock (the scripts' clock), not this machine's.
+pub async fn current_month(q: &Queue) -> Result<String, QueueError> {
+    Ok(q.server_time().await?.format("%Y-%m").to_string())
 }
 
 fn hash_i64(h: &HashMap<String, String>, k: &str) -> i64 {
@@ -117,7 +118,7 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
         let tenants: Vec<String> = q.client().smembers(keys.key(&["tenants"])).await?;
         let running: HashMap<String, String> = q.client().hgetall(keys.key(&["running"])).await?;
         let held: HashMap<String, String> = q.client().hgetall(keys.key(&["held"])).await?;
-        let month = current_month();
+        let month = current_month(q).await?;
         let paused: Vec<String> = q.client().smembers(keys.key(&["paused"])).await?;
         let defaults = admission::defaults(q, p).await?;
         let queues: Vec<String> = match queue {
@@ -145,7 +146,8 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
             s.usage_ms = used.unwrap_or(0);
             let mut paused_with_work = false;
             for (name, h) in &per_queue {
-                let ready = hash_i64(h, &format!("ready:{t}"));
+                // ready per tenant is the size of its ready set (not counted in stats)
+                let ready: i64 = q.client().zcard(keys.key(&["q", name, "t", &t])).await?;
                 s.ready += ready;
                 s.delayed += hash_i64(h, &format!("delayed:{t}"));
                 s.dead += hash_i64(h, &format!("dead:{t}"));

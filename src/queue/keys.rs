@@ -14,8 +14,8 @@
 //! | `B:q:<q>:sched` | zset | admissible tenants with ready work in `q`, by pass (virtual time) |
 //! | `B:q:<q>:delayed` | zset | delayed jobs (retries and `--delay`), by run-at ms |
 //! | `B:q:<q>:dead` | zset | dead jobs, by time of death |
-//! | `B:q:<q>:stats` | hash | counters `ready`, `delayed`, `running`, `dead` and `<state>:<tenant>` |
-//! | `B:tq:<t>` | set | queues where tenant `t` has ready jobs |
+//! | `B:q:<q>:stats` | hash | counters `ready`, `delayed`, `running`, `dead`, `delayed:<tenant>`, `dead:<tenant>` |
+//! | `B:tq` | hash | tenant → the queues where it has ready jobs, space-separated |
 //! | `B:tenant:<t>` | hash | tenant limits (`max_concurrency`, `max_timeout_ms`, `max_memory`, `weight`, `tier`) |
 //! | `B:defaults` | hash | limits for tenants that set none, and partition settings |
 //! | `B:running` | hash | tenant -> running jobs (the fleet-wide concurrency count) |

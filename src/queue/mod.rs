@@ -230,6 +230,23 @@ impl Queue {
         &self.cfg
     }
 
+    /// Redis's clock (`TIME`), the one clock every script decides by.
+    pub async fn server_time(&self) -> Result<chrono::DateTime<chrono::Utc>, QueueError> {
+        let t: Vec<String> = self
+            .client
+            .custom(fred::cmd!("TIME"), Vec::<Value>::new())
+            .await?;
+        let secs = t.first().and_then(|s| s.parse::<i64>().ok());
+        let micros = t.get(1).and_then(|s| s.parse::<u32>().ok());
+        match (secs, micros) {
+            (Some(s), Some(us)) => chrono::DateTime::from_timestamp(s, us * 1000)
+                .ok_or_else(|| QueueError::Protocol(format!("TIME out of range: {t:?}"))),
+            _ => Err(QueueError::Protocol(format!(
+                "unexpected TIME reply: {t:?}"
+            ))),
+        }
+    }
+
     /// Number of partitions.
     pub fn partitions(&self) -> u32 {
         self.cfg.partitions
@@ -319,8 +336,9 @@ impl Queue {
     }
 
     /// Claim up to `batch` jobs of partition `p` from `queues` for `worker`,
-    /// each with a lease of `lease`. Also returns the next delayed job's due
-    /// time (ms since the epoch, Redis clock), 0 if none.
+    /// each with a lease of `lease`. Also returns how long until the next
+    /// delayed job or rate/quota-held tenant becomes due, measured by Redis's
+    /// clock (so a worker's skewed clock cannot turn it into a busy loop).
     pub async fn claim(
         &self,
         p: u32,
@@ -328,7 +346,7 @@ impl Queue {
         batch: usize,
         lease: Duration,
         queues: &[String],
-    ) -> Result<(i64, Vec<ClaimedJob>), QueueError> {
+    ) -> Result<(Option<Duration>, Vec<ClaimedJob>), QueueError> {
         let mut args = vec![
             worker.to_string(),
             batch.to_string(),
@@ -340,7 +358,10 @@ impl Queue {
             return Err(QueueError::Protocol("short claim reply".into()));
         };
         report_events(events);
-        let next_due = first.parse().unwrap_or(0);
+        let due_in = match first.parse::<u64>() {
+            Ok(0) | Err(_) => None,
+            Ok(ms) => Some(Duration::from_millis(ms)),
+        };
         if rest.len() % 12 != 0 {
             return Err(QueueError::Protocol(format!(
                 "claim returned {} values",
@@ -366,7 +387,7 @@ impl Queue {
                 max_memory: num(&c[11]).max(0) as u64,
             })
             .collect();
-        Ok((next_due, jobs))
+        Ok((due_in, jobs))
     }
 
     /// Complete attempts of partition `p` (fenced by attempt number).

@@ -69,7 +69,9 @@ impl TestQueue {
             .xrange(self.queue.keys(0).key(&["outbox"]), "-", "+", None)
             .await
             .expect("xrange");
-        v.into_iter().map(|(_, f)| f).collect()
+        v.into_iter()
+            .map(|(_, f)| agentq::ledger::outbox_fields(f))
+            .collect()
     }
 
     /// The fleet-wide running count of each tenant.

@@ -17,7 +17,7 @@ if state == 'ready' then
   redis.call('ZREM', k('q', q, 't', t), id)
   stat(q, t, 'ready', -1)
   if redis.call('EXISTS', k('q', q, 't', t)) == 0 then
-    redis.call('SREM', k('tq', t), q)
+    tq_rem(t, q)
   end
   sync_tenant(t)
 elseif state == 'delayed' then

@@ -5,9 +5,10 @@
 -- ARGV[2]  batch size (free local slots)
 -- ARGV[3]  lease duration in ms
 -- ARGV[4..] queue names to claim from
--- Returns  { next_due_ms, events, job1..., job2..., ... } where next_due_ms
---          is the earliest time a delayed job or a throttled tenant becomes
---          due (0 if none), events is a space-separated list such as
+-- Returns  { due_in_ms, events, job1..., job2..., ... } where due_in_ms
+--          is how long until the earliest delayed job or throttled tenant
+--          becomes due, by this server's clock (at least 1; 0 if none), so
+--          workers never compare Redis time with their own clock; events is a space-separated list such as
 --          "rate_2x:acme" (may be empty), and each job is 12 values: id, attempt (the fencing token), tenant, queue,
 --          kind, payload, timeout_ms, memory, enqueued_at, started_at,
 --          max_timeout_ms, max_memory.
@@ -23,9 +24,10 @@
 
 local worker, batch, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
+local now_s = tostring(now)
 local queues = {}
 for i = 4, #ARGV do
-  if redis.call('SISMEMBER', k('paused'), 'q:' .. ARGV[i]) == 0 then
+  if not paused_member('q:' .. ARGV[i]) then
     queues[#queues + 1] = ARGV[i]
   end
 end
@@ -54,8 +56,8 @@ for _, q in ipairs(queues) do
   end
 end
 -- Tenants held by rate or quota whose time has come are admissible again.
-for _, t in ipairs(redis.call('ZRANGEBYSCORE', k('throttled'), '-inf', now, 'LIMIT', 0, 200)) do
-  redis.call('ZREM', k('throttled'), t)
+for _, t in ipairs(redis.call('ZRANGEBYSCORE', K_THROTTLED, '-inf', now, 'LIMIT', 0, 200)) do
+  redis.call('ZREM', K_THROTTLED, t)
   woken[t] = true
 end
 for t in pairs(woken) do sync_tenant(t) end
@@ -75,67 +77,153 @@ local function count_start(t, l)
   end
 end
 
-local out = { next_due, '' }
-local claimed = 0
-local guard = batch * 4 + 16
-while claimed < batch and guard > 0 do
-  guard = guard - 1
-  local best_q, best_t, best_pass = nil, nil, nil
-  for _, q in ipairs(queues) do
-    local head = redis.call('ZRANGE', k('q', q, 'sched'), 0, 0, 'WITHSCORES')
-    if head[1] then
-      local p = tonumber(head[2])
-      if best_pass == nil or p < best_pass then
-        best_q, best_t, best_pass = q, head[1], p
+-- Stride picks over a window of each sched set: the first batch+1 tenants
+-- by pass are read once and kept sorted locally; the head is picked and
+-- re-inserted at its new pass. A pick is exact while its pass is not above
+-- the window's last score (every tenant outside the window has at least that
+-- pass); past it the picks so far are written back and the window re-read.
+local windows = {}  -- q -> { list = { {t=, pass=}... } sorted by pass, bound = score or nil }
+local picked = {}   -- tenant -> true, for tenants picked in this call
+local function load_window(q)
+  flush_sched()
+  local flat = redis.call('ZRANGE', k('q', q, 'sched'), 0, batch, 'WITHSCORES')
+  if sched_cache[q] == nil then sched_cache[q] = {} end
+  local list, tenants = {}, {}
+  for i = 1, #flat, 2 do
+    local t, p = flat[i], tonumber(flat[i + 1])
+    list[#list + 1] = { t = t, pass = p }
+    sched_cache[q][t] = p
+    tenants[#tenants + 1] = t
+  end
+  prefetch(tenants)
+  local bound = nil
+  if #list > batch then bound = list[#list].pass end
+  windows[q] = { list = list, bound = bound }
+end
+local function window_head(q)
+  local w = windows[q]
+  if w == nil then
+    load_window(q)
+    w = windows[q]
+  end
+  local e = w.list[1]
+  if e and w.bound and e.pass > w.bound then
+    for t in pairs(picked) do sync_tenant(t) end
+    load_window(q)
+    e = windows[q].list[1]
+  end
+  return e
+end
+-- Insert entry e into a sorted list after every entry with the same pass
+-- (so equal tenants take turns).
+local function insert_sorted(list, e)
+  local lo, hi = 1, #list + 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if list[mid].pass <= e.pass then lo = mid + 1 else hi = mid end
+  end
+  table.insert(list, lo, e)
+end
+-- Tenant t's entry in the windows of the other queues (only with several
+-- queues): move it to pass p, or drop it when p is nil.
+local function other_windows(q, t, p)
+  for wq, w in pairs(windows) do
+    if wq ~= q then
+      for i, e in ipairs(w.list) do
+        if e.t == t then
+          table.remove(w.list, i)
+          if p then
+            e.pass = p
+            insert_sorted(w.list, e)
+          end
+          break
+        end
       end
     end
   end
+end
+
+local out = { next_due, '' }
+local claimed = 0
+local touched = {} -- ready-set keys popped from: q, t
+local guard = batch * 4 + 16
+while claimed < batch and guard > 0 do
+  guard = guard - 1
+  local best_q, best = nil, nil
+  for _, q in ipairs(queues) do
+    local e = window_head(q)
+    if e and (best == nil or e.pass < best.pass) then best_q, best = q, e end
+  end
   if best_q == nil then break end
-  local q, t = best_q, best_t
-  local popped = redis.call('ZPOPMIN', k('q', q, 't', t))
-  if popped[1] then
+  local q, t, best_pass = best_q, best.t, best.pass
+  table.remove(windows[q].list, 1)
+  local tk = k('q', q, 't', t)
+  local popped = redis.call('ZPOPMIN', tk)
+  if not popped[1] then
+    -- stale sched entry (no ready work left): repair it
+    tq_rem(t, q)
+    sched_drop(q, t)
+    sync_later(t)
+  else
     local id = popped[1]
     local jk = k('job', id)
-    local attempt = redis.call('HINCRBY', jk, 'attempts', 1)
-    redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'worker', worker, 'hb', now)
-    redis.call('ZADD', k('leases'), now + lease_ms, id)
-    redis.call('HINCRBY', k('running'), t, 1)
+    local v = redis.call('HMGET', jk, 'kind', 'payload', 'timeout_ms', 'memory', 'enqueued_at',
+      'attempts')
+    local attempt = (tonumber(v[6]) or 0) + 1
+    -- no 'hb' yet: the reaper reads a missing heartbeat as "none since the start"
+    redis.call('HSET', jk, 'attempts', attempt, 'state', 'running', 'started_at', now_s,
+      'worker', worker)
+    lease_add(id, now + lease_ms)
+    add_running(t, 1)
     stat(q, t, 'ready', -1)
     stat(q, t, 'running', 1)
-    local v = redis.call('HMGET', jk, 'kind', 'payload', 'timeout_ms', 'memory', 'enqueued_at')
     local l = limits(t)
-    out[#out + 1] = id
-    out[#out + 1] = attempt
-    out[#out + 1] = t
-    out[#out + 1] = q
-    out[#out + 1] = v[1]
-    out[#out + 1] = v[2]
-    out[#out + 1] = tonumber(v[3]) or 0
-    out[#out + 1] = tonumber(v[4]) or 0
-    out[#out + 1] = tonumber(v[5]) or now
-    out[#out + 1] = now
-    out[#out + 1] = l.max_timeout_ms
-    out[#out + 1] = l.max_memory
+    local n = #out
+    out[n + 1] = id
+    out[n + 2] = attempt
+    out[n + 3] = t
+    out[n + 4] = q
+    out[n + 5] = v[1]
+    out[n + 6] = v[2]
+    out[n + 7] = tonumber(v[3]) or 0
+    out[n + 8] = tonumber(v[4]) or 0
+    out[n + 9] = tonumber(v[5]) or now
+    out[n + 10] = now
+    out[n + 11] = l.max_timeout_ms
+    out[n + 12] = l.max_memory
     claimed = claimed + 1
-    -- advance the tenant's virtual time; vt never moves backwards
-    local vt = tonumber(redis.call('GET', k('vt'))) or 0
-    if best_pass > vt then redis.call('SET', k('vt'), best_pass) end
-    redis.call('HSET', k('pass'), t, best_pass + math.floor(1000000 / math.max(l.weight, 0.001)))
+    raise_vt(best_pass)
+    local next_pass = best_pass + math.floor(1000000 / math.max(l.weight, 0.001))
+    set_pass(t, next_pass)
     count_start(t, l)
+    picked[t] = true
+    touched[tk] = { q, t }
+    sync_later(t)
+    -- at its cap, over its quota or beyond its rate: no more picks this call
+    local admissible = hold_reason(t) == nil
+    if admissible then
+      best.pass = next_pass
+      insert_sorted(windows[q].list, best)
+    end
+    if #queues > 1 then other_windows(q, t, admissible and next_pass or nil) end
   end
-  if redis.call('EXISTS', k('q', q, 't', t)) == 0 then
-    redis.call('SREM', k('tq', t), q)
-    redis.call('ZREM', k('q', q, 'sched'), t)
-  end
-  sync_tenant(t)
 end
--- Tenants throttled before or during this claim become due at their score.
-local first_throttled = redis.call('ZRANGE', k('throttled'), 0, 0, 'WITHSCORES')
+-- Tenants whose ready set ran dry leave their queue's sched set.
+for tk, qt in pairs(touched) do
+  if redis.call('EXISTS', tk) == 0 then
+    tq_rem(qt[2], qt[1])
+    sched_drop(qt[1], qt[2])
+  end
+end
+finish()
+-- Tenants throttled before or during this claim (written by finish) become
+-- due at their score.
+local first_throttled = redis.call('ZRANGE', K_THROTTLED, 0, 0, 'WITHSCORES')
 if first_throttled[2] then
   local at = tonumber(first_throttled[2])
   if next_due == 0 or at < next_due then next_due = at end
 end
-finish()
-out[1] = next_due
+out[1] = 0
+if next_due > 0 then out[1] = math.max(1, next_due - now) end
 out[2] = table.concat(events, ' ')
 return out

@@ -20,13 +20,27 @@
 local N = 15
 local now = now_ms()
 local out = { '' }
+-- Load every job first so the tenants' counters and sched scores can be read
+-- with one command per kind, not one per job.
+local jobs, tenants, by_queue = {}, {}, {}
 for o = 0, #ARGV - N, N do
   local id, token = ARGV[o + 1], ARGV[o + 2]
   local job = load_job(id)
-  if not job or job.state ~= 'running' or job.attempts ~= token then
+  if job and job.state == 'running' and job.attempts == token then
+    jobs[o] = job
+    if not by_queue[job.queue] then by_queue[job.queue] = {} end
+    by_queue[job.queue][#by_queue[job.queue] + 1] = job.tenant
+    tenants[#tenants + 1] = job.tenant
+  end
+end
+prefetch(tenants)
+for q, ts in pairs(by_queue) do prefetch_sched(q, ts) end
+for o = 0, #ARGV - N, N do
+  local job = jobs[o]
+  if not job then
     out[#out + 1] = 'refused'
   else
-    out[#out + 1] = finish_attempt(id, job, {
+    out[#out + 1] = finish_attempt(ARGV[o + 1], job, {
       outcome = ARGV[o + 3], permanent = ARGV[o + 4] == '1', error = ARGV[o + 5],
       result = ARGV[o + 6], exit_code = ARGV[o + 7], signal = ARGV[o + 8],
       run_ms = tonumber(ARGV[o + 9]), cpu_ms = ARGV[o + 10], peak_rss = ARGV[o + 11],

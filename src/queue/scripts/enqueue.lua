@@ -82,6 +82,18 @@ local now = now_ms()
 local partition = B:match(':(%d+)}$') or '0'
 local out = {}
 local touched = {}
+-- One INCRBY reserves the sequence numbers of the whole batch.
+local seq = redis.call('INCRBY', k('seq'), count) - count
+local new_queues, new_tenants = {}, {}
+local distinct = {}
+for _, job in ipairs(jobs) do
+  if not new_tenants[job.tenant] then
+    new_tenants[job.tenant] = true
+    distinct[#distinct + 1] = job.tenant
+  end
+end
+prefetch(distinct)
+local ready_adds = {} -- ready-set key -> { score, id, score, id, ... }
 for _, job in ipairs(jobs) do
   local existing = nil
   local idem_key = nil
@@ -93,32 +105,50 @@ for _, job in ipairs(jobs) do
     out[#out + 1] = existing
     out[#out + 1] = 0
   else
-    local seq = redis.call('INCR', k('seq'))
+    seq = seq + 1
     local id = string.format('%s-%x%06x', partition, now, seq % 16777216)
     if idem_key then redis.call('SET', idem_key, id, 'PX', default('idem_ttl_ms')) end
     local score = (100 - job.priority) * 1099511627776 + seq
     local max_attempts = job.max_attempts
     if max_attempts == 0 then max_attempts = default('default_max_attempts') end
     local ready_at = now + job.delay_ms
+    local delayed = job.delay_ms > 0
     redis.call('HSET', k('job', id), 'tenant', job.tenant, 'queue', job.queue,
       'kind', job.kind, 'payload', job.payload, 'timeout_ms', job.timeout_ms,
       'memory', job.memory, 'priority', job.priority, 'max_attempts', max_attempts,
       'attempts', 0, 'base', 0, 'enqueued_at', now, 'ready_at', ready_at,
-      'score', score, 'idem', job.idem)
-    redis.call('SADD', k('queues'), job.queue)
-    redis.call('SADD', k('tenants'), job.tenant)
-    if job.delay_ms > 0 then
-      redis.call('HSET', k('job', id), 'state', 'delayed', 'run_at', ready_at)
+      'score', score, 'idem', job.idem, 'state', delayed and 'delayed' or 'ready')
+    new_queues[job.queue] = true
+    new_tenants[job.tenant] = true
+    if delayed then
+      redis.call('HSET', k('job', id), 'run_at', ready_at)
       redis.call('ZADD', k('q', job.queue, 'delayed'), ready_at, id)
       stat(job.queue, job.tenant, 'delayed', 1)
     else
-      make_ready(id, job.queue, job.tenant, score)
+      local rk = k('q', job.queue, 't', job.tenant)
+      local adds = ready_adds[rk]
+      if not adds then
+        adds = {}
+        ready_adds[rk] = adds
+        tq_add(job.tenant, job.queue)
+      end
+      adds[#adds + 1] = score
+      adds[#adds + 1] = id
+      stat(job.queue, job.tenant, 'ready', 1)
       touched[job.tenant] = true
     end
     out[#out + 1] = id
     out[#out + 1] = 1
   end
 end
+for rk, adds in pairs(ready_adds) do call_chunked('ZADD', rk, adds) end
+local function set_members(m)
+  local list = {}
+  for x in pairs(m) do list[#list + 1] = x end
+  return list
+end
+if next(new_queues) then call_chunked('SADD', k('queues'), set_members(new_queues)) end
+if next(new_tenants) then call_chunked('SADD', k('tenants'), set_members(new_tenants)) end
 for t in pairs(touched) do sync_tenant(t) end
 finish()
 return out

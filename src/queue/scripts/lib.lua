@@ -18,7 +18,24 @@
 --  * the counters in B:q:<q>:stats equal the cardinalities they describe.
 
 local B = KEYS[1]
-local function k(...) return B .. ':' .. table.concat({...}, ':') end
+-- Key of up to four parts under the partition base (no table per call: this
+-- runs for every key of every job).
+local function k(a, b, c, d)
+  if d then return B .. ':' .. a .. ':' .. b .. ':' .. c .. ':' .. d end
+  if c then return B .. ':' .. a .. ':' .. b .. ':' .. c end
+  if b then return B .. ':' .. a .. ':' .. b end
+  return B .. ':' .. a
+end
+-- Write a flat list of arguments with one command per chunk (Lua's unpack
+-- has a stack limit).
+local function call_chunked(cmd, key, args)
+  for i = 1, #args, 1000 do
+    redis.call(cmd, key, unpack(args, i, math.min(i + 999, #args)))
+  end
+end
+
+local K_RUNNING, K_PASS, K_VT, K_HELD = k('running'), k('pass'), k('vt'), k('held')
+local K_THROTTLED, K_PAUSED, K_LEASES = k('throttled'), k('paused'), k('leases')
 
 -- Built-in defaults, used when neither the tenant nor B:defaults sets a field.
 local BUILTIN = {
@@ -63,6 +80,13 @@ local function now_ms()
   end
   return now_cached
 end
+-- The same as a string: numbers passed to redis.call are formatted with
+-- sprintf each time, which costs more than the command itself.
+local now_text = nil
+local function now_str()
+  if not now_text then now_text = tostring(now_ms()) end
+  return now_text
+end
 
 -- Calendar month (UTC) of a ms timestamp: "YYYY-MM", and the ms at which the
 -- next month starts (civil-from-days, Howard Hinnant's algorithm).
@@ -106,21 +130,52 @@ local function default(field)
   return defaults_cache[field] or BUILTIN[field]
 end
 
+local retention_text = nil
+local function retention_str()
+  if not retention_text then retention_text = tostring(default('retention_ms')) end
+  return retention_text
+end
+
 -- Limits of a tenant: its own setting, else its tier's (B:tier:<name>), else
--- the partition default, else built-in.
+-- the partition default, else built-in. HGETALL, not HMGET of every field:
+-- most tenants set few fields or none, and most calls touch many tenants.
 local limits_cache = {}
 local LIMIT_FIELDS = { 'max_concurrency', 'max_timeout_ms', 'max_memory', 'weight', 'rate',
   'rate_period_ms', 'burst', 'quota_ms', 'price_minute_micros', 'price_ktok_micros',
   'expected_rate_per_min' }
+local function read_hash(key)
+  local flat = redis.call('HGETALL', key)
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  return h
+end
+-- Resolved limits of a tier (or of no tier: name ''), built once per call;
+-- a tenant's limits table holds only its own settings and falls back to
+-- these through a metatable, since building an 11-field table per tenant
+-- cost more than the commands of a claim.
+local bases = {}
+local function base_limits(tier_name)
+  local b = bases[tier_name]
+  if b then return b end
+  local tier = (tier_name ~= '') and read_hash(k('tier', tier_name)) or {}
+  local l = {}
+  for _, f in ipairs(LIMIT_FIELDS) do l[f] = tonumber(tier[f]) or default(f) end
+  b = { limits = l, meta = { __index = l } }
+  bases[tier_name] = b
+  return b
+end
 local function limits(t)
   local l = limits_cache[t]
   if l then return l end
-  local own = redis.call('HMGET', k('tenant', t), 'tier', unpack(LIMIT_FIELDS))
-  local tier = {}
-  if own[1] then tier = redis.call('HMGET', k('tier', own[1]), unpack(LIMIT_FIELDS)) end
-  l = { tier = own[1] }
-  for i, f in ipairs(LIMIT_FIELDS) do
-    l[f] = tonumber(own[i + 1]) or tonumber(tier[i]) or default(f)
+  local own = read_hash(k('tenant', t))
+  local base = base_limits(own.tier or '')
+  own.tier = nil
+  if next(own) == nil then
+    l = base.limits
+  else
+    l = {}
+    for f, v in pairs(own) do l[f] = tonumber(v) end
+    setmetatable(l, base.meta)
   end
   limits_cache[t] = l
   return l
@@ -138,8 +193,213 @@ local function gcra(l)
   return T, (burst - 1) * T
 end
 
+-- Per-call state. A script call is atomic, so what it reads stays true until
+-- it changes it itself; these caches read each value once and finish()
+-- writes each change back once, however many jobs of a batch touched it.
+local run_cache, run_delta = {}, {}
 local function running(t)
-  return tonumber(redis.call('HGET', k('running'), t)) or 0
+  local n = run_cache[t]
+  if n == nil then
+    n = tonumber(redis.call('HGET', K_RUNNING, t)) or 0
+    run_cache[t] = n
+  end
+  return n
+end
+local function add_running(t, d)
+  run_cache[t] = running(t) + d
+  run_delta[t] = (run_delta[t] or 0) + d
+end
+
+local pass_cache, pass_dirty = {}, {}
+local function get_pass(t)
+  local p = pass_cache[t]
+  if p == nil then
+    p = tonumber(redis.call('HGET', K_PASS, t)) or 0
+    pass_cache[t] = p
+  end
+  return p
+end
+local function set_pass(t, p)
+  pass_cache[t] = p
+  pass_dirty[t] = true
+end
+
+-- The queues where tenant t has ready work: field t of hash B:tq, the queue
+-- names joined by spaces (names never hold one). One hash, not a set per
+-- tenant, so a call reads the queues of all its tenants with one HMGET
+-- (prefetch) and writes the changes back with one HSET/HDEL (finish).
+local K_TQ = k('tq')
+local tq_cache, tq_dirty = {}, {}
+local function parse_queues(s)
+  local qs = {}
+  if s then
+    for q in string.gmatch(s, '%S+') do qs[q] = true end
+  end
+  return qs
+end
+local function tenant_queues(t)
+  local qs = tq_cache[t]
+  if qs == nil then
+    qs = parse_queues(redis.call('HGET', K_TQ, t))
+    tq_cache[t] = qs
+  end
+  return qs
+end
+local function tq_add(t, q)
+  local qs = tenant_queues(t)
+  if not qs[q] then
+    qs[q] = true
+    tq_dirty[t] = true
+  end
+end
+local function tq_rem(t, q)
+  local qs = tenant_queues(t)
+  if qs[q] then
+    qs[q] = nil
+    tq_dirty[t] = true
+  end
+end
+local function flush_tq()
+  local sets, dels = {}, {}
+  for t in pairs(tq_dirty) do
+    local names = {}
+    for q in pairs(tq_cache[t]) do names[#names + 1] = q end
+    if #names > 0 then
+      sets[#sets + 1] = t
+      sets[#sets + 1] = table.concat(names, ' ')
+    else
+      dels[#dels + 1] = t
+    end
+  end
+  tq_dirty = {}
+  if #sets > 0 then call_chunked('HSET', K_TQ, sets) end
+  if #dels > 0 then call_chunked('HDEL', K_TQ, dels) end
+end
+
+-- Read running, pass and queues of many tenants with one HMGET each.
+local function prefetch(tenants)
+  local need = {}
+  for _, t in ipairs(tenants) do
+    if run_cache[t] == nil then need[#need + 1] = t end
+  end
+  for i = 1, #need, 500 do
+    local part = { unpack(need, i, math.min(i + 499, #need)) }
+    local r = redis.call('HMGET', K_RUNNING, unpack(part))
+    local p = redis.call('HMGET', K_PASS, unpack(part))
+    local qs = redis.call('HMGET', K_TQ, unpack(part))
+    for j, t in ipairs(part) do
+      run_cache[t] = tonumber(r[j]) or 0
+      if pass_cache[t] == nil then pass_cache[t] = tonumber(p[j]) or 0 end
+      if tq_cache[t] == nil then tq_cache[t] = parse_queues(qs[j]) end
+    end
+  end
+end
+
+-- Virtual time: the pass of the last tenant served; never moves backwards.
+local vt_cache, vt_dirty = nil, false
+local function get_vt()
+  if vt_cache == nil then vt_cache = tonumber(redis.call('GET', K_VT)) or 0 end
+  return vt_cache
+end
+local function raise_vt(p)
+  if p > get_vt() then
+    vt_cache = p
+    vt_dirty = true
+  end
+end
+
+-- Lease deadlines added and removed in this call, written in one command each.
+local lease_adds, lease_rems = {}, {}
+local function lease_add(id, deadline)
+  lease_adds[#lease_adds + 1] = deadline
+  lease_adds[#lease_adds + 1] = id
+end
+local function lease_rem(id) lease_rems[#lease_rems + 1] = id end
+
+-- Members of B:paused ("q:<queue>" and "qt:<queue>:<tenant>"), read once.
+local paused_cache = nil
+local function paused_member(m)
+  if paused_cache == nil then
+    paused_cache = {}
+    for _, x in ipairs(redis.call('SMEMBERS', K_PAUSED)) do paused_cache[x] = true end
+  end
+  return paused_cache[m] == true
+end
+
+-- Whether B:held may hold anyone (so a tenant's HDEL can be skipped if not).
+local held_any = nil
+local function any_held()
+  if held_any == nil then held_any = redis.call('HLEN', K_HELD) > 0 end
+  return held_any
+end
+
+
+-- Scores in the sched sets as this call knows them (false: not a member).
+local sched_cache = {}
+local function sched_score(q, t)
+  local c = sched_cache[q]
+  if c == nil then
+    c = {}
+    sched_cache[q] = c
+  end
+  local s = c[t]
+  if s == nil then
+    s = tonumber(redis.call('ZSCORE', k('q', q, 'sched'), t)) or false
+    c[t] = s
+  end
+  return s
+end
+-- Changes to sched sets are written by flush_sched(), one ZADD and one ZREM
+-- per queue, before anything reads a sched set from Redis and by finish().
+local sched_dirty = {}
+local function sched_set(q, t, p)
+  sched_cache[q][t] = p
+  local d = sched_dirty[q]
+  if d == nil then
+    d = {}
+    sched_dirty[q] = d
+  end
+  d[t] = true
+end
+local function sched_put(q, t, p)
+  if sched_score(q, t) ~= p then sched_set(q, t, p) end
+end
+local function sched_drop(q, t)
+  if sched_score(q, t) ~= false then sched_set(q, t, false) end
+end
+local function flush_sched()
+  for q, d in pairs(sched_dirty) do
+    local adds, rems = {}, {}
+    for t in pairs(d) do
+      local p = sched_cache[q][t]
+      if p then
+        adds[#adds + 1] = p
+        adds[#adds + 1] = t
+      else
+        rems[#rems + 1] = t
+      end
+    end
+    if #adds > 0 then call_chunked('ZADD', k('q', q, 'sched'), adds) end
+    if #rems > 0 then call_chunked('ZREM', k('q', q, 'sched'), rems) end
+  end
+  sched_dirty = {}
+end
+-- Read the sched scores of many tenants on queue q with one ZMSCORE.
+local function prefetch_sched(q, tenants)
+  local c = sched_cache[q]
+  if c == nil then
+    c = {}
+    sched_cache[q] = c
+  end
+  local need = {}
+  for _, t in ipairs(tenants) do
+    if c[t] == nil then need[#need + 1] = t end
+  end
+  for i = 1, #need, 500 do
+    local part = { unpack(need, i, math.min(i + 499, #need)) }
+    local scores = redis.call('ZMSCORE', k('q', q, 'sched'), unpack(part))
+    for j, t in ipairs(part) do c[t] = tonumber(scores[j]) or false end
+  end
 end
 
 -- Why tenant t may not start a job now ('cap', 'quota', 'rate'), or nil; for
@@ -167,23 +427,23 @@ local function sync_later(t) pending_sync[t] = true end
 
 -- Queue counters change many times per batch; they are only read outside
 -- scripts, so changes are summed here and written once per field by finish().
-local pending_stats = {}
+local pending_stats = {} -- queue -> { field -> delta }
 local function stat(q, t, state, delta)
-  local key = k('q', q, 'stats')
-  local fields = pending_stats[key]
+  local fields = pending_stats[q]
   if not fields then
     fields = {}
-    pending_stats[key] = fields
+    pending_stats[q] = fields
   end
   fields[state] = (fields[state] or 0) + delta
-  local per = state .. ':' .. t
-  fields[per] = (fields[per] or 0) + delta
+  -- Per-tenant ready and running counts are ZCARD of the tenant's ready set
+  -- and B:running, so only the rarer states are counted per tenant.
+  if state == 'delayed' or state == 'dead' then
+    local per = state .. ':' .. t
+    fields[per] = (fields[per] or 0) + delta
+  end
 end
 
-
-local function paused_on(q, t)
-  return redis.call('SISMEMBER', k('paused'), 'qt:' .. q .. ':' .. t) == 1
-end
+local function paused_on(q, t) return paused_member('qt:' .. q .. ':' .. t) end
 
 -- Set when a tenant entered a sched set in this call; see finish().
 local entered_any = false
@@ -193,63 +453,66 @@ local entered_any = false
 -- idle time earns no credit. Returns true if it entered any set (callers wake
 -- idle workers then).
 local function sync_tenant(t)
-  local qs = redis.call('SMEMBERS', k('tq', t))
+  local qs = tenant_queues(t)
+  local has_work = next(qs) ~= nil
   local reason, until_ms = nil, nil
-  if #qs > 0 then reason, until_ms = hold_reason(t) end
+  if has_work then reason, until_ms = hold_reason(t) end
   if reason == 'quota' or reason == 'rate' then
-    redis.call('ZADD', k('throttled'), until_ms, t)
-    redis.call('HSET', k('held'), t, reason)
-  elseif redis.call('HDEL', k('held'), t) == 1 then
-    redis.call('ZREM', k('throttled'), t)
+    redis.call('ZADD', K_THROTTLED, until_ms, t)
+    redis.call('HSET', K_HELD, t, reason)
+    held_any = true
+  elseif any_held() and redis.call('HDEL', K_HELD, t) == 1 then
+    redis.call('ZREM', K_THROTTLED, t)
   end
-  if #qs == 0 then return false end
+  if not has_work then return false end
   local admissible = reason == nil
-  local pass = tonumber(redis.call('HGET', k('pass'), t)) or 0
+  local pass = get_pass(t)
   local want, entering = {}, false
-  for i, q in ipairs(qs) do
-    want[i] = admissible and not paused_on(q, t)
-    if want[i] and not redis.call('ZSCORE', k('q', q, 'sched'), t) then entering = true end
+  for q in pairs(qs) do
+    want[q] = admissible and not paused_on(q, t)
+    if want[q] and sched_score(q, t) == false then entering = true end
   end
   if entering then
     entered_any = true
-    local vt = tonumber(redis.call('GET', k('vt'))) or 0
+    local vt = get_vt()
     if pass < vt then
       pass = vt
-      redis.call('HSET', k('pass'), t, pass)
+      set_pass(t, pass)
     end
   end
-  for i, q in ipairs(qs) do
-    if want[i] then
-      redis.call('ZADD', k('q', q, 'sched'), pass, t)
-    else
-      redis.call('ZREM', k('q', q, 'sched'), t)
-    end
+  for q in pairs(qs) do
+    if want[q] then sched_put(q, t, pass) else sched_drop(q, t) end
   end
   return entering
 end
 
--- Put job id (fields already in its hash) into its tenant's ready set.
-local function make_ready(id, q, t, score)
+-- Index job id (its hash already says state "ready") in its tenant's ready set.
+local function index_ready(id, q, t, score)
   redis.call('ZADD', k('q', q, 't', t), score, id)
-  redis.call('SADD', k('tq', t), q)
-  redis.call('HSET', k('job', id), 'state', 'ready')
+  tq_add(t, q)
   stat(q, t, 'ready', 1)
 end
 
--- Append one attempt's usage record to the ledger outbox. `r` holds the fields.
-local OUTBOX_FIELDS = {
-  'job', 'attempt', 'tenant', 'queue', 'kind', 'outcome', 'enqueued_at',
-  'started_at', 'finished_at', 'wait_ms', 'run_ms', 'cpu_ms', 'peak_rss',
-  'exit_code', 'signal', 'worker', 'api_calls', 'input_tokens', 'output_tokens',
-  'cost_micros', 'error',
-}
-local function outbox(r)
-  local args = { k('outbox'), '*' }
-  for _, f in ipairs(OUTBOX_FIELDS) do
-    args[#args + 1] = f
-    args[#args + 1] = tostring(r[f] or '')
-  end
-  redis.call('XADD', unpack(args))
+-- Put job id (fields already in its hash) into its tenant's ready set.
+local function make_ready(id, q, t, score)
+  redis.call('HSET', k('job', id), 'state', 'ready')
+  index_ready(id, q, t, score)
+end
+
+-- Append one attempt's usage record to the ledger outbox. The record is
+-- packed into one field, r: the values in the order of PACKED_FIELDS in
+-- src/ledger.rs joined by tabs (the worker id last), and e: the error text.
+-- One field instead of 21 makes this XADD several times cheaper; tenant,
+-- queue and kind are validated names and the rest are numbers, so no value
+-- but the last can hold a tab.
+local function outbox(id, job, a, enq, started, finished, run_ms, cost)
+  local T = '\t'
+  redis.call('XADD', k('outbox'), '*', 'r', id .. T .. job.attempts .. T .. job.tenant ..
+    T .. job.queue .. T .. (job.kind or '') .. T .. a.outcome .. T .. enq .. T .. started ..
+    T .. finished .. T .. math.max(0, started - (tonumber(job.ready_at) or enq)) .. T ..
+    run_ms .. T .. (a.cpu_ms or '') .. T .. (a.peak_rss or '') .. T .. (a.exit_code or '') ..
+    T .. (a.signal or '') .. T .. (a.api_calls or '') .. T .. (a.input_tokens or '') .. T ..
+    (a.output_tokens or '') .. T .. cost .. T .. (job.worker or ''), 'e', a.error or '')
 end
 
 -- Close a running attempt: free the tenant slot, drop the lease, write the
@@ -258,23 +521,26 @@ end
 -- outcome and usage. Returns the job's new state.
 -- Charge an attempt to its tenant's usage this month (the quota counter) and
 -- price it; emits quota threshold events when 80% or 100% is crossed.
+-- Usage of tenants without a quota is summed and written once by finish().
+local usage_delta = {}
 local function charge(t, run_ms, tokens, now)
   local l = limits(t)
-  local month = month_of(now)
-  local used = redis.call('HINCRBY', k('usage', t), month, run_ms)
   if l.quota_ms > 0 then
+    local used = redis.call('HINCRBY', k('usage', t), month_of(now), run_ms)
     for _, pct in ipairs({ 80, 100 }) do
       local line = l.quota_ms * pct / 100
       if used >= line and used - run_ms < line then event('quota_' .. pct .. ':' .. t) end
     end
+  else
+    usage_delta[t] = (usage_delta[t] or 0) + run_ms
   end
   return math.floor(run_ms * l.price_minute_micros / 60000 + tokens * l.price_ktok_micros / 1000)
 end
 
 local function finish_attempt(id, job, a, now)
   local q, t = job.queue, job.tenant
-  redis.call('ZREM', k('leases'), id)
-  redis.call('HINCRBY', k('running'), t, -1)
+  lease_rem(id)
+  add_running(t, -1)
   stat(q, t, 'running', -1)
   local started = tonumber(job.started_at) or now
   local enq = tonumber(job.enqueued_at) or started
@@ -282,39 +548,37 @@ local function finish_attempt(id, job, a, now)
   local run_ms = math.max(0, math.floor(a.run_ms or (finished - started)))
   local tokens = (tonumber(a.input_tokens) or 0) + (tonumber(a.output_tokens) or 0)
   local cost = charge(t, run_ms, tokens, now)
-  outbox({
-    job = id, attempt = job.attempts, tenant = t, queue = q, kind = job.kind,
-    outcome = a.outcome, enqueued_at = enq, started_at = started,
-    finished_at = finished, wait_ms = math.max(0, started - (tonumber(job.ready_at) or enq)),
-    run_ms = run_ms, cpu_ms = a.cpu_ms, cost_micros = cost,
-    peak_rss = a.peak_rss, exit_code = a.exit_code, signal = a.signal,
-    worker = job.worker, api_calls = a.api_calls, input_tokens = a.input_tokens,
-    output_tokens = a.output_tokens, error = a.error,
-  })
+  outbox(id, job, a, job.enqueued_at or enq, job.started_at or started, now_str(), run_ms, cost)
   local jk = k('job', id)
-  redis.call('HSET', jk, 'outcome', a.outcome, 'finished_at', finished,
-    'last_error', a.error or '', 'result', a.result or '')
-  redis.call('HDEL', jk, 'worker')
-  local state
   local used = (tonumber(job.attempts) or 0) - (tonumber(job.base) or 0)
+  local state
   if a.outcome == 'succeeded' then
     state = 'succeeded'
-    redis.call('HSET', jk, 'state', state)
-    redis.call('PEXPIRE', jk, default('retention_ms'))
   elseif a.permanent or used >= (tonumber(job.max_attempts) or 1) then
     state = 'dead'
-    redis.call('HSET', jk, 'state', state)
-    redis.call('ZADD', k('q', q, 'dead'), now, id)
-    stat(q, t, 'dead', 1)
   elseif (a.backoff_ms or 0) > 0 then
     state = 'delayed'
-    redis.call('HSET', jk, 'state', state, 'run_at', now + a.backoff_ms)
+  else
+    state = 'ready'
+  end
+  redis.call('HSET', jk, 'state', state, 'outcome', a.outcome, 'finished_at', now_str(),
+    'last_error', a.error or '', 'result', a.result or '')
+  if state == 'succeeded' then
+    redis.call('PEXPIRE', jk, retention_str())
+    -- the worker field stays: it names who ran the finished job
+  elseif state == 'dead' then
+    redis.call('HDEL', jk, 'worker')
+    redis.call('ZADD', k('q', q, 'dead'), now, id)
+    stat(q, t, 'dead', 1)
+  elseif state == 'delayed' then
+    redis.call('HDEL', jk, 'worker')
+    redis.call('HSET', jk, 'run_at', now + a.backoff_ms)
     redis.call('ZADD', k('q', q, 'delayed'), now + a.backoff_ms, id)
     stat(q, t, 'delayed', 1)
   else
-    state = 'ready'
+    redis.call('HDEL', jk, 'worker')
     redis.call('HSET', jk, 'ready_at', now)
-    make_ready(id, q, t, tonumber(job.score))
+    index_ready(id, q, t, tonumber(job.score))
   end
   sync_later(t)
   return state
@@ -334,14 +598,48 @@ end
 -- touched, write the summed counters, and tell idle workers (subscribed to
 -- B:wake) if a tenant became claimable, so a busy fleet is not woken by
 -- every completion.
-local function finish()
-  for t in pairs(pending_sync) do sync_tenant(t) end
-  pending_sync = {}
-  for key, fields in pairs(pending_stats) do
+local function flush_state()
+  flush_sched()
+  flush_tq()
+  -- absolute values: this call read each count before changing it
+  local counts = {}
+  for t, d in pairs(run_delta) do
+    if d ~= 0 then
+      counts[#counts + 1] = t
+      counts[#counts + 1] = run_cache[t]
+    end
+  end
+  run_delta = {}
+  if #counts > 0 then call_chunked('HSET', K_RUNNING, counts) end
+  local passes = {}
+  for t in pairs(pass_dirty) do
+    passes[#passes + 1] = t
+    passes[#passes + 1] = pass_cache[t]
+  end
+  pass_dirty = {}
+  if #passes > 0 then call_chunked('HSET', K_PASS, passes) end
+  if vt_dirty then redis.call('SET', K_VT, vt_cache) end
+  vt_dirty = false
+  if #lease_rems > 0 then call_chunked('ZREM', K_LEASES, lease_rems) end
+  if #lease_adds > 0 then call_chunked('ZADD', K_LEASES, lease_adds) end
+  lease_adds, lease_rems = {}, {}
+  if next(usage_delta) then
+    local month = month_of(now_ms())
+    for t, ms in pairs(usage_delta) do redis.call('HINCRBY', k('usage', t), month, ms) end
+  end
+  usage_delta = {}
+  for q, fields in pairs(pending_stats) do
+    local key = k('q', q, 'stats')
     for f, delta in pairs(fields) do
       if delta ~= 0 then redis.call('HINCRBY', key, f, delta) end
     end
   end
   pending_stats = {}
+end
+
+local function finish()
+  for t in pairs(pending_sync) do sync_tenant(t) end
+  pending_sync = {}
+  flush_state()
   if entered_any then redis.call('PUBLISH', k('wake'), '1') end
 end

@@ -19,5 +19,6 @@ else
 end
 redis.call('SADD', k('queues'), q)
 if t ~= '' then sync_tenant(t) end
+finish()
 if not on then redis.call('PUBLISH', k('wake'), '1') end
 return changed

@@ -20,8 +20,8 @@ for _, t in ipairs(redis.call('SMEMBERS', k('tenants'))) do
     out[#out + 1] = t
   end
   if #ids > 0 and redis.call('EXISTS', rk) == 0 then
-    redis.call('SREM', k('tq', t), q)
-    redis.call('ZREM', k('q', q, 'sched'), t)
+    tq_rem(t, q)
+    sched_drop(q, t)
   end
 end
 local dk = k('q', q, 'delayed')

@@ -21,7 +21,9 @@ local reaped = 0
 for _, id in ipairs(expired) do
   local job = load_job(id)
   if job and job.state == 'running' then
-    local hb = tonumber(redis.call('HGET', k('job', id), 'hb')) or tonumber(job.started_at) or now
+    -- a heartbeat older than this attempt's start is an earlier attempt's
+    local started = tonumber(job.started_at) or now
+    local hb = math.max(tonumber(redis.call('HGET', k('job', id), 'hb')) or started, started)
     local last = job.worker or 'unknown'
     finish_attempt(id, job, {
       outcome = 'lost', permanent = false,
@@ -30,7 +32,7 @@ for _, id in ipairs(expired) do
     }, now)
     reaped = reaped + 1
   else
-    redis.call('ZREM', k('leases'), id)
+    lease_rem(id)
   end
 end
 finish()

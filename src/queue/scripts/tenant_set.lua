@@ -31,5 +31,6 @@ else
   redis.call('SADD', k('tenants'), t)
   sync_tenant(t)
 end
+finish()
 redis.call('PUBLISH', k('wake'), '1')
 return 1
