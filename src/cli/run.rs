@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CliError, CliResult, Global, duration_arg};
 use crate::executor::sandbox::{BadTaskUser, SandboxConfig, TaskUser, parse_cgroup_parent};
 use crate::executor::{Handlers, Registry};
+use crate::queue::QueueError;
 use crate::worker::{Worker, WorkerConfig};
 
 /// `agentq worker`.
@@ -151,7 +152,13 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
     let tiers = g.settings()?.tiers;
-    crate::admission::publish_tiers(&queue, &tiers).await?;
+    match crate::admission::publish_tiers(&queue, &tiers).await {
+        // A full Redis must not stop workers: running them is how it drains.
+        Err(QueueError::Full(why)) => {
+            tracing::warn!(%why, "could not publish tiers (Redis is full); keeping the ones already there")
+        }
+        r => r?,
+    }
     let mut worker = Worker::new(queue.clone(), cfg, registry, Handlers::with_builtins());
     let mut db = None;
     if !a.no_ledger {
