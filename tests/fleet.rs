@@ -29,6 +29,26 @@ const WORKER_ARGS: [&str; 8] = [
     "50ms",
 ];
 
+/// The worker with the most task processes (children of any of its threads).
+fn busiest(workers: &[Child]) -> usize {
+    let children = |pid: u32| -> usize {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .map(|t| {
+                std::fs::read_to_string(t.path().join("children"))
+                    .map(|c| c.split_whitespace().count())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    (0..workers.len())
+        .max_by_key(|&i| children(workers[i].id()))
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caps_hold_across_three_processes_while_workers_are_killed() {
     let tq = TestQueue::new("fleet").await;
@@ -77,9 +97,10 @@ async fn caps_hold_across_three_processes_while_workers_are_killed() {
         }
         peak
     });
-    for round in 0..4 {
+    for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let i = round % workers.len();
+        // Kill a worker that is running tasks, so the kill cuts attempts short.
+        let i = busiest(&workers);
         kill9(&mut workers[i]);
         workers[i] = tq.spawn_worker(&WORKER_ARGS);
     }
