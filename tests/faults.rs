@@ -452,6 +452,29 @@ async fn fill_redis(tq: &TestQueue) -> Vec<String> {
             );
         }
     }
+    // Filled to within a few bytes of the limit, memory would drift back
+    // under it as client buffers are freed; set the limit 1 MB below what is
+    // used, so every write is refused until the filler is deleted.
+    let info: String = tq
+        .queue
+        .client()
+        .custom(fred::cmd!("INFO"), vec!["memory"])
+        .await
+        .expect("INFO memory");
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory in INFO");
+    let _: String = tq
+        .queue
+        .client()
+        .custom(
+            fred::cmd!("CONFIG"),
+            vec!["SET".to_string(), "maxmemory".into(), (used - (1 << 20)).to_string()],
+        )
+        .await
+        .expect("CONFIG SET maxmemory");
     keys
 }
 
