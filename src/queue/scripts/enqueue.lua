@@ -113,15 +113,32 @@ for _, job in ipairs(jobs) do
     if max_attempts == 0 then max_attempts = default('default_max_attempts') end
     local ready_at = now + job.delay_ms
     local delayed = job.delay_ms > 0
-    redis.call('HSET', k('job', id), 'tenant', job.tenant, 'queue', job.queue,
-      'kind', job.kind, 'payload', job.payload, 'timeout_ms', job.timeout_ms,
-      'memory', job.memory, 'priority', job.priority, 'max_attempts', max_attempts,
-      'attempts', 0, 'base', 0, 'enqueued_at', now, 'ready_at', ready_at,
-      'score', score, 'idem', job.idem, 'state', delayed and 'delayed' or 'ready')
+    -- Fields at their default (0, "", ready_at = enqueued_at) are left out:
+    -- every reader treats a missing one as the default, and a queued job
+    -- costs Redis memory for each field it holds.
+    local jk = k('job', id)
+    if job.timeout_ms == 0 and job.memory == 0 and job.priority == 0 and job.idem == ''
+        and not delayed then
+      redis.call('HSET', jk, 'tenant', job.tenant, 'queue', job.queue, 'kind', job.kind,
+        'payload', job.payload, 'max_attempts', max_attempts, 'enqueued_at', now,
+        'score', score, 'state', 'ready')
+    else
+      local f = { 'tenant', job.tenant, 'queue', job.queue, 'kind', job.kind,
+        'payload', job.payload, 'max_attempts', max_attempts, 'enqueued_at', now,
+        'score', score, 'state', delayed and 'delayed' or 'ready' }
+      if job.timeout_ms ~= 0 then f[#f + 1] = 'timeout_ms'; f[#f + 1] = job.timeout_ms end
+      if job.memory ~= 0 then f[#f + 1] = 'memory'; f[#f + 1] = job.memory end
+      if job.priority ~= 0 then f[#f + 1] = 'priority'; f[#f + 1] = job.priority end
+      if job.idem ~= '' then f[#f + 1] = 'idem'; f[#f + 1] = job.idem end
+      if delayed then
+        f[#f + 1] = 'ready_at'; f[#f + 1] = ready_at
+        f[#f + 1] = 'run_at'; f[#f + 1] = ready_at
+      end
+      redis.call('HSET', jk, unpack(f))
+    end
     new_queues[job.queue] = true
     new_tenants[job.tenant] = true
     if delayed then
-      redis.call('HSET', k('job', id), 'run_at', ready_at)
       redis.call('ZADD', k('q', job.queue, 'delayed'), ready_at, id)
       stat(job.queue, job.tenant, 'delayed', 1)
     else
