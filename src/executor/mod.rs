@@ -27,7 +27,7 @@ pub mod sandbox;
 
 pub use handler::{Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler};
 pub use manifest::{Manifest, ManifestError, Registry, parse_manifest};
-pub use process::{is_memory_exceeded, run_process, run_process_in};
+pub use process::{is_memory_exceeded, parse_task_output, run_process, run_process_in};
 pub use sandbox::{Sandbox, SandboxConfig, TaskUser};
 
 /// Exit code that means "permanent failure, never retry" (EX_DATAERR).

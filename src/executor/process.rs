@@ -575,6 +575,81 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Parses a task program's stdout as the runtime does (DESIGN.md, "Task
+/// program contract"): the last non-empty line must be a JSON object with
+/// optional `output` and `usage` keys; empty stdout is a valid empty result.
+/// Returns the `output` value and the reported usage, or the one-line error
+/// text an attempt that printed garbage fails with. Never panics on any
+/// input (it is fuzzed: `fuzz/fuzz_targets/task_output.rs`).
+pub fn parse_task_output(stdout: &[u8]) -> Result<(Option<serde_json::Value>, TaskUsage), String> {
+    parse_result(stdout)
+}
+
+/// A JSON value read as plain JSON, for untrusted text (task output, API
+/// payloads). With serde_json's `raw_value` feature (on in this crate),
+/// `serde_json::Value`'s own parser takes an object whose first key is
+/// `$serde_json::private::RawValue` for an embedded raw value: it reads
+/// `{"$serde_json::private::RawValue": "[1]"}` as `[1]`, and refuses the
+/// object when that string is not JSON. Here every object stays an object.
+pub(crate) struct PlainJson(pub(crate) serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for PlainJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PlainVisitor).map(PlainJson)
+    }
+}
+
+struct PlainVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PlainVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(PlainVisitor)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(PlainJson(x)) = a.next_element()? {
+            v.push(x);
+        }
+        Ok(serde_json::Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+        let mut m = serde_json::Map::new();
+        while let Some((k, PlainJson(v))) = a.next_entry::<String, PlainJson>()? {
+            m.insert(k, v);
+        }
+        Ok(serde_json::Value::Object(m))
+    }
+}
+
 /// Parses the result line: the last non-empty line of stdout must be a JSON
 /// object with optional `output` and `usage` keys. Empty stdout is a valid
 /// empty result. Returns the error text for garbage.
@@ -587,7 +662,7 @@ fn parse_result(stdout: &[u8]) -> Result<(Option<serde_json::Value>, TaskUsage),
         let shown: String = line.chars().take(200).collect();
         format!("task program printed a result that is not a JSON object: {shown}")
     };
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|_| garbage())?;
+    let PlainJson(value) = serde_json::from_str(line).map_err(|_| garbage())?;
     let serde_json::Value::Object(mut obj) = value else {
         return Err(garbage());
     };
@@ -1103,11 +1178,80 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        // Found by `fuzz/` (target `task_output`): serde_json's Value parser
+        // (feature raw_value) took this key for an embedded raw value and
+        // refused, or rewrote, a valid result object.
+        let magic = "$serde_json::private::RawValue";
+        let line = format!(r#"{{"{magic}":"ignored","output":{{"{magic}":"[1]"}}}}"#);
+        assert_eq!(
+            parse_result(line.as_bytes()).unwrap(),
+            (
+                Some(serde_json::json!({ magic: "[1]" })),
+                TaskUsage::default()
+            )
+        );
         let e = parse_result(b"hello").unwrap_err();
         assert_eq!(
             e,
             "task program printed a result that is not a JSON object: hello"
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn task_output_never_panics(stdout in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            if let Err(e) = parse_task_output(&stdout) {
+                proptest::prop_assert!(!e.contains('\n'), "{e:?}");
+            }
+        }
+
+        #[test]
+        fn task_output_jsonish_never_panics(
+            lines in proptest::collection::vec(r#"[ {}\[\]":,0-9a-z_.\\-]{0,40}"#, 0..5),
+        ) {
+            let stdout = lines.join("\n");
+            match parse_task_output(stdout.as_bytes()) {
+                Err(e) => proptest::prop_assert!(!e.contains('\n'), "{e:?}"),
+                Ok((output, _)) => proptest::prop_assert_ne!(output, Some(serde_json::Value::Null)),
+            }
+        }
+
+        /// A result line as task programs write it, after log lines and
+        /// before trailing blank lines, reads back exactly.
+        #[test]
+        fn result_lines_round_trip(
+            log in proptest::collection::vec("[^\n]{0,60}", 0..4),
+            output in proptest::option::of(proptest::prelude::any::<(String, i64, bool)>()),
+            usage in proptest::option::of(proptest::prelude::any::<[Option<u64>; 3]>()),
+            trailing in "[ \t\r\n]{0,6}",
+        ) {
+            let mut obj = serde_json::Map::new();
+            let want_output = output.map(|(s, n, b)| serde_json::json!({"s": s, "n": n, "b": b}));
+            if let Some(o) = &want_output {
+                obj.insert("output".into(), o.clone());
+            }
+            let mut want = TaskUsage::default();
+            if let Some([a, i, o]) = usage {
+                let mut u = serde_json::Map::new();
+                for (k, v, slot) in [
+                    ("api_calls", a, &mut want.api_calls),
+                    ("input_tokens", i, &mut want.input_tokens),
+                    ("output_tokens", o, &mut want.output_tokens),
+                ] {
+                    if let Some(v) = v {
+                        u.insert(k.into(), v.into());
+                        *slot = v;
+                    }
+                }
+                obj.insert("usage".into(), serde_json::Value::Object(u));
+            }
+            let mut stdout = log.join("\n");
+            stdout.push('\n');
+            stdout.push_str(&serde_json::Value::Object(obj).to_string());
+            stdout.push_str(&trailing);
+            let got = parse_task_output(stdout.as_bytes());
+            proptest::prop_assert_eq!(got, Ok((want_output, want)), "{:?}", stdout);
+        }
     }
 
     #[test]
