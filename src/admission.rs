@@ -103,7 +103,14 @@ pub struct Rate {
     pub period: Duration,
 }
 
-/// Parse a rate: `10/s`, `600/m`, `100/1h`, `5/500ms`, or `none`.
+/// True when `d` is a whole number of milliseconds, as limits are stored.
+fn whole_ms(d: Duration) -> bool {
+    d.subsec_nanos().is_multiple_of(1_000_000)
+}
+
+/// Parse a rate: `10/s`, `600/m`, `100/1h`, `5/500ms`, or `none`. The period
+/// must be a whole number of milliseconds (it is stored in ms: `3/1.5ms`
+/// would otherwise become 3 per 1 ms, a third faster than asked).
 pub fn parse_rate(s: &str) -> Result<Rate, String> {
     let bad = || {
         format!(
@@ -135,10 +142,17 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
             "rate {s:?} is out of range: 1..=1000000 starts per 1ms..=1d"
         ));
     }
+    if !whole_ms(period) {
+        return Err(format!(
+            "rate {s:?}: the period must be a whole number of milliseconds, for example 3/2ms"
+        ));
+    }
     Ok(Rate { starts, period })
 }
 
 /// Parse a monthly quota of agent time: `100h`, `100h/month`, `30m`, or `none`.
+/// It must be a whole number of milliseconds (it is stored in ms, where 0
+/// means no quota: `0.5ms` would otherwise lift the quota altogether).
 pub fn parse_quota(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if matches!(t, "none" | "off" | "0") {
@@ -148,11 +162,17 @@ pub fn parse_quota(s: &str) -> Result<Duration, String> {
         .strip_suffix("/month")
         .or_else(|| t.strip_suffix("/mo"))
         .unwrap_or(t);
-    crate::units::parse_duration(amount).map_err(|_| {
+    let quota = crate::units::parse_duration(amount).map_err(|_| {
         format!(
             "invalid quota {s:?}: use agent time per month, for example 100h/month or 30m (or none)"
         )
-    })
+    })?;
+    if !whole_ms(quota) {
+        return Err(format!(
+            "quota {s:?} must be a whole number of milliseconds, for example 100h/month or 30m (or none)"
+        ));
+    }
+    Ok(quota)
 }
 
 /// A change to the limits of a tenant, a tier or the defaults; `None` leaves a
@@ -543,6 +563,30 @@ mod tests {
         assert_eq!(parse_quota("30m").unwrap(), Duration::from_secs(1800));
         assert_eq!(parse_quota("none").unwrap(), Duration::ZERO);
         assert!(parse_quota("lots").is_err());
+    }
+
+    /// Found by `fuzz/` (target `units`): periods and quotas are stored in
+    /// whole milliseconds, so fractions of one were silently truncated:
+    /// `3/1.5ms` became 3 per 1 ms and a `0.5ms` quota became 0, no quota.
+    #[test]
+    fn sub_millisecond_periods_and_quotas_are_refused() {
+        for bad in ["3/1.5ms", "1/1.0005s", "100/.333333333m"] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(e.contains("whole number of milliseconds"), "{bad}: {e}");
+        }
+        for bad in ["0.5ms", ".333333333m/month", "1.0000001s"] {
+            let e = parse_quota(bad).unwrap_err();
+            assert!(e.contains("whole number of milliseconds"), "{bad}: {e}");
+        }
+        let r = parse_rate("3/1.5s").unwrap();
+        let u = LimitsUpdate {
+            rate: Some(r),
+            quota: Some(parse_quota("1.5s").unwrap()),
+            ..Default::default()
+        };
+        let f = u.fields();
+        assert!(f.contains(&("rate_period_ms", "1500".to_string())), "{f:?}");
+        assert!(f.contains(&("quota_ms", "1500".to_string())), "{f:?}");
     }
 
     #[test]
