@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::ApiError;
+use crate::executor::process::PlainJson;
 use crate::queue::JobSpec;
 
 /// Most jobs in one request.
@@ -18,8 +19,8 @@ pub struct ApiJob {
     pub queue: String,
     /// Task kind.
     pub kind: String,
-    /// Any JSON value.
-    #[serde(default)]
+    /// Any JSON value (missing: `{}`).
+    #[serde(default, deserialize_with = "plain_json")]
     pub payload: Option<Value>,
     /// For example "30s".
     pub timeout: Option<String>,
@@ -37,6 +38,13 @@ pub struct ApiJob {
     pub tenant: Option<Value>,
 }
 
+/// Read a payload that is present as plain JSON (see
+/// `executor::process::PlainJson`): every object stays an object, whatever
+/// its keys, and `null` stays `null` (only a missing payload means `{}`).
+fn plain_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Ok(Some(PlainJson::deserialize(d)?.0))
+}
+
 impl ApiJob {
     fn into_spec(self, tenant: &str, n: usize) -> Result<JobSpec, ApiError> {
         let at = |m: String| if n > 0 { format!("job {n}: {m}") } else { m };
@@ -47,8 +55,9 @@ impl ApiJob {
         }
         let dur = |v: Option<String>, what: &str| {
             v.map(|s| {
-                crate::units::parse_duration(&s)
-                    .map_err(|e| ApiError::bad(at(format!("{what}: {e}"))))
+                let d = crate::units::parse_duration(&s)
+                    .map_err(|e| ApiError::bad(at(format!("{what}: {e}"))))?;
+                check_ms(d).map_err(|m| ApiError::bad(at(format!("{what}: {s:?} {m}"))))
             })
             .transpose()
         };
@@ -82,10 +91,27 @@ impl ApiJob {
     }
 }
 
+/// Longest timeout or delay the enqueue script takes, in ms (about 31,700 years).
+const MAX_MS: u128 = 1_000_000_000_000_000;
+
+/// Timeouts and delays go to the queue in whole milliseconds: refuse what
+/// would not arrive as written (a fraction of a millisecond, where a
+/// timeout of `0.5ms` would become 0 = the kind's default; or more ms than
+/// fit, which wrapped around to a short timeout).
+fn check_ms(d: std::time::Duration) -> Result<std::time::Duration, &'static str> {
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        Err("is not a whole number of milliseconds")
+    } else if d.as_millis() > MAX_MS {
+        Err("is too long: at most 1000000000000000ms")
+    } else {
+        Ok(d)
+    }
+}
+
 /// Decode a request body: one job object, `{"jobs": [...]}` or `[...]`.
 /// Returns the specs (tenant from the key) and whether it was a batch.
 pub fn decode_jobs(tenant: &str, body: &[u8]) -> Result<(Vec<JobSpec>, bool), ApiError> {
-    let v: Value = serde_json::from_slice(body)
+    let PlainJson(v) = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("body is not valid JSON: {e}")))?;
     let (items, batch) = match v {
         Value::Array(items) => (items, true),
@@ -211,6 +237,75 @@ mod tests {
                 .as_u16(),
             413
         );
+    }
+
+    /// Found by `fuzz/` (target `job_decoder`): durations are sent to the
+    /// enqueue script in whole ms (`as_millis() as u64`), so `0.5ms` went out
+    /// as 0 (the kind's default timeout) and `18446744073709552s` wrapped to
+    /// a 384 ms timeout that passed every cap.
+    #[test]
+    fn durations_arrive_as_written_or_are_refused() {
+        for (body, needle) in [
+            (
+                r#"{"queue":"q","kind":"k","timeout":"0.5ms"}"#,
+                "whole number of milliseconds",
+            ),
+            (
+                r#"{"queue":"q","kind":"k","delay":"1.0005s"}"#,
+                "whole number of milliseconds",
+            ),
+            (
+                r#"{"queue":"q","kind":"k","timeout":"18446744073709552s"}"#,
+                "too long",
+            ),
+            (
+                r#"{"queue":"q","kind":"k","timeout":"2826180644664.689s"}"#,
+                "too long",
+            ),
+            (
+                r#"{"queue":"q","kind":"k","delay":"99999999999999d"}"#,
+                "too long",
+            ),
+        ] {
+            let e = decode_jobs("t", body.as_bytes()).unwrap_err();
+            assert_eq!(e.status().as_u16(), 400, "{body}");
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+        }
+        let (specs, _) = decode_jobs(
+            "t",
+            br#"{"queue":"q","kind":"k","timeout":"1.5s","delay":"1000000000000000ms"}"#,
+        )
+        .unwrap();
+        let wire = specs[0].wire_fields();
+        assert_eq!(
+            (wire[4].as_str(), wire[6].as_str()),
+            ("1500", "1000000000000000")
+        );
+    }
+
+    /// The payload reaches the task as sent, even an object whose key is
+    /// serde_json's raw-value token (its Value parser, feature raw_value,
+    /// replaced `{"$serde_json::private::RawValue": "[1]"}` with `[1]`).
+    #[test]
+    fn payload_objects_stay_objects() {
+        let body =
+            br#"{"queue":"q","kind":"k","payload":{"$serde_json::private::RawValue":"[1]"}}"#;
+        let (specs, _) = decode_jobs("t", body).unwrap();
+        assert_eq!(
+            specs[0].payload,
+            r#"{"$serde_json::private::RawValue":"[1]"}"#
+        );
+        let e = decode_jobs(
+            "t",
+            br#"{"$serde_json::private::RawValue":"{\"queue\":\"q\",\"kind\":\"k\"}"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.status().as_u16(), 400);
+        // Found by tests/proptests.rs: an explicit null payload became {}.
+        let (specs, _) = decode_jobs("t", br#"{"queue":"q","kind":"k","payload":null}"#).unwrap();
+        assert_eq!(specs[0].payload, "null");
+        let (specs, _) = decode_jobs("t", br#"{"queue":"q","kind":"k"}"#).unwrap();
+        assert_eq!(specs[0].payload, "{}");
     }
 
     proptest! {
