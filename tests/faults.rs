@@ -154,13 +154,10 @@ async fn outbox_pending(tq: &TestQueue) -> u64 {
         .unwrap_or(0)
 }
 
-/// Wait until the ledger holds `total` rows and no outbox entry waits for a
-/// writer. Entries still in the stream after that were acknowledged but not
-/// deleted (a writer SIGKILLed between its `XACK` and `XDEL`, see
-/// src/ledger.rs): each must already be in the ledger. Returns the rows and
-/// how many such entries were left.
+/// Wait until the ledger holds `total` rows and the outbox is empty (nothing
+/// pending, nothing left in the stream). Returns the rows.
 async fn ledger_caught_up(tq: &TestQueue, pool: &sqlx::PgPool, total: u64) -> Vec<LedgerRow> {
-    let rows = eventually(PATIENCE, "every attempt in the ledger", || async {
+    eventually(PATIENCE, "every attempt in the ledger", || async {
         let rows = ledger_rows(pool).await?;
         // Written rows leave the outbox entirely (deleted, then acknowledged),
         // even when a writer was killed between the insert and the delete.
@@ -169,8 +166,7 @@ async fn ledger_caught_up(tq: &TestQueue, pool: &sqlx::PgPool, total: u64) -> Ve
             && tq.outbox().await.is_empty();
         done.then_some(rows)
     })
-    .await;
-    rows
+    .await
 }
 
 // ---------------------------------------------------------------------------
@@ -180,8 +176,9 @@ const TENANTS: usize = 20;
 const JOBS: usize = 5000;
 
 /// Job `i` of the crash workload: tenant `t00`..`t19`; per tenant (250
-/// jobs) 3 that always fail (4 attempts), 3 permanent failures, 2 that time
-/// out (3 attempts), the rest echo or a 10-50 ms sleep (20 attempts, so
+/// jobs) 3 that always fail (6 attempts), 3 permanent failures, 2 that time
+/// out (6 attempts, so kills are unlikely to use them all up before their
+/// own failure shows), the rest echo or a 10-50 ms sleep (20 attempts, so
 /// crashes alone never use them up).
 fn crash_job(i: usize) -> (JobSpec, Meant) {
     let tenant = format!("t{:02}", i % TENANTS);
@@ -191,7 +188,7 @@ fn crash_job(i: usize) -> (JobSpec, Meant) {
             JobSpec::new(&tenant, "q", "fail")
                 .payload(&json!({"code": 1, "message": format!("flaky-{i}")})),
             Meant::FailRetried,
-            4,
+            6,
         ),
         _ if n % 80 == 2 => (
             JobSpec::new(&tenant, "q", "fail")
@@ -202,7 +199,7 @@ fn crash_job(i: usize) -> (JobSpec, Meant) {
         _ if n % 120 == 3 => {
             let mut s = JobSpec::new(&tenant, "q", "sleep").payload(&json!({"ms": 5000}));
             s.timeout = Some(Duration::from_millis(300));
-            (s, Meant::TimeOut, 3)
+            (s, Meant::TimeOut, 6)
         }
         _ if n.is_multiple_of(2) => (
             JobSpec::new(&tenant, "q", "sleep").payload(&json!({"ms": 10 + (i * 7) % 41})),
@@ -471,7 +468,11 @@ async fn fill_redis(tq: &TestQueue) -> Vec<String> {
         .client()
         .custom(
             fred::cmd!("CONFIG"),
-            vec!["SET".to_string(), "maxmemory".into(), (used - (1 << 20)).to_string()],
+            vec![
+                "SET".to_string(),
+                "maxmemory".into(),
+                (used - (1 << 20)).to_string(),
+            ],
         )
         .await
         .expect("CONFIG SET maxmemory");

@@ -13,6 +13,26 @@ pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -100..=100;
 /// Most attempts a job may ask for.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
 
+/// Longest timeout or delay a job may ask for, in ms (the enqueue script's bound).
+const MAX_DURATION_MS: u128 = 1_000_000_000_000_000;
+
+/// Timeouts and delays are stored in whole milliseconds: refuse a fraction
+/// (it would be silently dropped) and anything past the script's bound.
+fn check_whole_ms(what: &str, d: Option<Duration>) -> Result<(), QueueError> {
+    let Some(d) = d else { return Ok(()) };
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(QueueError::Invalid(format!(
+            "{what} {d:?} is not a whole number of milliseconds: round it, for example 1500ms"
+        )));
+    }
+    if d.as_millis() > MAX_DURATION_MS {
+        return Err(QueueError::Invalid(format!(
+            "{what} {d:?} is too long: at most {MAX_DURATION_MS} ms"
+        )));
+    }
+    Ok(())
+}
+
 /// Check a tenant, queue or kind name: 1-64 of `[A-Za-z0-9_.-]`, starting
 /// with a letter or digit (the same rule the enqueue script applies).
 pub fn validate_name(what: &str, name: &str) -> Result<(), QueueError> {
@@ -125,6 +145,9 @@ impl JobSpec {
             return Err(QueueError::Invalid(
                 "timeout must be above zero, for example 30s".into(),
             ));
+        }
+        for (what, d) in [("timeout", self.timeout), ("delay", self.delay)] {
+            check_whole_ms(what, d)?;
         }
         if self.memory == Some(0) {
             return Err(QueueError::Invalid(
@@ -285,6 +308,23 @@ mod tests {
             let e = validate_name("tenant", bad).unwrap_err().to_string();
             assert!(e.contains("tenant"), "{e}");
         }
+    }
+
+    #[test]
+    fn timeouts_and_delays_are_whole_bounded_ms() {
+        let mut s = JobSpec::new("t", "q", "echo");
+        s.timeout = Some(Duration::from_micros(500));
+        let e = s.validate(1024).unwrap_err().to_string();
+        assert!(e.contains("whole number of milliseconds"), "{e}");
+        s.timeout = Some(Duration::from_secs(u64::MAX / 1000));
+        let e = s.validate(1024).unwrap_err().to_string();
+        assert!(e.contains("too long"), "{e}");
+        s.timeout = Some(Duration::from_millis(1500));
+        s.delay = Some(Duration::from_nanos(1_000_000_001));
+        let e = s.validate(1024).unwrap_err().to_string();
+        assert!(e.starts_with("delay"), "{e}");
+        s.delay = Some(Duration::from_secs(3600));
+        assert!(s.validate(1024).is_ok());
     }
 
     #[test]
