@@ -427,7 +427,8 @@ pub struct LedgerWriter {
     queue: Queue,
     pool: PgPool,
     consumer: String,
-    /// Records per batch (one INSERT each).
+    /// Records per batch (one INSERT each; 2000 by default: larger batches
+    /// amortise the round trips, and the arrays stay a few hundred KB).
     pub batch: usize,
     /// Entries pending this long with a consumer are taken over.
     pub claim_idle: Duration,
@@ -461,7 +462,7 @@ impl LedgerWriter {
             queue,
             pool,
             consumer: consumer.into(),
-            batch: 500,
+            batch: 2000,
             claim_idle: Duration::from_secs(30),
             tiers: Vec::new(),
             retry_own: AtomicBool::new(false),
