@@ -239,8 +239,13 @@ pub async fn job_info(q: &Queue, id: &str) -> Result<JobInfo, QueueError> {
             .and_then(|v| v.parse::<i64>().ok())
             .and_then(rfc3339_ms)
     };
-    let json =
-        |k: &str| text(k).map(|v| serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v)));
+    // PlainJson: shown as stored, even an object keyed like serde_json's raw values.
+    let json = |k: &str| {
+        text(k).map(|v| match serde_json::from_str(&v) {
+            Ok(crate::executor::process::PlainJson(j)) => j,
+            Err(_) => serde_json::Value::String(v),
+        })
+    };
     let state = text("state").unwrap_or_default();
     Ok(JobInfo {
         id: id.to_string(),
