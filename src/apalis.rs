@@ -12,7 +12,10 @@
 //! handler returns: `Ok` is succeeded, `Err` is failed (retried with backoff
 //! while attempts remain).
 //!
-//! ```ignore
+//! In outline (the whole program, which `cargo test --all-features` builds,
+//! is `examples/apalis_worker.rs`):
+//!
+//! ```text
 //! let backend = AgentqBackend::<serde_json::Value>::new(queue, vec!["default".into()], "apalis-1");
 //! WorkerBuilder::new("apalis-1").backend(backend).build(handle).run().await?;
 //! ```
