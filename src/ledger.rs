@@ -436,6 +436,11 @@ pub struct LedgerWriter {
     pub tiers: Vec<crate::admission::Tier>,
     /// Set when an insert failed: this writer has entries pending to retry.
     retry_own: AtomicBool,
+    /// Outbox streams whose consumer group this writer has made sure of
+    /// (forgotten on `NOGROUP`, e.g. after Redis lost its data).
+    groups: std::sync::Mutex<BTreeSet<String>>,
+    /// When each partition was last checked for a dead writer's entries.
+    reclaimed: std::sync::Mutex<HashMap<u32, std::time::Instant>>,
 }
 
 /// Where a batch is read from.
@@ -466,6 +471,8 @@ impl LedgerWriter {
             claim_idle: Duration::from_secs(30),
             tiers: Vec::new(),
             retry_own: AtomicBool::new(false),
+            groups: std::sync::Mutex::new(BTreeSet::new()),
+            reclaimed: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -520,7 +527,14 @@ impl LedgerWriter {
                 if from == Read::OwnPending && !self.retry_own.load(Ordering::Relaxed) {
                     continue;
                 }
-                batch = self.read(&key, from).await?;
+                if from == Read::Reclaim && !self.reclaim_due(p) {
+                    continue;
+                }
+                batch = self.read(&key, from).await.inspect_err(|e| {
+                    if e.to_string().contains("NOGROUP") {
+                        self.forget_group(&key);
+                    }
+                })?;
                 if from == Read::OwnPending && batch.ids.is_empty() {
                     self.retry_own.store(false, Ordering::Relaxed);
                 }
@@ -554,6 +568,9 @@ impl LedgerWriter {
     }
 
     async fn ensure_group(&self, key: &str) -> Result<(), LedgerError> {
+        if self.groups.lock().is_ok_and(|g| g.contains(key)) {
+            return Ok(());
+        }
         let r: Result<(), fred::error::Error> = self
             .queue
             .client()
@@ -561,7 +578,35 @@ impl LedgerWriter {
             .await;
         match r {
             Err(e) if !e.details().contains("BUSYGROUP") => Err(e.into()),
-            _ => Ok(()),
+            _ => {
+                if let Ok(mut g) = self.groups.lock() {
+                    g.insert(key.to_string());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn forget_group(&self, key: &str) {
+        if let Ok(mut g) = self.groups.lock() {
+            g.remove(key);
+        }
+    }
+
+    /// Whether partition `p` is due a look for a dead writer's entries: a
+    /// quarter of `claim_idle` apart, so a busy writer does not pay an
+    /// `XAUTOCLAIM` round trip per batch.
+    fn reclaim_due(&self, p: u32) -> bool {
+        let now = std::time::Instant::now();
+        let Ok(mut last) = self.reclaimed.lock() else {
+            return true;
+        };
+        match last.get(&p) {
+            Some(t) if now.duration_since(*t) < self.claim_idle / 4 => false,
+            _ => {
+                last.insert(p, now);
+                true
+            }
         }
     }
 

@@ -324,3 +324,47 @@ async fn usage_command_prints_json_per_tenant() {
     db.cleanup().await;
     tq.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_writer_recreates_its_group_when_redis_lost_the_outbox() {
+    let tq = TestQueue::new("ledger-nogroup").await;
+    let db = TestDb::new("ledger_nogroup").await;
+    let writer = LedgerWriter::new(tq.queue.clone(), db.pool.clone(), "writer-1");
+    let run = |n: usize| {
+        let jobs: Vec<JobSpec> = (0..n)
+            .map(|i| JobSpec::new("t", "q", "echo").payload(&json!({ "i": i })))
+            .collect();
+        let tq = &tq;
+        async move {
+            tq.queue.enqueue_batch(&jobs).await.expect("enqueue");
+            let w = tq.start_worker(fast_worker(&["q"], 4));
+            drained(tq, Duration::from_secs(120)).await;
+            w.stop().await;
+        }
+    };
+    run(3).await;
+    while writer.drain_once().await.expect("drain") > 0 {}
+    assert_eq!(db.rows().await.len(), 3);
+
+    // Redis loses the stream and its group (a restart without persistence);
+    // new records arrive in a fresh stream with no group.
+    let _: i64 = tq
+        .queue
+        .client()
+        .del(tq.queue.keys(0).key(&["outbox"]))
+        .await
+        .expect("del");
+    run(2).await;
+    let first = writer.drain_once().await;
+    assert!(
+        first
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("NOGROUP")),
+        "the first read finds no group: {first:?}"
+    );
+    while writer.drain_once().await.expect("drain after NOGROUP") > 0 {}
+    assert_eq!(db.rows().await.len(), 5, "the writer made its group again");
+    assert_eq!(outbox_len(&tq).await, 0);
+    db.cleanup().await;
+    tq.cleanup().await;
+}
