@@ -302,10 +302,7 @@ async fn claim_loop(
                 .await
             {
                 Ok((due, jobs)) => {
-                    due_in = match (due_in, due) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
+                    due_in = [due_in, due].into_iter().flatten().min();
                     free -= jobs.len().min(free);
                     claimed += jobs.len();
                     for job in jobs {
