@@ -87,12 +87,12 @@ local picked = {}   -- tenant -> true, for tenants picked in this call
 local function load_window(q)
   flush_sched()
   local flat = redis.call('ZRANGE', k('q', q, 'sched'), 0, batch, 'WITHSCORES')
-  if sched_cache[q] == nil then sched_cache[q] = {} end
+  local cached = sub(sched_cache, q)
   local list, tenants = {}, {}
   for i = 1, #flat, 2 do
     local t, p = flat[i], tonumber(flat[i + 1])
     list[#list + 1] = { t = t, pass = p }
-    sched_cache[q][t] = p
+    cached[t] = p
     tenants[#tenants + 1] = t
   end
   prefetch(tenants)

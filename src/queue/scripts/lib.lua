@@ -33,6 +33,19 @@ local function call_chunked(cmd, key, args)
     redis.call(cmd, key, unpack(args, i, math.min(i + 999, #args)))
   end
 end
+-- Call fn with list in slices of at most n elements.
+local function each_chunk(list, n, fn)
+  for i = 1, #list, n do fn({ unpack(list, i, math.min(i + n - 1, #list)) }) end
+end
+-- Table t[key], created empty on first use.
+local function sub(t, key)
+  local v = t[key]
+  if v == nil then
+    v = {}
+    t[key] = v
+  end
+  return v
+end
 
 local K_RUNNING, K_PASS, K_VT, K_HELD = k('running'), k('pass'), k('vt'), k('held')
 local K_THROTTLED, K_PAUSED, K_LEASES = k('throttled'), k('paused'), k('leases')
@@ -196,31 +209,41 @@ end
 -- Per-call state. A script call is atomic, so what it reads stays true until
 -- it changes it itself; these caches read each value once and finish()
 -- writes each change back once, however many jobs of a batch touched it.
-local run_cache, run_delta = {}, {}
-local function running(t)
-  local n = run_cache[t]
-  if n == nil then
-    n = tonumber(redis.call('HGET', K_RUNNING, t)) or 0
-    run_cache[t] = n
+-- A number field of a hash per tenant (running count, pass): each field is
+-- read once (nh_get, or many at once by prefetch), changes are marked in
+-- `dirty`, and nh_flush writes them back with one HSET.
+local function number_hash(key) return { key = key, vals = {}, dirty = {} } end
+local function nh_get(h, f)
+  local v = h.vals[f]
+  if v == nil then
+    v = tonumber(redis.call('HGET', h.key, f)) or 0
+    h.vals[f] = v
   end
-  return n
+  return v
 end
-local function add_running(t, d)
-  run_cache[t] = running(t) + d
-  run_delta[t] = (run_delta[t] or 0) + d
+local function nh_flush(h)
+  local args = {}
+  for f in pairs(h.dirty) do
+    args[#args + 1] = f
+    args[#args + 1] = h.vals[f]
+    h.dirty[f] = nil
+  end
+  if #args > 0 then call_chunked('HSET', h.key, args) end
 end
 
-local pass_cache, pass_dirty = {}, {}
-local function get_pass(t)
-  local p = pass_cache[t]
-  if p == nil then
-    p = tonumber(redis.call('HGET', K_PASS, t)) or 0
-    pass_cache[t] = p
-  end
-  return p
+-- The accessors below run several times per job: they read the value
+-- tables directly and call nh_get only on a miss.
+local RUNNING, PASS = number_hash(K_RUNNING), number_hash(K_PASS)
+local run_vals, run_dirty = RUNNING.vals, RUNNING.dirty
+local pass_vals, pass_dirty = PASS.vals, PASS.dirty
+local function running(t) return run_vals[t] or nh_get(RUNNING, t) end
+local function add_running(t, d)
+  run_vals[t] = running(t) + d
+  run_dirty[t] = true
 end
+local function get_pass(t) return pass_vals[t] or nh_get(PASS, t) end
 local function set_pass(t, p)
-  pass_cache[t] = p
+  pass_vals[t] = p
   pass_dirty[t] = true
 end
 
@@ -280,19 +303,18 @@ end
 local function prefetch(tenants)
   local need = {}
   for _, t in ipairs(tenants) do
-    if run_cache[t] == nil then need[#need + 1] = t end
+    if run_vals[t] == nil then need[#need + 1] = t end
   end
-  for i = 1, #need, 500 do
-    local part = { unpack(need, i, math.min(i + 499, #need)) }
+  each_chunk(need, 500, function(part)
     local r = redis.call('HMGET', K_RUNNING, unpack(part))
     local p = redis.call('HMGET', K_PASS, unpack(part))
     local qs = redis.call('HMGET', K_TQ, unpack(part))
     for j, t in ipairs(part) do
-      run_cache[t] = tonumber(r[j]) or 0
-      if pass_cache[t] == nil then pass_cache[t] = tonumber(p[j]) or 0 end
+      run_vals[t] = tonumber(r[j]) or 0
+      if pass_vals[t] == nil then pass_vals[t] = tonumber(p[j]) or 0 end
       if tq_cache[t] == nil then tq_cache[t] = parse_queues(qs[j]) end
     end
-  end
+  end)
 end
 
 -- Virtual time: the pass of the last tenant served; never moves backwards.
@@ -337,11 +359,7 @@ end
 -- Scores in the sched sets as this call knows them (false: not a member).
 local sched_cache = {}
 local function sched_score(q, t)
-  local c = sched_cache[q]
-  if c == nil then
-    c = {}
-    sched_cache[q] = c
-  end
+  local c = sub(sched_cache, q)
   local s = c[t]
   if s == nil then
     s = tonumber(redis.call('ZSCORE', k('q', q, 'sched'), t)) or false
@@ -354,12 +372,7 @@ end
 local sched_dirty = {}
 local function sched_set(q, t, p)
   sched_cache[q][t] = p
-  local d = sched_dirty[q]
-  if d == nil then
-    d = {}
-    sched_dirty[q] = d
-  end
-  d[t] = true
+  sub(sched_dirty, q)[t] = true
 end
 local function sched_put(q, t, p)
   if sched_score(q, t) ~= p then sched_set(q, t, p) end
@@ -386,20 +399,15 @@ local function flush_sched()
 end
 -- Read the sched scores of many tenants on queue q with one ZMSCORE.
 local function prefetch_sched(q, tenants)
-  local c = sched_cache[q]
-  if c == nil then
-    c = {}
-    sched_cache[q] = c
-  end
+  local c = sub(sched_cache, q)
   local need = {}
   for _, t in ipairs(tenants) do
     if c[t] == nil then need[#need + 1] = t end
   end
-  for i = 1, #need, 500 do
-    local part = { unpack(need, i, math.min(i + 499, #need)) }
+  each_chunk(need, 500, function(part)
     local scores = redis.call('ZMSCORE', k('q', q, 'sched'), unpack(part))
     for j, t in ipairs(part) do c[t] = tonumber(scores[j]) or false end
-  end
+  end)
 end
 
 -- Why tenant t may not start a job now ('cap', 'quota', 'rate'), or nil; for
@@ -429,11 +437,7 @@ local function sync_later(t) pending_sync[t] = true end
 -- scripts, so changes are summed here and written once per field by finish().
 local pending_stats = {} -- queue -> { field -> delta }
 local function stat(q, t, state, delta)
-  local fields = pending_stats[q]
-  if not fields then
-    fields = {}
-    pending_stats[q] = fields
-  end
+  local fields = sub(pending_stats, q)
   fields[state] = (fields[state] or 0) + delta
   -- Per-tenant ready and running counts are ZCARD of the tenant's ready set
   -- and B:running, so only the rarer states are counted per tenant.
@@ -602,22 +606,8 @@ local function flush_state()
   flush_sched()
   flush_tq()
   -- absolute values: this call read each count before changing it
-  local counts = {}
-  for t, d in pairs(run_delta) do
-    if d ~= 0 then
-      counts[#counts + 1] = t
-      counts[#counts + 1] = run_cache[t]
-    end
-  end
-  run_delta = {}
-  if #counts > 0 then call_chunked('HSET', K_RUNNING, counts) end
-  local passes = {}
-  for t in pairs(pass_dirty) do
-    passes[#passes + 1] = t
-    passes[#passes + 1] = pass_cache[t]
-  end
-  pass_dirty = {}
-  if #passes > 0 then call_chunked('HSET', K_PASS, passes) end
+  nh_flush(RUNNING)
+  nh_flush(PASS)
   if vt_dirty then redis.call('SET', K_VT, vt_cache) end
   vt_dirty = false
   if #lease_rems > 0 then call_chunked('ZREM', K_LEASES, lease_rems) end
