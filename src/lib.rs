@@ -31,6 +31,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod queue;
 pub mod servers;
+pub mod text;
 pub mod units;
 pub mod usage;
 pub mod worker;
