@@ -35,10 +35,9 @@ use apalis_core::worker::context::WorkerContext;
 use serde::de::DeserializeOwned;
 
 use crate::executor::{Outcome, TaskUsage};
-use crate::queue::{ClaimedJob, Completion, Queue, QueueError};
+use crate::queue::{Call, Claimed, ClaimedJob, Completion, Queue, QueueError};
 
-type ClaimFuture =
-    Pin<Box<dyn Future<Output = Result<(Option<Duration>, Vec<ClaimedJob>), QueueError>> + Send>>;
+type ClaimFuture = Pin<Box<dyn Future<Output = Result<Claimed, QueueError>> + Send>>;
 
 /// The lease of a task handed to apalis, stored in the task's data.
 #[derive(Clone, Debug)]
@@ -61,6 +60,9 @@ pub struct AgentqBackend<T> {
     lease: Duration,
     batch: usize,
     next_partition: u32,
+    /// The call in flight, or to repeat after an error (same partition and
+    /// id, so a claim whose reply was lost hands out its jobs again).
+    call: Option<(u32, Call)>,
     buffer: VecDeque<Task<T>>,
     claim: Option<ClaimFuture>,
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -78,6 +80,7 @@ impl<T> AgentqBackend<T> {
             lease: Duration::from_secs(30),
             batch: 4,
             next_partition: 0,
+            call: None,
             buffer: VecDeque::new(),
             claim: None,
             idle: None,
@@ -113,6 +116,7 @@ impl<T: DeserializeOwned + Send + 'static> AgentqBackend<T> {
             }
             Err(e) => {
                 let queue = self.queue.clone();
+                let call = Call::new(self.worker.clone());
                 let c = completion(
                     &job.id,
                     job.attempt,
@@ -121,7 +125,7 @@ impl<T: DeserializeOwned + Send + 'static> AgentqBackend<T> {
                     true,
                 );
                 tokio::spawn(async move {
-                    if let Err(e) = queue.complete(job.partition, &[c]).await {
+                    if let Err(e) = queue.complete(job.partition, &call, &[c]).await {
                         tracing::warn!(error = %e, "could not fail an undecodable job; its lease will expire");
                     }
                 });
@@ -148,12 +152,19 @@ impl<T: DeserializeOwned + Send + 'static> Backend for AgentqBackend<T> {
                 self.idle = None;
             }
             if self.claim.is_none() {
-                let (queue, worker, queues) =
-                    (self.queue.clone(), self.worker.clone(), self.queues.clone());
-                let (batch, lease, p) = (self.batch, self.lease, self.next_partition);
-                self.next_partition = (p + 1) % queue.partitions();
+                let (queue, queues) = (self.queue.clone(), self.queues.clone());
+                let (batch, lease) = (self.batch, self.lease);
+                let (p, call) = match self.call.take() {
+                    Some(again) => again,
+                    None => {
+                        let p = self.next_partition;
+                        self.next_partition = (p + 1) % queue.partitions();
+                        (p, Call::new(self.worker.clone()))
+                    }
+                };
+                self.call = Some((p, call.clone()));
                 self.claim = Some(Box::pin(async move {
-                    queue.claim(p, &worker, batch, lease, &queues).await
+                    queue.claim(p, &call, batch, lease, &queues).await
                 }));
             }
             let Some(claim) = self.claim.as_mut() else {
@@ -161,11 +172,14 @@ impl<T: DeserializeOwned + Send + 'static> Backend for AgentqBackend<T> {
             };
             let result = ready!(claim.as_mut().poll(cx));
             self.claim = None;
+            if result.is_ok() {
+                self.call = None;
+            }
             match result {
-                Ok((_, jobs)) if jobs.is_empty() => {
+                Ok(c) if c.jobs.is_empty() => {
                     self.idle = Some(Box::pin(tokio::time::sleep(Duration::from_millis(200))));
                 }
-                Ok((_, jobs)) => jobs.into_iter().for_each(|j| self.accept(j)),
+                Ok(c) => c.jobs.into_iter().for_each(|j| self.accept(j)),
                 Err(e) => {
                     tracing::warn!(error = %e, "agentq claim failed; retrying");
                     self.idle = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
@@ -211,6 +225,7 @@ impl<T> BackendConfig for AgentqBackend<T> {
     fn middleware(&mut self, _worker: &mut WorkerContext) -> AckLayer {
         AckLayer {
             queue: self.queue.clone(),
+            worker: self.worker.clone(),
             lease: self.lease,
         }
     }
@@ -255,6 +270,7 @@ fn completion(
 #[derive(Clone)]
 pub struct AckLayer {
     queue: Queue,
+    worker: String,
     lease: Duration,
 }
 
@@ -264,6 +280,7 @@ impl<S> tower_layer::Layer<S> for AckLayer {
         AckService {
             inner,
             queue: self.queue.clone(),
+            worker: self.worker.clone(),
             lease: self.lease,
         }
     }
@@ -274,6 +291,7 @@ impl<S> tower_layer::Layer<S> for AckLayer {
 pub struct AckService<S> {
     inner: S,
     queue: Queue,
+    worker: String,
     lease: Duration,
 }
 
@@ -296,6 +314,7 @@ where
         let lease = task.data().get::<Lease>().cloned();
         let fut = self.inner.call(task);
         let (queue, every) = (self.queue.clone(), self.lease);
+        let call = Call::new(self.worker.clone());
         Box::pin(async move {
             let Some(l) = lease else { return fut.await };
             let started = Instant::now();
@@ -320,7 +339,10 @@ where
             );
             let mut wait = Duration::from_millis(100);
             for _ in 0..8 {
-                match queue.complete(l.partition, std::slice::from_ref(&c)).await {
+                match queue
+                    .complete(l.partition, &call, std::slice::from_ref(&c))
+                    .await
+                {
                     Ok(s) => {
                         if s.first() == Some(&crate::queue::CompleteStatus::Refused) {
                             tracing::warn!(job = %l.id, "completion refused: the lease was lost");

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::executor::{self, Handlers, Limits, Outcome, Registry, Report, TaskInput};
 use crate::lease::{self, Held, HeldLease, StopReason};
-use crate::queue::{ClaimedJob, CompleteStatus, Completion, Queue, QueueError};
+use crate::queue::{Call, ClaimedJob, CompleteStatus, Completion, Queue, QueueError};
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -166,7 +166,12 @@ impl Worker {
         let background = CancellationToken::new();
         let (tx, rx) = mpsc::unbounded_channel();
 
-        let _sub = subscribe_wake(&self.queue, wake.clone()).await?;
+        let woken: Arc<Vec<AtomicBool>> = Arc::new(
+            (0..self.queue.partitions())
+                .map(|_| AtomicBool::new(true))
+                .collect(),
+        );
+        let _sub = subscribe_wake(&self.queue, wake.clone(), woken.clone()).await?;
         crate::metrics::register_zeroes();
         let heartbeat = tokio::spawn(lease::heartbeat(
             self.queue.clone(),
@@ -195,6 +200,7 @@ impl Worker {
         });
         let completer = tokio::spawn(complete_loop(
             self.queue.clone(),
+            self.cfg.id.clone(),
             rx,
             held.clone(),
             slot_freed.clone(),
@@ -210,7 +216,13 @@ impl Worker {
             held: held.clone(),
             done: tx,
         });
-        claim_loop(&ctx, &counters, &slot_freed, &wake, &shutdown).await;
+        let signals = ClaimSignals {
+            slot_freed: &slot_freed,
+            wake: &wake,
+            woken: &woken,
+            shutdown: &shutdown,
+        };
+        claim_loop(&ctx, &counters, &signals).await;
 
         // Graceful stop: no new claims; let running attempts finish within the grace.
         tracing::info!(running = held.len(), grace = ?self.cfg.shutdown_grace, "shutting down: waiting for running attempts");
@@ -242,10 +254,12 @@ impl Worker {
     }
 }
 
-/// Subscribe to every partition's wake channel; each message wakes the claim loop.
+/// Subscribe to every partition's wake channel; each message marks its
+/// partition in `woken` and wakes the claim loop.
 async fn subscribe_wake(
     queue: &Queue,
     wake: Arc<Notify>,
+    woken: Arc<Vec<AtomicBool>>,
 ) -> Result<fred::clients::SubscriberClient, QueueError> {
     let config = Config::from_url(&queue.config().redis_url)?;
     let sub = Builder::from_config(config)
@@ -257,13 +271,26 @@ async fn subscribe_wake(
     let channels: Vec<String> = (0..queue.partitions())
         .map(|p| queue.keys(p).key(&["wake"]))
         .collect();
+    let by_channel: std::collections::HashMap<String, usize> = channels
+        .iter()
+        .enumerate()
+        .map(|(p, c)| (c.clone(), p))
+        .collect();
     sub.subscribe(channels).await?;
     let mut rx = sub.message_rx();
     tokio::spawn(async move {
         loop {
             match rx.recv().await {
-                Ok(_) => wake.notify_one(),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => wake.notify_one(),
+                Ok(m) => {
+                    if let Some(flag) = by_channel.get(&*m.channel) {
+                        woken[*flag].store(true, Ordering::Relaxed);
+                    }
+                    wake.notify_one()
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    woken.iter().for_each(|w| w.store(true, Ordering::Relaxed));
+                    wake.notify_one()
+                }
                 Err(_) => return,
             }
         }
@@ -271,78 +298,265 @@ async fn subscribe_wake(
     Ok(sub)
 }
 
-async fn claim_loop(
-    ctx: &Arc<Ctx>,
-    counters: &Arc<Counters>,
-    slot_freed: &Notify,
-    wake: &Notify,
-    shutdown: &CancellationToken,
-) {
-    let parts = ctx.queue.partitions();
-    let mut rr = 0u32;
+/// What wakes or stops the claim loop.
+struct ClaimSignals<'a> {
+    /// A local slot became free.
+    slot_freed: &'a Notify,
+    /// A tenant became claimable somewhere (pub/sub).
+    wake: &'a Notify,
+    /// Which partitions' wake channels spoke since their last claim.
+    woken: &'a [AtomicBool],
+    /// Stop claiming.
+    shutdown: &'a CancellationToken,
+}
+
+/// Claim for every free slot until shutdown: split the free slots across
+/// partitions by their admissible weight ([`SlotSplit`]), claim each share
+/// in one script call, hand leftovers to partitions that filled theirs, and
+/// sleep until a slot frees, a tenant becomes claimable or something is due.
+async fn claim_loop(ctx: &Arc<Ctx>, counters: &Arc<Counters>, signals: &ClaimSignals<'_>) {
+    let mut split = SlotSplit::new(ctx.queue.partitions());
+    // One call per partition, repeated after an error (a lost reply) until
+    // it answers, so a claim that ran is never lost (see `Call`).
+    let mut calls: Vec<Call> = (0..ctx.queue.partitions())
+        .map(|_| Call::new(ctx.cfg.id.clone()))
+        .collect();
     let mut error_backoff = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
+    while !signals.shutdown.is_cancelled() {
         crate::metrics::slots(ctx.held.len(), ctx.cfg.concurrency);
-        let mut free = ctx.cfg.concurrency.saturating_sub(ctx.held.len());
+        let free = ctx.cfg.concurrency.saturating_sub(ctx.held.len());
         if free == 0 {
             tokio::select! {
-                _ = slot_freed.notified() => {}
-                _ = shutdown.cancelled() => {}
+                _ = signals.slot_freed.notified() => {}
+                _ = signals.shutdown.cancelled() => {}
             }
             continue;
         }
-        let mut claimed = 0;
-        let mut due_in: Option<Duration> = None;
-        let mut failed = false;
-        for i in 0..parts {
-            let p = (rr + i) % parts;
-            match ctx
-                .queue
-                .claim(p, &ctx.cfg.id, free, ctx.cfg.lease, &ctx.cfg.queues)
-                .await
-            {
-                Ok((due, jobs)) => {
-                    due_in = [due_in, due].into_iter().flatten().min();
-                    free -= jobs.len().min(free);
-                    claimed += jobs.len();
-                    for job in jobs {
-                        counters.started.fetch_add(1, Ordering::Relaxed);
-                        let wait = (job.started_at_ms - job.enqueued_at_ms).max(0) as u64;
-                        crate::metrics::started(
-                            &job.queue,
-                            &job.tenant,
-                            Duration::from_millis(wait),
-                        );
-                        start_attempt(ctx, job);
-                    }
-                }
-                Err(e) => {
-                    failed = true;
-                    tracing::warn!(error = %e, partition = p, retry_in = ?error_backoff, "claim failed; pausing claims");
-                }
-            }
-            if free == 0 {
-                break;
-            }
-        }
-        rr = rr.wrapping_add(1);
-        if failed {
+        let round = claim_round(ctx, counters, signals, &mut split, &mut calls, free).await;
+        if round.failed {
             tokio::select! {
                 _ = tokio::time::sleep(error_backoff) => {}
-                _ = shutdown.cancelled() => {}
+                _ = signals.shutdown.cancelled() => {}
             }
             error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
             continue;
         }
         error_backoff = Duration::from_millis(100);
-        if claimed == 0 {
-            let wait = due_in.map_or(ctx.cfg.idle_poll, |d| d.min(ctx.cfg.idle_poll));
+        if round.claimed == 0 {
+            let wait = split
+                .next_due(Instant::now())
+                .map_or(ctx.cfg.idle_poll, |d| d.min(ctx.cfg.idle_poll));
             tokio::select! {
-                _ = wake.notified() => {}
+                _ = signals.wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.cancelled() => {}
+                _ = signals.shutdown.cancelled() => {}
             }
         }
+    }
+}
+
+/// What one round of claims did.
+struct Round {
+    claimed: usize,
+    failed: bool,
+}
+
+/// One round: claim each partition's share of `free`, then offer what a
+/// partition could not use to the partitions that used all of theirs.
+async fn claim_round(
+    ctx: &Arc<Ctx>,
+    counters: &Arc<Counters>,
+    signals: &ClaimSignals<'_>,
+    split: &mut SlotSplit,
+    calls: &mut [Call],
+    free: usize,
+) -> Round {
+    let mut round = Round {
+        claimed: 0,
+        failed: false,
+    };
+    let now = Instant::now();
+    for (p, flag) in signals.woken.iter().enumerate() {
+        if flag.swap(false, Ordering::Relaxed) {
+            split.wake(p as u32);
+        }
+    }
+    let mut plan = split.plan(free, now, ctx.cfg.idle_poll);
+    let mut left = free;
+    // At most one pass per partition: each pass either fills slots or drops
+    // the partitions that could not use theirs.
+    for _ in 0..=ctx.queue.partitions() {
+        let mut unused = 0;
+        let mut full = Vec::new();
+        for (p, batch) in plan {
+            let batch = batch.min(left);
+            let call = &mut calls[p as usize];
+            match ctx
+                .queue
+                .claim(p, call, batch, ctx.cfg.lease, &ctx.cfg.queues)
+                .await
+            {
+                Ok(c) => {
+                    call.renew();
+                    split.update(p, c.weight, c.due_in, Instant::now());
+                    let got = c.jobs.len().min(batch);
+                    left -= got;
+                    round.claimed += got;
+                    if got == batch && c.weight > 0.0 {
+                        full.push(p);
+                    } else {
+                        unused += batch - got;
+                    }
+                    for job in c.jobs {
+                        start_claimed(ctx, counters, job);
+                    }
+                }
+                Err(e) => {
+                    round.failed = true;
+                    unused += batch;
+                    tracing::warn!(error = %e, partition = p, "claim failed; pausing claims");
+                }
+            }
+        }
+        if unused == 0 || left == 0 || full.is_empty() {
+            break;
+        }
+        plan = split.plan_among(&full, unused.min(left));
+    }
+    round
+}
+
+fn start_claimed(ctx: &Arc<Ctx>, counters: &Counters, job: ClaimedJob) {
+    counters.started.fetch_add(1, Ordering::Relaxed);
+    let wait = (job.started_at_ms - job.enqueued_at_ms).max(0) as u64;
+    crate::metrics::started(&job.queue, &job.tenant, Duration::from_millis(wait));
+    start_attempt(ctx, job);
+}
+
+/// How a worker splits its free slots across partitions: in proportion to
+/// the admissible weight each partition reported on its last claim, so a
+/// tenant alone in a partition gets its weight's share of the fleet, not
+/// the partition's. Fractions carry over from round to round (a worker
+/// freeing one slot at a time still splits exactly over time). A partition
+/// with no admissible weight is asked again (with a batch as if it were as
+/// loaded as the busiest) when its wake channel speaks, when something in it
+/// is due, or after `idle_poll`.
+#[derive(Debug)]
+pub(crate) struct SlotSplit {
+    parts: Vec<PartShare>,
+}
+
+#[derive(Clone, Debug)]
+struct PartShare {
+    /// Admissible weight on the worker's queues at the last claim.
+    weight: f64,
+    /// The fraction of a slot this partition is owed from earlier rounds.
+    carry: f64,
+    /// When its earliest delayed job or held tenant is due.
+    due_at: Option<Instant>,
+    /// When it was last claimed from.
+    checked: Option<Instant>,
+    /// Its wake channel spoke since.
+    woken: bool,
+}
+
+impl SlotSplit {
+    pub(crate) fn new(partitions: u32) -> SlotSplit {
+        let unknown = PartShare {
+            weight: 0.0,
+            carry: 0.0,
+            due_at: None,
+            checked: None,
+            woken: true,
+        };
+        SlotSplit {
+            parts: vec![unknown; partitions as usize],
+        }
+    }
+
+    fn wake(&mut self, p: u32) {
+        if let Some(s) = self.parts.get_mut(p as usize) {
+            s.woken = true;
+        }
+    }
+
+    fn update(&mut self, p: u32, weight: f64, due_in: Option<Duration>, now: Instant) {
+        if let Some(s) = self.parts.get_mut(p as usize) {
+            s.weight = weight;
+            s.due_at = due_in.map(|d| now + d);
+            s.checked = Some(now);
+            if weight <= 0.0 {
+                s.carry = 0.0;
+            }
+        }
+    }
+
+    /// Time until the earliest due time of any partition.
+    fn next_due(&self, now: Instant) -> Option<Duration> {
+        self.parts
+            .iter()
+            .filter_map(|s| s.due_at)
+            .min()
+            .map(|d| d.saturating_duration_since(now))
+    }
+
+    /// `(partition, batch)` for this round: every partition with weight,
+    /// plus each weightless one that is due a look (its batch may be 0).
+    pub(crate) fn plan(&mut self, free: usize, now: Instant, idle: Duration) -> Vec<(u32, usize)> {
+        let busiest = self.parts.iter().map(|s| s.weight).fold(1.0, f64::max);
+        let mut weights = Vec::new();
+        for (p, s) in self.parts.iter_mut().enumerate() {
+            let due = s.due_at.is_some_and(|d| d <= now);
+            let stale = s.checked.is_none_or(|c| now.duration_since(c) >= idle);
+            if s.weight > 0.0 {
+                weights.push((p as u32, s.weight));
+            } else if std::mem::take(&mut s.woken) || due || stale {
+                weights.push((p as u32, busiest));
+            }
+        }
+        self.allot(free, &weights)
+    }
+
+    /// Split `free` among `among` only, by their weights (leftovers).
+    fn plan_among(&mut self, among: &[u32], free: usize) -> Vec<(u32, usize)> {
+        let weights: Vec<(u32, f64)> = among
+            .iter()
+            .filter_map(|&p| Some((p, self.parts.get(p as usize)?.weight)))
+            .collect();
+        self.allot(free, &weights)
+    }
+
+    /// Largest remainder with carried fractions: each partition gets
+    /// `free * w / W` plus what it was owed, rounded down, and the slots
+    /// left go to the largest fractions.
+    fn allot(&mut self, free: usize, weights: &[(u32, f64)]) -> Vec<(u32, usize)> {
+        let total: f64 = weights.iter().map(|(_, w)| w).sum();
+        if total <= 0.0 {
+            return Vec::new();
+        }
+        let mut out: Vec<(u32, usize, f64)> = weights
+            .iter()
+            .map(|&(p, w)| {
+                let owed = free as f64 * w / total + self.parts[p as usize].carry;
+                let whole = owed.floor().max(0.0);
+                (p, whole as usize, owed - whole)
+            })
+            .collect();
+        let given: usize = out.iter().map(|(_, n, _)| n).sum();
+        let mut rest = free.saturating_sub(given);
+        out.sort_by(|a, b| b.2.total_cmp(&a.2));
+        for o in out.iter_mut() {
+            if rest == 0 {
+                break;
+            }
+            o.1 += 1;
+            o.2 -= 1.0;
+            rest -= 1;
+        }
+        for &(p, _, carry) in &out {
+            self.parts[p as usize].carry = carry.clamp(-1.0, 1.0);
+        }
+        out.into_iter().map(|(p, n, _)| (p, n)).collect()
     }
 }
 
@@ -496,6 +710,7 @@ fn completion(cfg: &WorkerConfig, job: &ClaimedJob, r: Report) -> Completion {
 /// (the heartbeat goes on), so nothing is lost or run twice meanwhile.
 async fn complete_loop(
     queue: Queue,
+    worker: String,
     mut rx: mpsc::UnboundedReceiver<Finished>,
     held: Arc<Held>,
     slot_freed: Arc<Notify>,
@@ -523,7 +738,8 @@ async fn complete_loop(
             }
         }
         for (p, list) in done {
-            let statuses = retry("complete", || queue.complete(p, &list)).await;
+            let call = Call::new(worker.clone());
+            let statuses = retry("complete", || queue.complete(p, &call, &list)).await;
             for (c, s) in list.iter().zip(statuses) {
                 if let Some((q, t)) = labels.get(&c.id) {
                     crate::metrics::completed(
@@ -544,8 +760,9 @@ async fn complete_loop(
             }
         }
         for (p, list) in back {
+            let call = Call::new(worker.clone());
             let n = retry("release", || {
-                queue.release(p, "interrupted: worker shutting down", &list)
+                queue.release(p, &call, "interrupted: worker shutting down", &list)
             })
             .await;
             counters.released.fetch_add(n, Ordering::Relaxed);
@@ -578,6 +795,28 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_split_by_weight_over_rounds() {
+        let mut split = SlotSplit::new(4);
+        let now = Instant::now();
+        for (p, w) in [(0, 1.0), (1, 9.0), (2, 2.0), (3, 0.0)] {
+            split.update(p, w, None, now);
+        }
+        let mut got = [0usize; 4];
+        // One slot at a time, as a busy worker frees them.
+        for _ in 0..1200 {
+            for (p, n) in split.plan(1, now, Duration::from_secs(60)) {
+                got[p as usize] += n;
+            }
+        }
+        assert_eq!(got, [100, 900, 200, 0]);
+        // A weightless partition is asked again once its wake channel speaks.
+        split.wake(3);
+        let plan = split.plan(12, now, Duration::from_secs(60));
+        assert!(plan.iter().any(|&(p, _)| p == 3), "{plan:?}");
+        assert_eq!(plan.iter().map(|(_, n)| n).sum::<usize>(), 12);
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_caps() {

@@ -62,11 +62,18 @@ fn quota_and_rate_alerts_fire_once_at_their_thresholds() {
             tq.queue.enqueue_batch(&jobs).await.expect("enqueue");
             // 4 x 300ms: 300, 600, 900 (past 80%), 1200 (past 100%), then held.
             for _ in 0..6 {
-                let (_, batch) = tq
+                let batch = tq
                     .queue
-                    .claim(0, "w", 1, Duration::from_secs(30), &["q".to_string()])
+                    .claim(
+                        0,
+                        &agentq::queue::Call::new("w"),
+                        1,
+                        Duration::from_secs(30),
+                        &["q".to_string()],
+                    )
                     .await
-                    .expect("claim");
+                    .expect("claim")
+                    .jobs;
                 for j in batch {
                     let c = Completion {
                         id: j.id.clone(),
@@ -83,7 +90,10 @@ fn quota_and_rate_alerts_fire_once_at_their_thresholds() {
                         usage: TaskUsage::default(),
                         backoff_ms: 0,
                     };
-                    tq.queue.complete(0, &[c]).await.expect("complete");
+                    tq.queue
+                        .complete(0, &agentq::queue::Call::new("w"), &[c])
+                        .await
+                        .expect("complete");
                 }
             }
             tq.cleanup().await;

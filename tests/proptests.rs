@@ -145,17 +145,18 @@ async fn round_trip(tq: &TestQueue, c: &Case, n: u64) -> Result<(), TestCaseErro
     prop_assert!(info.enqueued_at.is_some() && info.started_at.is_none());
 
     let p = tq.queue.partition_of_job(&e.id).expect("partition");
-    let (_, claimed) = tq
+    let claimed = tq
         .queue
         .claim(
             p,
-            "proptest",
+            &agentq::queue::Call::new("proptest"),
             4,
             Duration::from_secs(60),
             std::slice::from_ref(&spec.queue),
         )
         .await
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        .map_err(|e| TestCaseError::fail(e.to_string()))?
+        .jobs;
     prop_assert_eq!(claimed.len(), 1, "the only job in its queue");
     let j = &claimed[0];
     prop_assert_eq!(&j.id, &e.id);

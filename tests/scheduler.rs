@@ -35,10 +35,16 @@ fn done(j: &ClaimedJob, outcome: Outcome) -> Completion {
 
 async fn claim(tq: &TestQueue, n: usize) -> Vec<ClaimedJob> {
     tq.queue
-        .claim(0, "w-test", n, LEASE, &["q".to_string()])
+        .claim(
+            0,
+            &agentq::queue::Call::new("w-test"),
+            n,
+            LEASE,
+            &["q".to_string()],
+        )
         .await
         .expect("claim")
-        .1
+        .jobs
 }
 
 async fn set(tq: &TestQueue, tenant: &str, cap: u64, weight: u64) {
@@ -75,7 +81,10 @@ async fn weighted_shares_follow_weights() {
             *starts.entry(j.tenant.clone()).or_default() += 1;
         }
         let acks: Vec<Completion> = batch.iter().map(|j| done(j, Outcome::Succeeded)).collect();
-        tq.queue.complete(0, &acks).await.expect("complete");
+        tq.queue
+            .complete(0, &agentq::queue::Call::new("w"), &acks)
+            .await
+            .expect("complete");
     }
     for (t, want) in [("a", 0.5), ("b", 0.3), ("c", 0.2)] {
         let share = starts[t] as f64 / 500.0;
@@ -95,7 +104,11 @@ async fn light_tenant_is_served_within_one_pick_of_a_flood() {
     // A drains for a while before B arrives.
     for j in claim(&tq, 50).await {
         tq.queue
-            .complete(0, &[done(&j, Outcome::Succeeded)])
+            .complete(
+                0,
+                &agentq::queue::Call::new("w"),
+                &[done(&j, Outcome::Succeeded)],
+            )
             .await
             .expect("complete");
     }
@@ -139,7 +152,11 @@ async fn concurrency_cap_is_reached_and_never_exceeded() {
     );
     // One completion frees exactly one slot.
     tq.queue
-        .complete(0, &[done(capped[0], Outcome::Succeeded)])
+        .complete(
+            0,
+            &agentq::queue::Call::new("w"),
+            &[done(capped[0], Outcome::Succeeded)],
+        )
         .await
         .expect("complete");
     let next = claim(&tq, 10).await;
@@ -248,10 +265,16 @@ async fn expired_lease_is_reaped_and_late_completion_refused() {
     let short = Duration::from_millis(300);
     let first = tq
         .queue
-        .claim(0, "w-dead", 1, short, &["q".to_string()])
+        .claim(
+            0,
+            &agentq::queue::Call::new("w-dead"),
+            1,
+            short,
+            &["q".to_string()],
+        )
         .await
         .expect("claim")
-        .1;
+        .jobs;
     assert_eq!(first.len(), 1);
     tokio::time::sleep(Duration::from_millis(600)).await; // lower bound only: the lease must have expired
     let reaped = tq
@@ -275,13 +298,21 @@ async fn expired_lease_is_reaped_and_late_completion_refused() {
     assert_eq!(second[0].attempt, 2);
     let late = tq
         .queue
-        .complete(0, &[done(&first[0], Outcome::Succeeded)])
+        .complete(
+            0,
+            &agentq::queue::Call::new("w"),
+            &[done(&first[0], Outcome::Succeeded)],
+        )
         .await
         .expect("late");
     assert_eq!(late, vec![CompleteStatus::Refused]);
     let ok = tq
         .queue
-        .complete(0, &[done(&second[0], Outcome::Succeeded)])
+        .complete(
+            0,
+            &agentq::queue::Call::new("w"),
+            &[done(&second[0], Outcome::Succeeded)],
+        )
         .await
         .expect("ok");
     assert_eq!(ok, vec![CompleteStatus::Succeeded]);
@@ -309,7 +340,10 @@ async fn failures_retry_with_backoff_then_die() {
     let mut c = done(&j, Outcome::Failed);
     c.backoff_ms = 60_000;
     assert_eq!(
-        tq.queue.complete(0, &[c]).await.expect("fail 1"),
+        tq.queue
+            .complete(0, &agentq::queue::Call::new("w"), &[c])
+            .await
+            .expect("fail 1"),
         vec![CompleteStatus::Delayed]
     );
     assert!(
@@ -338,7 +372,11 @@ async fn failures_retry_with_backoff_then_die() {
     assert_eq!(j2.attempt, 2);
     assert_eq!(
         tq.queue
-            .complete(0, &[done(&j2, Outcome::TimedOut)])
+            .complete(
+                0,
+                &agentq::queue::Call::new("w"),
+                &[done(&j2, Outcome::TimedOut)]
+            )
             .await
             .expect("fail 2"),
         vec![CompleteStatus::Dead]
@@ -376,7 +414,10 @@ async fn permanent_failure_is_not_retried() {
     let mut c = done(&j, Outcome::Failed);
     c.permanent = true;
     assert_eq!(
-        tq.queue.complete(0, &[c]).await.expect("complete"),
+        tq.queue
+            .complete(0, &agentq::queue::Call::new("w"), &[c])
+            .await
+            .expect("complete"),
         vec![CompleteStatus::Dead]
     );
     tq.cleanup().await;
@@ -388,11 +429,18 @@ async fn delayed_jobs_wait_for_their_time() {
     let mut s = JobSpec::new("t", "q", "noop");
     s.delay = Some(Duration::from_millis(400));
     tq.queue.enqueue(&s).await.expect("enqueue");
-    let (due, jobs) = tq
+    let c = tq
         .queue
-        .claim(0, "w", 1, LEASE, &["q".to_string()])
+        .claim(
+            0,
+            &agentq::queue::Call::new("w"),
+            1,
+            LEASE,
+            &["q".to_string()],
+        )
         .await
         .expect("claim");
+    let (due, jobs) = (c.due_in, c.jobs);
     assert!(
         jobs.is_empty() && due.is_some(),
         "not yet, and the claim says when"
@@ -467,7 +515,10 @@ async fn quota_holds_a_tenant_within_one_job_and_raising_it_releases() {
         for j in &batch {
             let mut c = done(j, Outcome::Succeeded);
             c.run_ms = 600;
-            tq.queue.complete(0, &[c]).await.expect("complete");
+            tq.queue
+                .complete(0, &agentq::queue::Call::new("w"), &[c])
+                .await
+                .expect("complete");
         }
         q1_runs += batch.iter().filter(|j| j.tenant == "q1").count();
     }
@@ -520,11 +571,18 @@ async fn rate_limit_admits_the_burst_then_holds() {
     .await
     .expect("set");
     fill(&tq, "r", 10).await;
-    let (due, first) = tq
+    let c = tq
         .queue
-        .claim(0, "w", 10, LEASE, &["q".to_string()])
+        .claim(
+            0,
+            &agentq::queue::Call::new("w"),
+            10,
+            LEASE,
+            &["q".to_string()],
+        )
         .await
         .expect("claim");
+    let (due, first) = (c.due_in, c.jobs);
     assert_eq!(first.len(), 2, "the burst");
     assert!(
         due.is_some_and(|d| d <= Duration::from_secs(1)),

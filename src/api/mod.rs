@@ -82,6 +82,15 @@ impl From<QueueError> for ApiError {
                     "the queue's Redis is out of memory; nothing was written; retry later",
                 )
             }
+            QueueError::Unknown(_) => {
+                tracing::error!(error = %m, "queue did not answer");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outcome_unknown",
+                    "the queue did not answer in time: the change may or may not have been made; \
+                     check (GET /v1/jobs/{id}) or retry with the same idempotency_key",
+                )
+            }
             QueueError::Redis(_) | QueueError::Protocol(_) => {
                 tracing::error!(error = %m, "queue unavailable");
                 Self::new(

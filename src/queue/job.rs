@@ -116,11 +116,7 @@ impl JobSpec {
                 self.payload.len()
             )));
         }
-        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&self.payload) {
-            return Err(QueueError::Invalid(format!(
-                "payload is not valid JSON: {e}"
-            )));
-        }
+        super::payload::check(&self.payload).map_err(QueueError::Invalid)?;
         if !PRIORITY_RANGE.contains(&self.priority) {
             return Err(QueueError::Invalid(format!(
                 "priority {} is out of range: use -100..=100 (higher runs first)",
@@ -212,6 +208,20 @@ pub struct ClaimedJob {
     pub max_timeout_ms: u64,
     /// The tenant's memory cap in bytes at claim time.
     pub max_memory: u64,
+}
+
+/// What one claim handed out, and what the worker needs to plan the next.
+#[derive(Clone, Debug, Default)]
+pub struct Claimed {
+    /// The jobs, each with its lease.
+    pub jobs: Vec<ClaimedJob>,
+    /// How long until the partition's earliest delayed job or held tenant
+    /// becomes due, by Redis's clock (None: nothing is waiting).
+    pub due_in: Option<Duration>,
+    /// The admissible weight left on the requested queues of the partition
+    /// after this claim: workers split their slots across partitions in
+    /// proportion to it.
+    pub weight: f64,
 }
 
 /// How one attempt ended, as sent to the completion script.

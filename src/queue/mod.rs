@@ -5,9 +5,11 @@
 //! state change is one script call (see `src/queue/scripts/*.lua`); reads for
 //! operators live in [`inspect`].
 
+mod call;
 pub mod inspect;
 pub mod job;
 pub mod keys;
+pub mod payload;
 mod scripts;
 
 use std::collections::BTreeMap;
@@ -16,7 +18,8 @@ use std::time::Duration;
 
 use fred::prelude::*;
 
-pub use job::{ClaimedJob, CompleteStatus, Completion, Enqueued, JobSpec};
+pub use call::Call;
+pub use job::{Claimed, ClaimedJob, CompleteStatus, Completion, Enqueued, JobSpec};
 pub use keys::{Keys, partition_of, partition_of_job};
 pub use scripts::{ScriptName, script_source};
 
@@ -46,6 +49,13 @@ pub enum QueueError {
     /// Redis failed or is unreachable.
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
+    /// Redis did not answer a state change in time, or the connection
+    /// dropped after it was sent: it may or may not have taken effect.
+    #[error(
+        "redis did not answer ({0}); the change may or may not have been made: check before \
+         repeating it (enqueue with an idempotency key to retry safely)"
+    )]
+    Unknown(String),
     /// Redis answered something agentq does not understand.
     #[error("unexpected reply from redis: {0}")]
     Protocol(String),
@@ -104,6 +114,9 @@ pub struct QueueConfig {
     /// Payload limit checked client-side before sending (the script checks
     /// the partition's `max_payload` setting again).
     pub max_payload: usize,
+    /// How long a command may wait for its reply before the caller gets an
+    /// error (for a script: [`QueueError::Unknown`]).
+    pub command_timeout: Duration,
 }
 
 impl QueueConfig {
@@ -115,6 +128,7 @@ impl QueueConfig {
             namespace: "agentq".into(),
             partitions: 1,
             max_payload: 1 << 20,
+            command_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -128,8 +142,9 @@ pub struct Queue {
 }
 
 /// Build a fred client that reconnects forever with capped backoff, so a
-/// Redis restart pauses agentq instead of killing it.
-pub(crate) fn build_client(url: &str) -> Result<Client, QueueError> {
+/// Redis restart pauses agentq instead of killing it; commands time out
+/// after `timeout`.
+fn build_client(url: &str, timeout: Duration) -> Result<Client, QueueError> {
     let config = Config::from_url(url).map_err(|e| {
         QueueError::Invalid(format!(
             "redis URL is not valid ({e}); use redis://host:port, rediss:// for TLS, \
@@ -147,7 +162,7 @@ pub(crate) fn build_client(url: &str) -> Result<Client, QueueError> {
             };
         })
         .with_performance_config(|p| {
-            p.default_command_timeout = Duration::from_secs(10);
+            p.default_command_timeout = timeout;
         })
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
         .build()?;
@@ -166,7 +181,7 @@ impl Queue {
         if cfg.partitions == 0 || cfg.partitions > 1024 {
             return Err(QueueError::Invalid("partitions must be 1..=1024".into()));
         }
-        let client = build_client(&cfg.redis_url)?;
+        let client = build_client(&cfg.redis_url, cfg.command_timeout)?;
         if let Err(e) = client.init().await {
             return Err(topology_error(&cfg.redis_url, e));
         }
@@ -178,8 +193,36 @@ impl Queue {
             cfg: Arc::new(cfg),
             scripts: Arc::new(scripts),
         };
+        queue.record_layout().await?;
         queue.log_shard_spread();
         Ok(queue)
+    }
+
+    /// Record the partition count in every partition (`B:meta`), or check
+    /// it against what is recorded: a namespace is laid out once, and a
+    /// process (or a client calling the enqueue script) that computes
+    /// partitions differently would put tenants where their limits are not.
+    async fn record_layout(&self) -> Result<(), QueueError> {
+        let n = self.cfg.partitions;
+        for p in 0..n {
+            let key = self.keys(p).key(&["meta"]);
+            let fresh: bool = self.client.hsetnx(&key, "partitions", n).await?;
+            if fresh {
+                continue;
+            }
+            let recorded: Option<u32> = self.client.hget(&key, "partitions").await?;
+            if recorded != Some(n) {
+                return Err(QueueError::Invalid(format!(
+                    "namespace {:?} is laid out in {} partitions, but this process uses {n}: \
+                     set --partitions (AGENTQ_PARTITIONS) to {} (the count is fixed for the \
+                     life of a namespace)",
+                    self.cfg.namespace,
+                    recorded.map_or("an unknown number of".to_string(), |r| r.to_string()),
+                    recorded.map_or("the original count".to_string(), |r| r.to_string()),
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// On a Redis Cluster: the primary (`host:port`) that owns each
@@ -335,29 +378,34 @@ impl Queue {
         Ok(out.into_iter().flatten().collect())
     }
 
-    /// Claim up to `batch` jobs of partition `p` from `queues` for `worker`,
-    /// each with a lease of `lease`. Also returns how long until the next
-    /// delayed job or rate/quota-held tenant becomes due, measured by Redis's
-    /// clock (so a worker's skewed clock cannot turn it into a busy loop).
+    /// Claim up to `batch` jobs of partition `p` from `queues` for
+    /// `call`'s worker, each with a lease of `lease`. Also says how long
+    /// until the next delayed job or rate/quota-held tenant becomes due,
+    /// measured by Redis's clock (so a worker's skewed clock cannot turn it
+    /// into a busy loop), and the admissible weight left (`batch` 0 only
+    /// asks for these). Repeated with the same `call` (after an error), it
+    /// hands out the jobs the first call did, if that one ran.
     pub async fn claim(
         &self,
         p: u32,
-        worker: &str,
+        call: &Call,
         batch: usize,
         lease: Duration,
         queues: &[String],
-    ) -> Result<(Option<Duration>, Vec<ClaimedJob>), QueueError> {
+    ) -> Result<Claimed, QueueError> {
         let mut args = vec![
-            worker.to_string(),
+            call.worker().to_string(),
+            call.id().to_string(),
             batch.to_string(),
             lease.as_millis().to_string(),
         ];
         args.extend(queues.iter().cloned());
         let flat = strings(self.call(ScriptName::Claim, p, args).await?)?;
-        let [first, events, rest @ ..] = flat.as_slice() else {
+        let [first, events, weight, rest @ ..] = flat.as_slice() else {
             return Err(QueueError::Protocol("short claim reply".into()));
         };
         report_events(events);
+        let weight = weight.parse::<f64>().unwrap_or(0.0).max(0.0);
         let due_in = match first.parse::<u64>() {
             Ok(0) | Err(_) => None,
             Ok(ms) => Some(Duration::from_millis(ms)),
@@ -387,16 +435,25 @@ impl Queue {
                 max_memory: num(&c[11]).max(0) as u64,
             })
             .collect();
-        Ok((due_in, jobs))
+        Ok(Claimed {
+            jobs,
+            due_in,
+            weight,
+        })
     }
 
     /// Complete attempts of partition `p` (fenced by attempt number).
+    /// Repeated with the same `call` (after an error), it answers as the
+    /// first call did, if that one ran.
     pub async fn complete(
         &self,
         p: u32,
+        call: &Call,
         done: &[Completion],
     ) -> Result<Vec<CompleteStatus>, QueueError> {
-        let mut args = Vec::with_capacity(done.len() * 15);
+        let mut args = Vec::with_capacity(2 + done.len() * 15);
+        args.push(call.worker().to_string());
+        args.push(call.id().to_string());
         for c in done {
             args.extend(c.wire_fields());
         }
@@ -444,13 +501,19 @@ impl Queue {
     }
 
     /// Hand running attempts back to ready at once: `(id, attempt, run_ms)`.
+    /// Repeated with the same `call`, it answers as the first call did.
     pub async fn release(
         &self,
         p: u32,
+        call: &Call,
         reason: &str,
         held: &[(String, u32, u64)],
     ) -> Result<u64, QueueError> {
-        let mut args = vec![reason.to_string()];
+        let mut args = vec![
+            call.worker().to_string(),
+            call.id().to_string(),
+            reason.to_string(),
+        ];
         for (id, token, run_ms) in held {
             args.extend([id.clone(), token.to_string(), run_ms.to_string()]);
         }

@@ -3,6 +3,12 @@
 //! Each script in `scripts/` is prepended with `scripts/lib.lua` (shared
 //! helpers) at build time; the result is what `SCRIPT LOAD` receives and what
 //! [`script_source`] publishes for clients in other languages.
+//!
+//! A script call is written to Redis once and never re-sent by the client:
+//! after a lost reply nobody knows whether it ran, and a re-sent claim or
+//! enqueue would act twice. The caller learns [`QueueError::Unknown`]
+//! instead; worker-side calls are repeated safely with the same
+//! [`super::Call`] id.
 
 use fred::prelude::*;
 use fred::types::scripts::Script as FredScript;
@@ -133,7 +139,8 @@ impl Scripts {
         Ok(())
     }
 
-    /// `EVALSHA`, loading the scripts again if the server lost them (restart).
+    /// `EVALSHA`, loading the scripts again if the server lost them (restart:
+    /// `NOSCRIPT` means nothing ran, so that one retry is safe).
     pub(crate) async fn call(
         &self,
         client: &Client,
@@ -141,16 +148,48 @@ impl Scripts {
         base: &str,
         args: Vec<Value>,
     ) -> Result<Value, QueueError> {
-        let script = self.get(name);
-        match script
-            .evalsha::<Value, _, _, _>(client, base, args.clone())
-            .await
-        {
+        let sha = self.get(name).sha1().to_string();
+        match evalsha_once(client, &sha, base, args.clone()).await {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 self.load(client).await?;
-                Ok(script.evalsha(client, base, args).await?)
+                evalsha_once(client, &sha, base, args)
+                    .await
+                    .map_err(unknown_outcome)
             }
-            other => Ok(other?),
+            other => other.map_err(unknown_outcome),
         }
+    }
+}
+
+/// `EVALSHA sha 1 base args...`, written at most once (no re-send after a
+/// dropped connection), routed to the slot of `base` in a cluster.
+async fn evalsha_once(
+    client: &Client,
+    sha: &str,
+    base: &str,
+    args: Vec<Value>,
+) -> Result<Value, fred::error::Error> {
+    let once = client.with_options(&Options {
+        max_attempts: Some(1),
+        ..Default::default()
+    });
+    let mut all: Vec<Value> = Vec::with_capacity(args.len() + 3);
+    all.push(sha.into());
+    all.push(1.into());
+    all.push(base.into());
+    all.extend(args);
+    let on_base = fred::types::ClusterHash::from(base);
+    once.custom(fred::cmd!("EVALSHA", hash: on_base), all).await
+}
+
+/// A timeout, a dropped connection or a cancelled command leaves a script
+/// call's outcome unknown: it may have run.
+fn unknown_outcome(e: fred::error::Error) -> QueueError {
+    use fred::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled => {
+            QueueError::Unknown(e.to_string())
+        }
+        _ => QueueError::Redis(e),
     }
 }

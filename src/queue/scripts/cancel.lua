@@ -16,9 +16,7 @@ if not state then return '' end
 if state == 'ready' then
   redis.call('ZREM', k('q', q, 't', t), id)
   stat(q, t, 'ready', -1)
-  if redis.call('EXISTS', k('q', q, 't', t)) == 0 then
-    tq_rem(t, q)
-  end
+  if redis.call('EXISTS', k('q', q, 't', t)) == 0 then ready_ran_dry(q, t) end
   sync_tenant(t)
 elseif state == 'delayed' then
   redis.call('ZREM', k('q', q, 'delayed'), id)

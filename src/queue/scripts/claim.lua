@@ -2,31 +2,66 @@
 --
 -- KEYS[1]  partition base, e.g. "{agentq:0}"
 -- ARGV[1]  worker id (recorded on the job, used in logs and the ledger)
--- ARGV[2]  batch size (free local slots)
--- ARGV[3]  lease duration in ms
--- ARGV[4..] queue names to claim from
--- Returns  { due_in_ms, events, job1..., job2..., ... } where due_in_ms
---          is how long until the earliest delayed job or throttled tenant
---          becomes due, by this server's clock (at least 1; 0 if none), so
---          workers never compare Redis time with their own clock; events is a space-separated list such as
---          "rate_2x:acme" (may be empty), and each job is 12 values: id, attempt (the fencing token), tenant, queue,
---          kind, payload, timeout_ms, memory, enqueued_at, started_at,
---          max_timeout_ms, max_memory.
+-- ARGV[2]  call id: the same call repeated (a retry after a lost reply)
+--          hands out the jobs the first one did, still running under their
+--          leases, instead of claiming more ("" opts out)
+-- ARGV[3]  batch size (free local slots)
+-- ARGV[4]  lease duration in ms
+-- ARGV[5..] queue names to claim from
+-- Returns  { due_in_ms, events, weight, job1..., job2..., ... } where
+--          due_in_ms is how long until the earliest delayed job or throttled
+--          tenant becomes due, by this server's clock (at least 1; 0 if
+--          none), so workers never compare Redis time with their own clock;
+--          events is a space-separated list such as "rate_2x:acme" (may be
+--          empty); weight is the admissible weight left on the requested
+--          queues after this claim (workers split their slots across
+--          partitions by it); and each job is 12 values: id, attempt (the
+--          fencing token), tenant, queue, kind, payload, timeout_ms, memory,
+--          enqueued_at, started_at, max_timeout_ms, max_memory.
 --
 -- Fairness: each queue's sched set holds the admissible tenants with ready
--- work, scored by pass (virtual time). The tenant with the lowest pass across
--- the requested queues is served next and its pass advances by 1e6 / weight
--- (stride scheduling), so backlogged tenants start jobs in proportion to
--- their weights and a light tenant is served within one pick of arriving.
+-- work, scored by pass. The tenant with the lowest pass across the requested
+-- queues is served next (stride scheduling): its pass on that queue, and on
+-- every other requested queue where it waits, advances by 1e6 / weight, so
+-- backlogged tenants start jobs in proportion to their weights, counted
+-- across all the queues a pool serves. Each requested queue's virtual time
+-- rises to the pass picked, and tenants enter a queue at its virtual time
+-- (see sched_enter in lib.lua): within one round of the tenants there.
 -- Invariant: a tenant at its concurrency cap, over its monthly quota or
 -- beyond its start rate (GCRA) is in no sched set, so it can never be
 -- admitted past those limits, whichever worker runs this script.
 
-local worker, batch, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local worker, call, batch, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 local now_s = tostring(now)
-local queues = {}
-for i = 4, #ARGV do
+
+-- The jobs a repeated call handed out the first time: those still running
+-- under that attempt for this worker (the others were reaped meanwhile).
+local function claimed_again(text)
+  local first = cjson.decode(text)
+  local out = { 0, '', first[1] }
+  for i = 2, #first - 1, 2 do
+    local id, attempt = first[i], first[i + 1]
+    local v = redis.call('HMGET', k('job', id), 'state', 'attempts', 'worker', 'tenant', 'queue',
+      'kind', 'payload', 'timeout_ms', 'memory', 'enqueued_at', 'started_at')
+    if v[1] == 'running' and tonumber(v[2]) == attempt and v[3] == worker then
+      local l = limits(v[4])
+      for _, x in ipairs({ id, attempt, v[4], v[5], v[6], v[7], tonumber(v[8]) or 0,
+        tonumber(v[9]) or 0, tonumber(v[10]) or now, tonumber(v[11]) or now, l.max_timeout_ms,
+        l.max_memory }) do
+        out[#out + 1] = x
+      end
+    end
+  end
+  return out
+end
+local again = remembered(worker, 'claim', call)
+if again then return claimed_again(again) end
+-- The pool's queues: all of them keep its clock (virtual time), so a
+-- paused one resumes in step; the unpaused ones are served.
+local listed, queues = {}, {}
+for i = 5, #ARGV do
+  listed[#listed + 1] = ARGV[i]
   if not paused_member('q:' .. ARGV[i]) then
     queues[#queues + 1] = ARGV[i]
   end
@@ -87,12 +122,11 @@ local picked = {}   -- tenant -> true, for tenants picked in this call
 local function load_window(q)
   flush_sched()
   local flat = redis.call('ZRANGE', k('q', q, 'sched'), 0, batch, 'WITHSCORES')
-  local cached = sub(sched_cache, q)
   local list, tenants = {}, {}
   for i = 1, #flat, 2 do
     local t, p = flat[i], tonumber(flat[i + 1])
     list[#list + 1] = { t = t, pass = p }
-    cached[t] = p
+    sched_seen(q, t, p)
     tenants[#tenants + 1] = t
   end
   prefetch(tenants)
@@ -124,16 +158,20 @@ local function insert_sorted(list, e)
   end
   table.insert(list, lo, e)
 end
--- Tenant t's entry in the windows of the other queues (only with several
--- queues): move it to pass p, or drop it when p is nil.
-local function other_windows(q, t, p)
-  for wq, w in pairs(windows) do
-    if wq ~= q then
-      for i, e in ipairs(w.list) do
+-- A pick of tenant t on queue q moves it on by its stride on every other
+-- requested queue where it waits (its share counts across the pool's
+-- queues); with keep false it leaves their windows (no more picks now).
+local function other_queues(q, t, step, keep)
+  for _, oq in ipairs(queues) do
+    local s = (oq ~= q) and sched_score(oq, t)
+    if s then
+      sched_set(oq, t, s + step)
+      local w = windows[oq]
+      for i, e in ipairs(w and w.list or {}) do
         if e.t == t then
           table.remove(w.list, i)
-          if p then
-            e.pass = p
+          if keep then
+            e.pass = s + step
             insert_sorted(w.list, e)
           end
           break
@@ -143,7 +181,7 @@ local function other_windows(q, t, p)
   end
 end
 
-local out = { next_due, '' }
+local out = { next_due, '', '0' }
 local claimed = 0
 local touched = {} -- ready-set keys popped from: q, t
 local guard = batch * 4 + 16
@@ -161,8 +199,7 @@ while claimed < batch and guard > 0 do
   local popped = redis.call('ZPOPMIN', tk)
   if not popped[1] then
     -- stale sched entry (no ready work left): repair it
-    tq_rem(t, q)
-    sched_drop(q, t)
+    ready_ran_dry(q, t)
     sync_later(t)
   else
     local id = popped[1]
@@ -192,9 +229,9 @@ while claimed < batch and guard > 0 do
     out[n + 11] = l.max_timeout_ms
     out[n + 12] = l.max_memory
     claimed = claimed + 1
-    raise_vt(best_pass)
-    local next_pass = best_pass + math.floor(1000000 / math.max(l.weight, 0.001))
-    set_pass(t, next_pass)
+    for _, lq in ipairs(listed) do raise_vt(lq, best_pass) end
+    local step = stride(t)
+    sched_set(q, t, best_pass + step)
     count_start(t, l)
     picked[t] = true
     touched[tk] = { q, t }
@@ -202,18 +239,15 @@ while claimed < batch and guard > 0 do
     -- at its cap, over its quota or beyond its rate: no more picks this call
     local admissible = hold_reason(t) == nil
     if admissible then
-      best.pass = next_pass
+      best.pass = best_pass + step
       insert_sorted(windows[q].list, best)
     end
-    if #queues > 1 then other_windows(q, t, admissible and next_pass or nil) end
+    if #queues > 1 then other_queues(q, t, step, admissible) end
   end
 end
 -- Tenants whose ready set ran dry leave their queue's sched set.
 for tk, qt in pairs(touched) do
-  if redis.call('EXISTS', tk) == 0 then
-    tq_rem(qt[2], qt[1])
-    sched_drop(qt[1], qt[2])
-  end
+  if redis.call('EXISTS', tk) == 0 then ready_ran_dry(qt[1], qt[2]) end
 end
 finish()
 -- Tenants throttled before or during this claim (written by finish) become
@@ -226,4 +260,17 @@ end
 out[1] = 0
 if next_due > 0 then out[1] = math.max(1, next_due - now) end
 out[2] = table.concat(events, ' ')
+local weight_left = 0
+if #queues > 0 then
+  for _, w in ipairs(redis.call('HMGET', K_QW, unpack(queues))) do
+    weight_left = weight_left + math.max(tonumber(w) or 0, 0)
+  end
+end
+out[3] = tostring(weight_left)
+local handed = { out[3] }
+for i = 4, #out, 12 do
+  handed[#handed + 1] = out[i]
+  handed[#handed + 1] = out[i + 1]
+end
+remember(worker, 'claim', call, cjson.encode(handed))
 return out

@@ -1,7 +1,10 @@
 -- complete.lua: record the end of one or more running attempts (fenced ack).
 --
 -- KEYS[1]  partition base, e.g. "{agentq:0}"
--- ARGV[1..] fifteen fields per attempt, repeated:
+-- ARGV[1]  worker id
+-- ARGV[2]  call id: the same call repeated (a retry after a lost reply)
+--          returns the first reply and changes nothing ("" opts out)
+-- ARGV[3..] fifteen fields per attempt, repeated:
 --          id, token (the attempt number handed out by claim), outcome
 --          (succeeded|failed|timed_out|memory_exceeded), permanent (0|1),
 --          error, result (JSON text or ""), exit_code, signal, run_ms, cpu_ms,
@@ -12,20 +15,28 @@
 --          delayed, ready or dead), or "refused" when the lease is no longer
 --          this attempt's (it expired and the job was handed to another worker,
 --          or the job is gone): a fenced-out completion changes nothing.
+--          An attempt named twice in one call is applied once; the second
+--          gets the first one's status.
 -- Invariant: in one atomic step the tenant slot is released, the outcome is
 --          recorded, the retry or dead-letter is scheduled and the ledger
 --          record is appended to the outbox stream, so none can happen without
 --          the others.
 
-local N = 15
+local worker, call = ARGV[1], ARGV[2]
+local again = remembered(worker, 'complete', call)
+if again then return cjson.decode(again) end
+local N, FIRST = 15, 2
 local now = now_ms()
 local out = { '' }
 -- Load every job first so the tenants' counters and sched scores can be read
 -- with one command per kind, not one per job.
 local jobs, tenants, by_queue = {}, {}, {}
-for o = 0, #ARGV - N, N do
+local first_of = {} -- "id/attempt" -> offset of its first mention
+for o = FIRST, #ARGV - N, N do
   local id, token = ARGV[o + 1], ARGV[o + 2]
-  local job = load_job(id)
+  local attempt_key = id .. '/' .. token
+  local job = not first_of[attempt_key] and load_job(id)
+  first_of[attempt_key] = first_of[attempt_key] or o
   if job and job.state == 'running' and job.attempts == token then
     jobs[o] = job
     if not by_queue[job.queue] then by_queue[job.queue] = {} end
@@ -35,9 +46,13 @@ for o = 0, #ARGV - N, N do
 end
 prefetch(tenants)
 for q, ts in pairs(by_queue) do prefetch_sched(q, ts) end
-for o = 0, #ARGV - N, N do
+local status_at = {} -- offset -> status
+for o = FIRST, #ARGV - N, N do
   local job = jobs[o]
-  if not job then
+  local first = first_of[ARGV[o + 1] .. '/' .. ARGV[o + 2]]
+  if first ~= o then
+    out[#out + 1] = status_at[first]
+  elseif not job then
     out[#out + 1] = 'refused'
   else
     out[#out + 1] = finish_attempt(ARGV[o + 1], job, {
@@ -48,7 +63,9 @@ for o = 0, #ARGV - N, N do
       backoff_ms = tonumber(ARGV[o + 15]) or 0,
     }, now)
   end
+  status_at[o] = out[#out]
 end
 finish()
 out[1] = table.concat(events, ' ')
+remember(worker, 'complete', call, cjson.encode(out))
 return out

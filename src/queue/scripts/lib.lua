@@ -10,9 +10,12 @@
 --  * B:running[t] equals the number of jobs of tenant t in state "running"
 --    (every transition in or out of "running" goes through claim_one,
 --    finish_attempt or the reaper, each of which adjusts it exactly once).
---  * tenant t is a member of B:q:<q>:sched iff it has ready jobs in q, is not
---    paused on q, and is admissible (running < cap, usage this month below
---    its quota, within its start rate); its score is its pass.
+--  * tenant t is a member of B:q:<q>:sched iff it has ready jobs in q,
+--    neither q nor t on q is paused, and t is admissible (running < cap,
+--    usage this month below its quota, within its start rate); its score is
+--    its pass on q, never below q's virtual time (B:qvt field q).
+--  * B:qw field q is the sum of the weights of the members of q's sched set
+--    (workers split their slots across partitions by it).
 --  * a tenant held by quota or rate is in B:throttled, scored by the time it
 --    may start again, with the reason in B:held; claim re-admits it then.
 --  * the counters in B:q:<q>:stats equal the cardinalities they describe.
@@ -47,8 +50,9 @@ local function sub(t, key)
   return v
 end
 
-local K_RUNNING, K_PASS, K_VT, K_HELD = k('running'), k('pass'), k('vt'), k('held')
+local K_RUNNING, K_HELD = k('running'), k('held')
 local K_THROTTLED, K_PAUSED, K_LEASES = k('throttled'), k('paused'), k('leases')
+local K_QVT, K_QW = k('qvt'), k('qw')
 
 -- Built-in defaults, used when neither the tenant nor B:defaults sets a field.
 local BUILTIN = {
@@ -194,6 +198,25 @@ local function limits(t)
   return l
 end
 
+-- A worker's last call of each kind (claim, complete, release) and its
+-- reply, so that the same call repeated after a lost reply (the worker
+-- retries with the same call id) answers as the first did instead of
+-- acting twice: hash B:calls:<worker>, fields <kind> = the call id and
+-- <kind>:r = the reply; it expires an hour after the worker's last call.
+-- An empty call id opts out.
+local function remembered(worker, kind, call)
+  if call == '' then return nil end
+  local v = redis.call('HMGET', k('calls', worker), kind, kind .. ':r')
+  if v[1] == call then return v[2] end
+  return nil
+end
+local function remember(worker, kind, call, reply)
+  if call == '' then return end
+  local key = k('calls', worker)
+  redis.call('HSET', key, kind, call, kind .. ':r', reply)
+  redis.call('PEXPIRE', key, 3600000)
+end
+
 -- Events for the worker to log and export (quota thresholds, rate alerts),
 -- returned by the scripts that produce them.
 local events = {}
@@ -233,18 +256,12 @@ end
 
 -- The accessors below run several times per job: they read the value
 -- tables directly and call nh_get only on a miss.
-local RUNNING, PASS = number_hash(K_RUNNING), number_hash(K_PASS)
+local RUNNING = number_hash(K_RUNNING)
 local run_vals, run_dirty = RUNNING.vals, RUNNING.dirty
-local pass_vals, pass_dirty = PASS.vals, PASS.dirty
 local function running(t) return run_vals[t] or nh_get(RUNNING, t) end
 local function add_running(t, d)
   run_vals[t] = running(t) + d
   run_dirty[t] = true
-end
-local function get_pass(t) return pass_vals[t] or nh_get(PASS, t) end
-local function set_pass(t, p)
-  pass_vals[t] = p
-  pass_dirty[t] = true
 end
 
 -- The queues where tenant t has ready work: field t of hash B:tq, the queue
@@ -299,7 +316,7 @@ local function flush_tq()
   if #dels > 0 then call_chunked('HDEL', K_TQ, dels) end
 end
 
--- Read running, pass and queues of many tenants with one HMGET each.
+-- Read running counts and queues of many tenants with one HMGET each.
 local function prefetch(tenants)
   local need = {}
   for _, t in ipairs(tenants) do
@@ -307,28 +324,83 @@ local function prefetch(tenants)
   end
   each_chunk(need, 500, function(part)
     local r = redis.call('HMGET', K_RUNNING, unpack(part))
-    local p = redis.call('HMGET', K_PASS, unpack(part))
     local qs = redis.call('HMGET', K_TQ, unpack(part))
     for j, t in ipairs(part) do
       run_vals[t] = tonumber(r[j]) or 0
-      if pass_vals[t] == nil then pass_vals[t] = tonumber(p[j]) or 0 end
       if tq_cache[t] == nil then tq_cache[t] = parse_queues(qs[j]) end
     end
   end)
 end
 
--- Virtual time: the pass of the last tenant served; never moves backwards.
-local vt_cache, vt_dirty = nil, false
-local function get_vt()
-  if vt_cache == nil then vt_cache = tonumber(redis.call('GET', K_VT)) or 0 end
-  return vt_cache
+-- A tenant's weight (its share among backlogged tenants) and its stride:
+-- each start moves its pass on by 1e6 / weight.
+local function weight(t) return math.max(limits(t).weight, 0.001) end
+local function stride(t) return math.floor(1000000 / weight(t)) end
+
+-- Virtual time of queue q: the lowest pass picked so far by a claim that
+-- serves q (B:qvt field q); never moves backwards. Picks take the lowest
+-- pass, so every pass in q's sched set is at least q's virtual time.
+-- One per queue, not per partition: a busy queue's picks must not move the
+-- clock of a quiet queue served by another pool.
+local vt_cache, vt_dirty = {}, {}
+local function get_vt(q)
+  local v = vt_cache[q]
+  if v == nil then
+    v = tonumber(redis.call('HGET', K_QVT, q))
+    if v == nil then
+      -- First use of the queue (or a namespace from before per-queue
+      -- virtual time): start at its head, so nobody there gains or loses.
+      v = tonumber(redis.call('ZRANGE', k('q', q, 'sched'), 0, 0, 'WITHSCORES')[2]) or 0
+    end
+    vt_cache[q] = v
+  end
+  return v
 end
-local function raise_vt(p)
-  if p > get_vt() then
-    vt_cache = p
-    vt_dirty = true
+local function raise_vt(q, p)
+  if p > get_vt(q) then
+    vt_cache[q] = p
+    vt_dirty[q] = true
   end
 end
+
+-- What a tenant still owes on a queue it left (its pass there, when that
+-- was ahead of the queue's virtual time): hash B:q:<q>:pass, tenant ->
+-- pass, read and written once per call.
+local saved_cache, saved_dirty = {}, {}
+local function saved_pass(q, t)
+  local c = sub(saved_cache, q)
+  local v = c[t]
+  if v == nil then
+    v = tonumber(redis.call('HGET', k('q', q, 'pass'), t)) or false
+    c[t] = v
+  end
+  return v
+end
+local function set_saved(q, t, v)
+  sub(saved_cache, q)[t] = v
+  sub(saved_dirty, q)[t] = true
+end
+local function flush_saved()
+  for q, d in pairs(saved_dirty) do
+    local sets, dels = {}, {}
+    for t in pairs(d) do
+      local v = saved_cache[q][t]
+      if v then
+        sets[#sets + 1] = t
+        sets[#sets + 1] = v
+      else
+        dels[#dels + 1] = t
+      end
+    end
+    if #sets > 0 then call_chunked('HSET', k('q', q, 'pass'), sets) end
+    if #dels > 0 then call_chunked('HDEL', k('q', q, 'pass'), dels) end
+  end
+  saved_dirty = {}
+end
+
+-- Changes to the admissible weight of each queue (B:qw), summed per call.
+local qw_delta = {}
+local function add_weight(q, d) qw_delta[q] = (qw_delta[q] or 0) + d end
 
 -- Lease deadlines added and removed in this call, written in one command each.
 local lease_adds, lease_rems = {}, {}
@@ -356,14 +428,19 @@ local function any_held()
 end
 
 
--- Scores in the sched sets as this call knows them (false: not a member).
-local sched_cache = {}
+-- Scores in the sched sets as this call knows them (false: not a member),
+-- and whether each tenant was a member in Redis (so flush_sched knows who
+-- joined or left, for the admissible weight).
+local sched_cache, sched_orig = {}, {}
+local function sched_seen(q, t, s)
+  sub(sched_cache, q)[t] = s
+  sub(sched_orig, q)[t] = s ~= false
+end
 local function sched_score(q, t)
-  local c = sub(sched_cache, q)
-  local s = c[t]
+  local s = sub(sched_cache, q)[t]
   if s == nil then
     s = tonumber(redis.call('ZSCORE', k('q', q, 'sched'), t)) or false
-    c[t] = s
+    sched_seen(q, t, s)
   end
   return s
 end
@@ -374,15 +451,10 @@ local function sched_set(q, t, p)
   sched_cache[q][t] = p
   sub(sched_dirty, q)[t] = true
 end
-local function sched_put(q, t, p)
-  if sched_score(q, t) ~= p then sched_set(q, t, p) end
-end
-local function sched_drop(q, t)
-  if sched_score(q, t) ~= false then sched_set(q, t, false) end
-end
 local function flush_sched()
   for q, d in pairs(sched_dirty) do
     local adds, rems = {}, {}
+    local orig = sub(sched_orig, q)
     for t in pairs(d) do
       local p = sched_cache[q][t]
       if p then
@@ -390,6 +462,11 @@ local function flush_sched()
         adds[#adds + 1] = t
       else
         rems[#rems + 1] = t
+      end
+      local member = p ~= false
+      if orig[t] ~= member then
+        add_weight(q, member and weight(t) or -weight(t))
+        orig[t] = member
       end
     end
     if #adds > 0 then call_chunked('ZADD', k('q', q, 'sched'), adds) end
@@ -406,8 +483,35 @@ local function prefetch_sched(q, tenants)
   end
   each_chunk(need, 500, function(part)
     local scores = redis.call('ZMSCORE', k('q', q, 'sched'), unpack(part))
-    for j, t in ipairs(part) do c[t] = tonumber(scores[j]) or false end
+    for j, t in ipairs(part) do sched_seen(q, t, tonumber(scores[j]) or false) end
   end)
+end
+
+-- Tenant t enters q's sched set: at q's virtual time, or later by what it
+-- still owes there (its saved pass), but never more than one stride later.
+-- So time away (idle, at its cap, held by rate or quota, paused) earns no
+-- credit, and nothing that happened on other queues pushes it behind the
+-- tenants here: it is picked within one round of them. Returns true if it
+-- entered.
+local function sched_enter(q, t)
+  if sched_score(q, t) ~= false then return false end
+  local vt = get_vt(q)
+  local p = vt
+  local owed = saved_pass(q, t)
+  if owed then
+    p = math.min(math.max(owed, vt), vt + stride(t))
+    set_saved(q, t, false)
+  end
+  sched_set(q, t, p)
+  return true
+end
+-- Tenant t leaves q's sched set, keeping what it owes (a pass ahead of q's
+-- virtual time) for when it comes back.
+local function sched_leave(q, t)
+  local s = sched_score(q, t)
+  if s == false then return end
+  if s > get_vt(q) then set_saved(q, t, s) end
+  sched_set(q, t, false)
 end
 
 -- Why tenant t may not start a job now ('cap', 'quota', 'rate'), or nil; for
@@ -447,15 +551,17 @@ local function stat(q, t, state, delta)
   end
 end
 
-local function paused_on(q, t) return paused_member('qt:' .. q .. ':' .. t) end
+-- Whether queue q, or tenant t on it, is paused.
+local function paused_on(q, t)
+  return paused_member('q:' .. q) or paused_member('qt:' .. q .. ':' .. t)
+end
 
 -- Set when a tenant entered a sched set in this call; see finish().
 local entered_any = false
 
 -- Recompute tenant t's membership in the sched set of every queue where it has
--- ready work. A tenant (re)entering a sched set starts at max(pass, vt), so
--- idle time earns no credit. Returns true if it entered any set (callers wake
--- idle workers then).
+-- ready work (see sched_enter for where it enters). Returns true if it
+-- entered any set (callers wake idle workers then).
 local function sync_tenant(t)
   local qs = tenant_queues(t)
   local has_work = next(qs) ~= nil
@@ -470,24 +576,31 @@ local function sync_tenant(t)
   end
   if not has_work then return false end
   local admissible = reason == nil
-  local pass = get_pass(t)
-  local want, entering = {}, false
+  local entering = false
   for q in pairs(qs) do
-    want[q] = admissible and not paused_on(q, t)
-    if want[q] and sched_score(q, t) == false then entering = true end
-  end
-  if entering then
-    entered_any = true
-    local vt = get_vt()
-    if pass < vt then
-      pass = vt
-      set_pass(t, pass)
+    if admissible and not paused_on(q, t) then
+      if sched_enter(q, t) then entering = true end
+    else
+      sched_leave(q, t)
     end
   end
-  for q in pairs(qs) do
-    if want[q] then sched_put(q, t, pass) else sched_drop(q, t) end
-  end
+  if entering then entered_any = true end
   return entering
+end
+
+-- Tenant t has no ready job left in queue q.
+local function ready_ran_dry(q, t)
+  tq_rem(t, q)
+  sched_leave(q, t)
+end
+
+-- Recount q's admissible weight from its sched set (after a tier or the
+-- defaults changed many tenants' weights at once).
+local function recount_weight(q)
+  local sum = 0
+  for _, t in ipairs(redis.call('ZRANGE', k('q', q, 'sched'), 0, -1)) do sum = sum + weight(t) end
+  redis.call('HSET', K_QW, q, sum)
+  qw_delta[q] = nil
 end
 
 -- Index job id (its hash already says state "ready") in its tenant's ready set.
@@ -607,9 +720,13 @@ local function flush_state()
   flush_tq()
   -- absolute values: this call read each count before changing it
   nh_flush(RUNNING)
-  nh_flush(PASS)
-  if vt_dirty then redis.call('SET', K_VT, vt_cache) end
-  vt_dirty = false
+  flush_saved()
+  for q in pairs(vt_dirty) do redis.call('HSET', K_QVT, q, vt_cache[q]) end
+  vt_dirty = {}
+  for q, d in pairs(qw_delta) do
+    if d ~= 0 then redis.call('HINCRBYFLOAT', K_QW, q, d) end
+  end
+  qw_delta = {}
   if #lease_rems > 0 then call_chunked('ZREM', K_LEASES, lease_rems) end
   if #lease_adds > 0 then call_chunked('ZADD', K_LEASES, lease_adds) end
   lease_adds, lease_rems = {}, {}

@@ -19,10 +19,7 @@ for _, t in ipairs(redis.call('SMEMBERS', k('tenants'))) do
     stat(q, t, 'ready', -1)
     out[#out + 1] = t
   end
-  if #ids > 0 and redis.call('EXISTS', rk) == 0 then
-    tq_rem(t, q)
-    sched_drop(q, t)
-  end
+  if #ids > 0 and redis.call('EXISTS', rk) == 0 then ready_ran_dry(q, t) end
 end
 local dk = k('q', q, 'delayed')
 if #out < max then

@@ -1,8 +1,11 @@
 -- release.lua: hand running attempts back at once (graceful worker shutdown).
 --
 -- KEYS[1]  partition base, e.g. "{agentq:0}"
--- ARGV[1]  reason, recorded as the attempt's error
--- ARGV[2..] triples: id, token, run_ms
+-- ARGV[1]  worker id
+-- ARGV[2]  call id: the same call repeated (a retry after a lost reply)
+--          returns the first reply and changes nothing ("" opts out)
+-- ARGV[3]  reason, recorded as the attempt's error
+-- ARGV[4..] triples: id, token, run_ms
 -- Returns  { released, events }: attempts released (stale tokens are
 --          skipped) and the space-separated events they caused.
 -- Invariant: like the reaper but without waiting for the lease to expire: the
@@ -10,20 +13,25 @@
 --          and the job is ready again at once; the interrupted attempt does
 --          not count against max_attempts (B:job:<id>.base is raised).
 
+local worker, call, reason = ARGV[1], ARGV[2], ARGV[3]
+local again = remembered(worker, 'release', call)
+if again then return cjson.decode(again) end
 local now = now_ms()
 local released = 0
-for i = 2, #ARGV - 2, 3 do
+for i = 4, #ARGV - 2, 3 do
   local id, token = ARGV[i], ARGV[i + 1]
   local job = load_job(id)
   if job and job.state == 'running' and job.attempts == token then
     redis.call('HINCRBY', k('job', id), 'base', 1)
     job.base = (tonumber(job.base) or 0) + 1
     finish_attempt(id, job, {
-      outcome = 'lost', permanent = false, error = ARGV[1],
+      outcome = 'lost', permanent = false, error = reason,
       run_ms = tonumber(ARGV[i + 2]), backoff_ms = 0,
     }, now)
     released = released + 1
   end
 end
 finish()
-return { released, table.concat(events, ' ') }
+local out = { released, table.concat(events, ' ') }
+remember(worker, 'release', call, cjson.encode(out))
+return out

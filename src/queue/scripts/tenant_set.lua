@@ -16,6 +16,18 @@
 local t = ARGV[1]
 local tier = t:match('^tier:(.+)$')
 local key = (t == '') and k('defaults') or (tier and k('tier', tier)) or k('tenant', t)
+-- A tenant's weight may change while it waits: take its old weight out of
+-- the admissible weight of its queues here, and put the new one back below.
+local waiting = {}
+if t ~= '' and not tier then
+  for q in pairs(tenant_queues(t)) do
+    if sched_score(q, t) then
+      waiting[#waiting + 1] = q
+      add_weight(q, -weight(t))
+    end
+  end
+  limits_cache[t] = nil
+end
 for i = 2, #ARGV - 1, 2 do
   if ARGV[i + 1] == '' then
     redis.call('HDEL', key, ARGV[i])
@@ -27,10 +39,13 @@ if tier then redis.call('SADD', k('tiers'), tier) end
 if t == '' or tier then
   -- O(tenants), an operator action: every tenant may have changed.
   for _, name in ipairs(redis.call('SMEMBERS', k('tenants'))) do sync_tenant(name) end
+  finish()
+  for _, q in ipairs(redis.call('SMEMBERS', k('queues'))) do recount_weight(q) end
 else
   redis.call('SADD', k('tenants'), t)
+  for _, q in ipairs(waiting) do add_weight(q, weight(t)) end
   sync_tenant(t)
+  finish()
 end
-finish()
 redis.call('PUBLISH', k('wake'), '1')
 return 1
