@@ -9,7 +9,12 @@
 //! between insert and ack replays the batch, which inserts nothing new;
 //! entries held by a writer that died are taken over after
 //! [`LedgerWriter::claim_idle`] via `XAUTOCLAIM`. PostgreSQL being down only
-//! delays the ledger: records wait in the stream.
+//! delays the ledger: records wait in the stream. A record PostgreSQL
+//! refuses, or an entry that is not a record, never holds the stream up: it
+//! is repaired where possible and kept in `usage_ledger_rejects` (see
+//! `rejects.rs`).
+
+mod rejects;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +27,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::queue::{Queue, QueueError};
+pub use rejects::RejectReason;
+use rejects::{Hint, Problem, Raw, Source, Unfit};
 
 /// Consumer group name on the outbox stream.
 pub const GROUP: &str = "ledger";
@@ -455,9 +462,16 @@ enum Read {
 }
 
 /// A batch read from one partition's outbox.
+#[derive(Default)]
 struct Batch {
+    /// Every id read: all are acknowledged once the batch is handled.
     ids: Vec<String>,
+    /// The records read from valid UTF-8, to insert as they are.
     records: Vec<Record>,
+    /// The entry each record was read from, in the same order.
+    raws: Vec<Raw>,
+    /// Entries that cannot be inserted as they are.
+    unfit: Vec<Unfit>,
 }
 
 impl LedgerWriter {
@@ -519,10 +533,7 @@ impl LedgerWriter {
             self.ensure_group(&key).await?;
             // Own entries left pending by a failed insert first (`XREADGROUP >`
             // never returns them again), then a dead writer's, then new ones.
-            let mut batch = Batch {
-                ids: Vec::new(),
-                records: Vec::new(),
-            };
+            let mut batch = Batch::default();
             for from in [Read::OwnPending, Read::Reclaim, Read::New] {
                 if from == Read::OwnPending && !self.retry_own.load(Ordering::Relaxed) {
                     continue;
@@ -545,11 +556,17 @@ impl LedgerWriter {
             if batch.ids.is_empty() {
                 continue;
             }
-            let inserted = insert(&self.pool, &batch.records).await.inspect_err(|_| {
-                crate::metrics::ledger_error();
-                self.retry_own.store(true, Ordering::Relaxed);
-            })?;
-            crate::metrics::ledger_batch(inserted, &batch.records);
+            let from = Source {
+                stream: &key,
+                partition: p,
+            };
+            let inserted =
+                rejects::write(&self.pool, &from, &batch.records, &batch.raws, &batch.unfit)
+                    .await
+                    .inspect_err(|_| {
+                        crate::metrics::ledger_error();
+                        self.retry_own.store(true, Ordering::Relaxed);
+                    })?;
             let client = self.queue.client();
             // Delete before acknowledging: a writer killed in between leaves
             // pending ids with no body, which the next read acknowledges
@@ -661,14 +678,11 @@ impl LedgerWriter {
     }
 }
 
-/// Parse `[[id, [field, value, ...]], ...]`. Malformed entries, and pending
-/// ids whose entry was already deleted, are kept as ids with no record, so
-/// they are acknowledged instead of blocking the stream forever.
+/// Parse `[[id, [field, value, ...]], ...]`. Pending ids whose entry was
+/// already deleted are kept as ids with no record, so they are acknowledged
+/// instead of blocking the stream forever.
 fn parse_entries(v: Value) -> Batch {
-    let mut batch = Batch {
-        ids: Vec::new(),
-        records: Vec::new(),
-    };
+    let mut batch = Batch::default();
     let Value::Array(entries) = v else {
         return batch;
     };
@@ -681,28 +695,81 @@ fn parse_entries(v: Value) -> Batch {
         let Some(id) = pair.pop().and_then(|i| i.as_string()) else {
             continue;
         };
-        if fields.is_null() {
+        batch.ids.push(id.clone());
+        match fields {
             // written to the ledger and deleted by a writer that died before XACK
-            batch.ids.push(id);
-            continue;
+            Value::Null => {}
+            Value::Array(fields) => batch.add(Raw { id, fields }),
+            other => batch.add(Raw {
+                id,
+                fields: vec![other],
+            }),
         }
-        let mut map = HashMap::new();
-        if let Value::Array(flat) = fields {
-            for kv in flat.chunks(2) {
-                if let (Some(k), Some(v)) =
-                    (kv[0].as_string(), kv.get(1).and_then(|v| v.as_string()))
-                {
-                    map.insert(k, v);
-                }
-            }
-        }
-        match Record::from_fields(&map) {
-            Some(r) => batch.records.push(r),
-            None => tracing::error!(entry = %id, "malformed outbox entry skipped"),
-        }
-        batch.ids.push(id);
     }
     batch
+}
+
+impl Batch {
+    /// Sort one entry: a record to insert, or an entry to repair or set aside.
+    fn add(&mut self, raw: Raw) {
+        let mut utf8 = true;
+        let mut named = HashMap::new();
+        for kv in raw.fields.chunks(2) {
+            if let [k, v] = kv {
+                named.insert(text(k, &mut utf8), text(v, &mut utf8));
+            }
+        }
+        let problem = match Record::from_fields(&named) {
+            Some(r) if utf8 => {
+                self.records.push(r);
+                self.raws.push(raw);
+                return;
+            }
+            Some(r) => Problem::NotUtf8(r),
+            None => Problem::Malformed {
+                why: why_malformed(&named),
+                hint: Hint::of_fields(&outbox_fields(named)),
+            },
+        };
+        self.unfit.push(Unfit { raw, problem });
+    }
+}
+
+/// A stream field as text; invalid UTF-8 is replaced (and `utf8` cleared).
+fn text(v: &Value, utf8: &mut bool) -> String {
+    let Some(b) = v.as_bytes() else {
+        return v.as_string().unwrap_or_default();
+    };
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_string(),
+        Err(_) => {
+            *utf8 = false;
+            String::from_utf8_lossy(b).into_owned()
+        }
+    }
+}
+
+/// Why an entry's fields are not a usage record, for the rejects table.
+fn why_malformed(fields: &HashMap<String, String>) -> String {
+    let want = PACKED_FIELDS.len();
+    if let Some(packed) = fields.get("r") {
+        let n = packed.splitn(want, '\t').count();
+        if n < want {
+            return format!("malformed outbox entry: {n} of {want} packed values");
+        }
+    }
+    let named = outbox_fields(fields.clone());
+    let attempt = named.get("attempt").and_then(|a| a.parse::<i32>().ok());
+    if !named.contains_key("job") {
+        "malformed outbox entry: no job id".into()
+    } else if attempt.is_none_or(|a| a < 1) {
+        format!(
+            "malformed outbox entry: attempt {:?} is not a number of 1 or more",
+            named.get("attempt").map_or("", |a| a.as_str())
+        )
+    } else {
+        "malformed outbox entry: no outcome".into()
+    }
 }
 
 #[cfg(test)]
