@@ -415,6 +415,110 @@ async fn rejects_are_for_operators_only() {
     db.cleanup().await;
 }
 
+/// A tenant name of partition `p` of 2 starting with `prefix`.
+fn tenant_in(p: u32, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|t| agentq::queue::partition_of(t, 2) == p)
+        .expect("some name lands in each partition")
+}
+
+#[tokio::test]
+async fn a_partition_that_cannot_be_written_does_not_hold_up_the_others() {
+    let tq = TestQueue::with_partitions("rejects-parts", 2).await;
+    let db = TestDb::new("rejects_parts").await;
+    // Partition 0 is drained first: the one that fails must not stop 1.
+    let blocked = tenant_in(0, "blocked");
+    let free = tenant_in(1, "free");
+    // Inserts of `blocked` fail with a non-data error (an outage as far as
+    // the writer can tell) while its name is in ledger_block.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE ledger_block (tenant text PRIMARY KEY);
+         INSERT INTO ledger_block VALUES ('{blocked}');
+         CREATE FUNCTION block_tenant() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM ledger_block WHERE tenant = NEW.tenant) THEN
+                 RAISE EXCEPTION 'ledger inserts of % blocked by the test', NEW.tenant
+                     USING ERRCODE = 'P0001';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER block_tenant BEFORE INSERT ON usage_ledger
+             FOR EACH ROW EXECUTE FUNCTION block_tenant();"
+    )))
+    .execute(&db.pool)
+    .await
+    .expect("blocking trigger");
+    let add = |p: u32, tenant: String, n: usize, tag: &'static str| {
+        let tq = &tq;
+        async move {
+            for i in 0..n {
+                let job = format!("{p}-{tag}{i}");
+                xadd(
+                    tq,
+                    p,
+                    "*",
+                    &fields(&packed(&job, "1", &tenant, "failed"), b"x"),
+                )
+                .await;
+            }
+        }
+    };
+    add(0, blocked.clone(), 3, "b").await;
+    add(1, free.clone(), 3, "f").await;
+    let count = |tenant: String| {
+        let pool = db.pool.clone();
+        async move {
+            let (n,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM usage_ledger WHERE tenant = $1")
+                    .bind(tenant)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count");
+            n
+        }
+    };
+    // claim_idle stays at its default (30 s): nothing below waits for it.
+    let writer = LedgerWriter::new(tq.queue.clone(), db.pool.clone(), "writer-1");
+    assert_eq!(writer.claim_idle, Duration::from_secs(30));
+
+    let first = writer.drain_once().await;
+    assert!(
+        first
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("blocked by the test")),
+        "the failing partition is reported: {first:?}"
+    );
+    assert_eq!(count(free.clone()).await, 3, "partition 1 was written");
+    assert_eq!(count(blocked.clone()).await, 0);
+
+    // Partition 0 keeps failing (its own pending entries retried); new
+    // records of partition 1 keep landing.
+    add(1, free.clone(), 2, "g").await;
+    assert!(
+        writer.drain_once().await.is_err(),
+        "partition 0's pending entries are retried, and fail again"
+    );
+    assert_eq!(count(free.clone()).await, 5);
+    assert_eq!(outbox_state(&tq, 1).await, (0, 0));
+    assert_eq!(outbox_state(&tq, 0).await, (3, 3), "held, pending with us");
+
+    // PostgreSQL takes them again: they land at the next drains, without
+    // waiting claim_idle for XAUTOCLAIM.
+    sqlx::query("DELETE FROM ledger_block")
+        .execute(&db.pool)
+        .await
+        .expect("unblock");
+    for _ in 0..2 {
+        writer.drain_once().await.expect("drain after the outage");
+    }
+    assert_eq!(count(blocked.clone()).await, 3, "partition 0 caught up");
+    assert_eq!(outbox_state(&tq, 0).await, (0, 0));
+    assert!(rejects(&db).await.is_empty(), "an outage rejects nothing");
+    db.cleanup().await;
+    tq.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_task_writing_nul_and_invalid_utf8_to_stderr_is_billed() {
     let tq = TestQueue::new("rejects-e2e").await;
