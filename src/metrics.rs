@@ -55,6 +55,9 @@ pub const OUTBOX_BACKLOG: &str = "agentq_ledger_outbox_backlog";
 pub const LEDGER_ROWS: &str = "agentq_ledger_rows_written_total";
 /// Ledger batches that failed to write (PostgreSQL down, ...).
 pub const LEDGER_ERRORS: &str = "agentq_ledger_write_errors_total";
+/// Outbox entries kept aside in `usage_ledger_rejects`, by reason
+/// (`repaired`, `unrepairable`, `malformed`).
+pub const LEDGER_REJECTS: &str = "agentq_ledger_rejects_total";
 /// Cost of attempts written to the ledger, micro-dollars, by tenant.
 pub const COST_MICROS: &str = "agentq_cost_micros_total";
 /// Agent time written to the ledger, seconds, by tenant.
@@ -80,6 +83,11 @@ pub fn ledger_batch(inserted: u64, records: &[crate::ledger::Record]) {
 /// A ledger batch failed to write.
 pub fn ledger_error() {
     ::metrics::counter!(LEDGER_ERRORS).increment(1);
+}
+
+/// An outbox entry was kept aside in `usage_ledger_rejects`.
+pub fn ledger_reject(reason: crate::ledger::RejectReason) {
+    ::metrics::counter!(LEDGER_REJECTS, "reason" => reason.as_str()).increment(1);
 }
 
 /// A quota threshold (80 or 100 percent) was crossed.
@@ -212,6 +220,9 @@ pub fn lease_expiries(n: u64) {
 pub fn register_zeroes() {
     for name in [REFUSED, LEASE_EXPIRIES, LEDGER_ROWS, LEDGER_ERRORS] {
         ::metrics::counter!(name).increment(0);
+    }
+    for reason in crate::ledger::RejectReason::ALL {
+        ::metrics::counter!(LEDGER_REJECTS, "reason" => reason.as_str()).increment(0);
     }
 }
 

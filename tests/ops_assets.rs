@@ -28,6 +28,7 @@ const METRICS: &[&str] = &[
     "agentq_lease_expiries_total",
     "agentq_ledger_rows_written_total",
     "agentq_ledger_write_errors_total",
+    "agentq_ledger_rejects_total",
     "agentq_cost_micros_total",
     "agentq_agent_seconds_total",
     "agentq_quota_alerts_total",

@@ -54,6 +54,18 @@ impl TestQueue {
         TestQueue { queue, ns }
     }
 
+    /// A fresh namespace whose tenants are spread over `partitions`.
+    pub async fn with_partitions(test: &str, partitions: u32) -> TestQueue {
+        let ns = namespace(test);
+        let mut cfg = QueueConfig::new(redis_url());
+        cfg.namespace = ns.clone();
+        cfg.partitions = partitions;
+        let queue = Queue::connect(cfg)
+            .await
+            .expect("connect to Redis (set AGENTQ_REDIS_URL)");
+        TestQueue { queue, ns }
+    }
+
     pub async fn cleanup(&self) {
         self.queue
             .delete_namespace()

@@ -9,7 +9,14 @@
 //! between insert and ack replays the batch, which inserts nothing new;
 //! entries held by a writer that died are taken over after
 //! [`LedgerWriter::claim_idle`] via `XAUTOCLAIM`. PostgreSQL being down only
-//! delays the ledger: records wait in the stream.
+//! delays the ledger: records wait in the stream. A record PostgreSQL
+//! refuses, or an entry that is not a record, never holds the stream up: it
+//! is repaired where possible and kept in `usage_ledger_rejects` (see
+//! `rejects.rs`). Each partition's stream moves on its own: one that cannot
+//! be written (its entries stay pending with the writer, retried first)
+//! does not hold up the others.
+
+mod rejects;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +29,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::queue::{Queue, QueueError};
+pub use rejects::RejectReason;
+use rejects::{Hint, Problem, Raw, Source, Unfit};
 
 /// Consumer group name on the outbox stream.
 pub const GROUP: &str = "ledger";
@@ -38,6 +47,30 @@ pub enum LedgerError {
     /// Redis failed.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// Some partitions' outboxes could not be written (every one was tried).
+    #[error("{}", each_partition(failures))]
+    Partitions {
+        /// Each partition that failed, and why.
+        failures: Vec<PartitionFailure>,
+    },
+}
+
+/// A partition whose outbox could not be written in one pass.
+#[derive(Debug)]
+pub struct PartitionFailure {
+    /// The partition.
+    pub partition: u32,
+    /// Why.
+    pub error: LedgerError,
+}
+
+/// "partition 0: why; partition 3: why".
+fn each_partition(failures: &[PartitionFailure]) -> String {
+    let each: Vec<String> = failures
+        .iter()
+        .map(|f| format!("partition {}: {}", f.partition, f.error))
+        .collect();
+    each.join("; ")
 }
 
 impl From<fred::error::Error> for LedgerError {
@@ -434,8 +467,11 @@ pub struct LedgerWriter {
     pub claim_idle: Duration,
     /// Tiers recorded in the `tiers` table once migrations are applied.
     pub tiers: Vec<crate::admission::Tier>,
-    /// Set when an insert failed: this writer has entries pending to retry.
-    retry_own: AtomicBool,
+    /// Per partition: set when a batch failed, so this writer has entries
+    /// of that partition pending to retry (one flag for all let a partition
+    /// with nothing pending clear another's, whose entries then waited
+    /// `claim_idle` for `XAUTOCLAIM`).
+    retry_own: Vec<AtomicBool>,
     /// Outbox streams whose consumer group this writer has made sure of
     /// (forgotten on `NOGROUP`, e.g. after Redis lost its data).
     groups: std::sync::Mutex<BTreeSet<String>>,
@@ -455,24 +491,33 @@ enum Read {
 }
 
 /// A batch read from one partition's outbox.
+#[derive(Default)]
 struct Batch {
+    /// Every id read: all are acknowledged once the batch is handled.
     ids: Vec<String>,
+    /// The records read from valid UTF-8, to insert as they are.
     records: Vec<Record>,
+    /// The entry each record was read from, in the same order.
+    raws: Vec<Raw>,
+    /// Entries that cannot be inserted as they are.
+    unfit: Vec<Unfit>,
 }
 
 impl LedgerWriter {
     /// A writer reading as consumer `consumer` (the worker id).
     pub fn new(queue: Queue, pool: PgPool, consumer: impl Into<String>) -> Self {
         LedgerWriter {
-            queue,
             pool,
             consumer: consumer.into(),
             batch: 2000,
             claim_idle: Duration::from_secs(30),
             tiers: Vec::new(),
-            retry_own: AtomicBool::new(false),
+            retry_own: (0..queue.partitions())
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             groups: std::sync::Mutex::new(BTreeSet::new()),
             reclaimed: std::sync::Mutex::new(HashMap::new()),
+            queue,
         }
     }
 
@@ -511,60 +556,99 @@ impl LedgerWriter {
         }
     }
 
-    /// Move one batch per partition; returns the records handled.
+    /// Move one batch per partition; returns the records handled. Every
+    /// partition is tried: one that fails (its entries stay pending, retried
+    /// first next time) does not hold up the others. Fails, after trying
+    /// them all, if any failed, so that [`run`](Self::run) backs off.
     pub async fn drain_once(&self) -> Result<usize, LedgerError> {
         let mut total = 0;
+        let mut failures = Vec::new();
         for p in 0..self.queue.partitions() {
-            let key = self.queue.keys(p).key(&["outbox"]);
-            self.ensure_group(&key).await?;
-            // Own entries left pending by a failed insert first (`XREADGROUP >`
-            // never returns them again), then a dead writer's, then new ones.
-            let mut batch = Batch {
-                ids: Vec::new(),
-                records: Vec::new(),
-            };
-            for from in [Read::OwnPending, Read::Reclaim, Read::New] {
-                if from == Read::OwnPending && !self.retry_own.load(Ordering::Relaxed) {
-                    continue;
-                }
-                if from == Read::Reclaim && !self.reclaim_due(p) {
-                    continue;
-                }
-                batch = self.read(&key, from).await.inspect_err(|e| {
-                    if e.to_string().contains("NOGROUP") {
-                        self.forget_group(&key);
-                    }
-                })?;
-                if from == Read::OwnPending && batch.ids.is_empty() {
-                    self.retry_own.store(false, Ordering::Relaxed);
-                }
-                if !batch.ids.is_empty() {
-                    break;
+            match self.drain_partition(p).await {
+                Ok(n) => total += n,
+                Err(error) => {
+                    self.set_retry_own(p, true);
+                    failures.push(PartitionFailure {
+                        partition: p,
+                        error,
+                    });
                 }
             }
-            if batch.ids.is_empty() {
+        }
+        if failures.is_empty() {
+            Ok(total)
+        } else {
+            Err(LedgerError::Partitions { failures })
+        }
+    }
+
+    /// Move one batch of partition `p`'s outbox; returns the entries handled.
+    async fn drain_partition(&self, p: u32) -> Result<usize, LedgerError> {
+        let key = self.queue.keys(p).key(&["outbox"]);
+        self.ensure_group(&key).await?;
+        let batch = self.next_batch(p, &key).await?;
+        if batch.ids.is_empty() {
+            return Ok(0);
+        }
+        let from = Source {
+            stream: &key,
+            partition: p,
+        };
+        let inserted = rejects::write(&self.pool, &from, &batch.records, &batch.raws, &batch.unfit)
+            .await
+            .inspect_err(|_| crate::metrics::ledger_error())?;
+        let client = self.queue.client();
+        // Delete before acknowledging: a writer killed in between leaves
+        // pending ids with no body, which the next read acknowledges
+        // (XAUTOCLAIM drops them itself), so nothing stays in the stream.
+        let _: i64 = client.xdel(&key, batch.ids.clone()).await?;
+        let _: i64 = client.xack(&key, GROUP, batch.ids.clone()).await?;
+        tracing::debug!(
+            partition = p,
+            read = batch.ids.len(),
+            inserted,
+            "ledger batch written"
+        );
+        Ok(batch.ids.len())
+    }
+
+    /// The next batch of partition `p`: this writer's own entries left
+    /// pending by a failure first (`XREADGROUP >` never returns them again),
+    /// then a dead writer's, then new ones.
+    async fn next_batch(&self, p: u32, key: &str) -> Result<Batch, LedgerError> {
+        for from in [Read::OwnPending, Read::Reclaim, Read::New] {
+            if from == Read::OwnPending && !self.retry_own_due(p) {
                 continue;
             }
-            let inserted = insert(&self.pool, &batch.records).await.inspect_err(|_| {
-                crate::metrics::ledger_error();
-                self.retry_own.store(true, Ordering::Relaxed);
+            if from == Read::Reclaim && !self.reclaim_due(p) {
+                continue;
+            }
+            let batch = self.read(key, from).await.inspect_err(|e| {
+                if e.to_string().contains("NOGROUP") {
+                    self.forget_group(key);
+                }
             })?;
-            crate::metrics::ledger_batch(inserted, &batch.records);
-            let client = self.queue.client();
-            // Delete before acknowledging: a writer killed in between leaves
-            // pending ids with no body, which the next read acknowledges
-            // (XAUTOCLAIM drops them itself), so nothing stays in the stream.
-            let _: i64 = client.xdel(&key, batch.ids.clone()).await?;
-            let _: i64 = client.xack(&key, GROUP, batch.ids.clone()).await?;
-            tracing::debug!(
-                partition = p,
-                read = batch.ids.len(),
-                inserted,
-                "ledger batch written"
-            );
-            total += batch.ids.len();
+            if from == Read::OwnPending && batch.ids.is_empty() {
+                self.set_retry_own(p, false);
+            }
+            if !batch.ids.is_empty() {
+                return Ok(batch);
+            }
         }
-        Ok(total)
+        Ok(Batch::default())
+    }
+
+    /// Whether partition `p` may have entries pending with this writer
+    /// since a failure.
+    fn retry_own_due(&self, p: u32) -> bool {
+        let flag = self.retry_own.get(p as usize);
+        flag.is_none_or(|f| f.load(Ordering::Relaxed))
+    }
+
+    fn set_retry_own(&self, p: u32, on: bool) {
+        if let Some(f) = self.retry_own.get(p as usize) {
+            f.store(on, Ordering::Relaxed);
+        }
     }
 
     async fn ensure_group(&self, key: &str) -> Result<(), LedgerError> {
@@ -661,14 +745,11 @@ impl LedgerWriter {
     }
 }
 
-/// Parse `[[id, [field, value, ...]], ...]`. Malformed entries, and pending
-/// ids whose entry was already deleted, are kept as ids with no record, so
-/// they are acknowledged instead of blocking the stream forever.
+/// Parse `[[id, [field, value, ...]], ...]`. Pending ids whose entry was
+/// already deleted are kept as ids with no record, so they are acknowledged
+/// instead of blocking the stream forever.
 fn parse_entries(v: Value) -> Batch {
-    let mut batch = Batch {
-        ids: Vec::new(),
-        records: Vec::new(),
-    };
+    let mut batch = Batch::default();
     let Value::Array(entries) = v else {
         return batch;
     };
@@ -681,28 +762,81 @@ fn parse_entries(v: Value) -> Batch {
         let Some(id) = pair.pop().and_then(|i| i.as_string()) else {
             continue;
         };
-        if fields.is_null() {
+        batch.ids.push(id.clone());
+        match fields {
             // written to the ledger and deleted by a writer that died before XACK
-            batch.ids.push(id);
-            continue;
+            Value::Null => {}
+            Value::Array(fields) => batch.add(Raw { id, fields }),
+            other => batch.add(Raw {
+                id,
+                fields: vec![other],
+            }),
         }
-        let mut map = HashMap::new();
-        if let Value::Array(flat) = fields {
-            for kv in flat.chunks(2) {
-                if let (Some(k), Some(v)) =
-                    (kv[0].as_string(), kv.get(1).and_then(|v| v.as_string()))
-                {
-                    map.insert(k, v);
-                }
-            }
-        }
-        match Record::from_fields(&map) {
-            Some(r) => batch.records.push(r),
-            None => tracing::error!(entry = %id, "malformed outbox entry skipped"),
-        }
-        batch.ids.push(id);
     }
     batch
+}
+
+impl Batch {
+    /// Sort one entry: a record to insert, or an entry to repair or set aside.
+    fn add(&mut self, raw: Raw) {
+        let mut utf8 = true;
+        let mut named = HashMap::new();
+        for kv in raw.fields.chunks(2) {
+            if let [k, v] = kv {
+                named.insert(text(k, &mut utf8), text(v, &mut utf8));
+            }
+        }
+        let problem = match Record::from_fields(&named) {
+            Some(r) if utf8 => {
+                self.records.push(r);
+                self.raws.push(raw);
+                return;
+            }
+            Some(r) => Problem::NotUtf8(r),
+            None => Problem::Malformed {
+                why: why_malformed(&named),
+                hint: Hint::of_fields(&outbox_fields(named)),
+            },
+        };
+        self.unfit.push(Unfit { raw, problem });
+    }
+}
+
+/// A stream field as text; invalid UTF-8 is replaced (and `utf8` cleared).
+fn text(v: &Value, utf8: &mut bool) -> String {
+    let Some(b) = v.as_bytes() else {
+        return v.as_string().unwrap_or_default();
+    };
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_string(),
+        Err(_) => {
+            *utf8 = false;
+            String::from_utf8_lossy(b).into_owned()
+        }
+    }
+}
+
+/// Why an entry's fields are not a usage record, for the rejects table.
+fn why_malformed(fields: &HashMap<String, String>) -> String {
+    let want = PACKED_FIELDS.len();
+    if let Some(packed) = fields.get("r") {
+        let n = packed.splitn(want, '\t').count();
+        if n < want {
+            return format!("malformed outbox entry: {n} of {want} packed values");
+        }
+    }
+    let named = outbox_fields(fields.clone());
+    let attempt = named.get("attempt").and_then(|a| a.parse::<i32>().ok());
+    if !named.contains_key("job") {
+        "malformed outbox entry: no job id".into()
+    } else if attempt.is_none_or(|a| a < 1) {
+        format!(
+            "malformed outbox entry: attempt {:?} is not a number of 1 or more",
+            named.get("attempt").map_or("", |a| a.as_str())
+        )
+    } else {
+        "malformed outbox entry: no outcome".into()
+    }
 }
 
 #[cfg(test)]
