@@ -3,7 +3,6 @@
 //! of the Redis quota counters from the ledger.
 
 use chrono::{Datelike, NaiveDate};
-use fred::prelude::*;
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -162,22 +161,8 @@ pub async fn reconcile(queue: &Queue, pool: &PgPool) -> Result<Vec<Reconciled>, 
     let mut out = Vec::new();
     for (tenant, ledger_ms) in sums {
         let ledger_ms = ledger_ms.max(0) as u64;
-        let key = queue
-            .keys(queue.partition_of(&tenant))
-            .key(&["usage", &tenant]);
-        let redis_ms: Option<u64> = queue.client().hget(&key, &month).await?;
-        let redis_ms = redis_ms.unwrap_or(0);
-        let after_ms = redis_ms.max(ledger_ms);
-        if after_ms > redis_ms {
-            let _: () = queue
-                .client()
-                .hset(&key, (month.as_str(), after_ms))
-                .await?;
-            // An empty update re-syncs the tenant: it may now be over its quota.
-            queue
-                .set_limit_fields(crate::admission::Target::Tenant(&tenant), &[])
-                .await?;
-        }
+        let raised = queue.raise_usage(&tenant, &month, ledger_ms).await?;
+        let (redis_ms, after_ms) = (raised.before_ms, raised.after_ms);
         out.push(Reconciled {
             tenant,
             redis_ms,

@@ -648,6 +648,32 @@ impl Queue {
         }
     }
 
+    /// Raise `tenant`'s usage counter for `month` (`YYYY-MM`, UTC) to at
+    /// least `ms`, atomically with completions (never lowering it). Returns
+    /// the counter before and after.
+    pub async fn raise_usage(
+        &self,
+        tenant: &str,
+        month: &str,
+        ms: u64,
+    ) -> Result<UsageRaised, QueueError> {
+        job::validate_name("tenant", tenant)?;
+        let reply = self
+            .call(
+                ScriptName::UsageRaise,
+                self.partition_of(tenant),
+                vec![tenant.to_string(), month.to_string(), ms.to_string()],
+            )
+            .await?;
+        match strings(reply)?.as_slice() {
+            [before, after] => Ok(UsageRaised {
+                before_ms: before.parse().unwrap_or(0),
+                after_ms: after.parse().unwrap_or(0),
+            }),
+            other => Err(QueueError::Protocol(format!("usage_raise said {other:?}"))),
+        }
+    }
+
     /// Delete every key of this namespace (all partitions). For tests and the
     /// demo's own namespace; never call it on a namespace in use.
     pub async fn delete_namespace(&self) -> Result<u64, QueueError> {
@@ -715,6 +741,15 @@ impl Queue {
         }
         Ok(())
     }
+}
+
+/// A usage counter before and after [`Queue::raise_usage`], agent ms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UsageRaised {
+    /// Before.
+    pub before_ms: u64,
+    /// After (never lower than before).
+    pub after_ms: u64,
 }
 
 /// A clear error for a `redis-cluster://` URL that points at a server

@@ -42,11 +42,13 @@ pub enum ScriptName {
     Purge,
     /// Cancel a job that has not started.
     Cancel,
+    /// Raise a usage counter to at least a value (reconcile).
+    UsageRaise,
 }
 
 impl ScriptName {
     /// Every script, in load order.
-    pub const ALL: [ScriptName; 11] = [
+    pub const ALL: [ScriptName; 12] = [
         ScriptName::Enqueue,
         ScriptName::Claim,
         ScriptName::Complete,
@@ -58,6 +60,7 @@ impl ScriptName {
         ScriptName::Dead,
         ScriptName::Purge,
         ScriptName::Cancel,
+        ScriptName::UsageRaise,
     ];
 
     /// The script's file name without `.lua`.
@@ -74,6 +77,7 @@ impl ScriptName {
             ScriptName::Dead => "dead",
             ScriptName::Purge => "purge",
             ScriptName::Cancel => "cancel",
+            ScriptName::UsageRaise => "usage_raise",
         }
     }
 
@@ -90,6 +94,7 @@ impl ScriptName {
             ScriptName::Dead => include_str!("scripts/dead.lua"),
             ScriptName::Purge => include_str!("scripts/purge.lua"),
             ScriptName::Cancel => include_str!("scripts/cancel.lua"),
+            ScriptName::UsageRaise => include_str!("scripts/usage_raise.lua"),
         }
     }
 }

@@ -3,7 +3,9 @@
 -- KEYS[1]  partition base, e.g. "{agentq:0}"
 -- ARGV[1]  "retry" or "purge"
 -- ARGV[2]  queue name
--- ARGV[3]  tenant name, or "" for every tenant
+-- ARGV[3]  tenant name, or "" for every tenant (a tenant's dead jobs are
+--          read from its own index, B:q:<q>:dt:<t>, so other tenants' dead
+--          jobs never hide them)
 -- ARGV[4]  only jobs dead for at least this many ms (0: any)
 -- ARGV[5]  most jobs to act on in this call
 -- ARGV[6..] job ids (optional): act on exactly these, if dead in this queue
@@ -22,8 +24,8 @@ local ids = {}
 if #ARGV >= 6 then
   for i = 6, #ARGV do ids[#ids + 1] = ARGV[i] end
 else
-  -- Bounded window; jobs of other tenants in it are skipped, not counted.
-  ids = redis.call('ZRANGEBYSCORE', dk, '-inf', now - older, 'LIMIT', 0, max * 10)
+  local from = (tenant == '') and dk or k('q', q, 'dt', tenant)
+  ids = redis.call('ZRANGEBYSCORE', from, '-inf', now - older, 'LIMIT', 0, max)
 end
 local out = {}
 local touched = {}
@@ -33,6 +35,7 @@ for _, id in ipairs(ids) do
   local t = redis.call('HGET', k('job', id), 'tenant')
   if died and t and (tenant == '' or t == tenant) and tonumber(died) <= now - older then
     redis.call('ZREM', dk, id)
+    redis.call('ZREM', k('q', q, 'dt', t), id)
     stat(q, t, 'dead', -1)
     local jk = k('job', id)
     if op == 'retry' then

@@ -686,6 +686,7 @@ local function finish_attempt(id, job, a, now)
   elseif state == 'dead' then
     redis.call('HDEL', jk, 'worker')
     redis.call('ZADD', k('q', q, 'dead'), now, id)
+    redis.call('ZADD', k('q', q, 'dt', t), now, id)
     stat(q, t, 'dead', 1)
   elseif state == 'delayed' then
     redis.call('HDEL', jk, 'worker')
