@@ -738,3 +738,124 @@ async fn handler_output_errors_and_cancel() {
     );
     assert!(!r.permanent);
 }
+
+// ---- text from task programs and handlers is stored clean ----
+
+/// What a careless or hostile program may write: a NUL byte, invalid UTF-8
+/// and a terminal escape sequence, between readable words.
+const DIRTY: &str = r"before\x00mid\xff\xfe \x1b[31mred\x1b[0m after";
+
+/// A Python task program that writes [`DIRTY`] to stdout and stderr, then
+/// exits with `code`.
+fn dirty_program(code: i32) -> String {
+    format!(
+        "#!/usr/bin/python3\nimport sys\nd = b\"{DIRTY}\\n\"\nsys.stdout.buffer.write(d)\nsys.stderr.buffer.write(d)\nsys.exit({code})\n"
+    )
+}
+
+/// Panics unless `e` is storable text: no NUL, no escape, no control
+/// character but newline and tab, at most [`ERROR_MAX`] bytes.
+fn assert_clean(e: &str) {
+    assert!(!e.contains('\0'), "NUL in {e:?}");
+    assert!(!e.contains('\x1b'), "escape in {e:?}");
+    assert!(
+        e.chars().all(|c| c == '\n' || c == '\t' || !c.is_control()),
+        "control character in {e:?}"
+    );
+    assert!(e.len() <= ERROR_MAX, "{} bytes", e.len());
+}
+
+#[tokio::test]
+async fn dirty_stderr_becomes_clean_error_text() {
+    let script = dirty_program(1);
+    let r = run_adhoc(
+        "command = [\"./run\"]",
+        Some(&script),
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    assert_eq!(r.exit_code, Some(1));
+    let e = r.error.unwrap();
+    assert_clean(&e);
+    assert!(e.starts_with("task program exited with code 1\n"), "{e:?}");
+    for part in ["before", "mid", "[31mred", "after"] {
+        assert!(e.contains(part), "{part:?} missing from {e:?}");
+    }
+}
+
+#[tokio::test]
+async fn dirty_result_line_becomes_clean_error_text() {
+    let script = dirty_program(0);
+    let r = run_adhoc(
+        "command = [\"./run\"]",
+        Some(&script),
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    assert_eq!(r.exit_code, Some(0));
+    let e = r.error.unwrap();
+    assert_clean(&e);
+    let summary = e.lines().next().unwrap();
+    assert!(
+        summary.starts_with("task program printed a result that is not a JSON object: before"),
+        "{e:?}"
+    );
+    for part in ["mid", "[31mred", "after"] {
+        assert!(summary.contains(part), "{part:?} missing from {summary:?}");
+    }
+}
+
+#[tokio::test]
+async fn dirty_handler_errors_become_clean_error_text() {
+    let lim = limits(Duration::from_secs(5), None);
+    let dirty = "bad\0input \u{1b}[2J\u{7} here\r\n";
+    let h = handler_fn(move |_i| async move { Err(HandlerError::permanent(dirty)) });
+    let r = run_handler(
+        &*h,
+        input("dirty", json!({})),
+        &lim,
+        CancellationToken::new(),
+    )
+    .await;
+    let e = r.error.unwrap();
+    assert_clean(&e);
+    assert!(
+        e.starts_with("bad") && e.contains("input") && e.contains("here"),
+        "{e:?}"
+    );
+    assert!(r.permanent);
+
+    let huge = handler_fn(|_i| async { Err(HandlerError::retryable("x\0".repeat(1 << 20))) });
+    let r = run_handler(
+        &*huge,
+        input("huge", json!({})),
+        &lim,
+        CancellationToken::new(),
+    )
+    .await;
+    assert_clean(&r.error.unwrap());
+
+    let panics = handler_fn(|_i| async {
+        if true {
+            panic!("boom\0\u{1b}[31m red");
+        }
+        Ok(HandlerOutput::default())
+    });
+    let r = run_handler(
+        &*panics,
+        input("panics", json!({})),
+        &lim,
+        CancellationToken::new(),
+    )
+    .await;
+    let e = r.error.unwrap();
+    assert_clean(&e);
+    assert!(
+        e.starts_with("handler panicked: boom") && e.ends_with("red"),
+        "{e:?}"
+    );
+}

@@ -33,6 +33,9 @@ pub use sandbox::{Sandbox, SandboxConfig, TaskUser};
 /// Exit code that means "permanent failure, never retry" (EX_DATAERR).
 pub const EXIT_PERMANENT: i32 = 65;
 
+/// At most this many bytes of [`Report::error`] (summary and stderr tail).
+pub const ERROR_MAX: usize = 4 << 10;
+
 /// Default time between SIGTERM and SIGKILL when a limit is hit.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -182,13 +185,15 @@ pub struct Report {
     /// The `usage` key of the result line, as reported (missing keys = 0).
     pub usage: TaskUsage,
     /// For anything but success: a one-line summary, then possibly a
-    /// bounded tail of the program's stderr on the following lines.
+    /// bounded tail of the program's stderr on the following lines. Always
+    /// clean text (see [`clean_error`]).
     pub error: Option<String>,
 }
 
 impl Report {
     /// A failed report for failures before or without a process (unknown
-    /// kind, bad input, ...). All measurements are zero.
+    /// kind, bad input, ...). All measurements are zero. `msg` is stored
+    /// through [`clean_error`], so it may be any text (a handler's message).
     pub fn failed(msg: impl Into<String>, permanent: bool) -> Report {
         Report {
             outcome: Outcome::Failed,
@@ -201,7 +206,7 @@ impl Report {
             peak_rss_bytes: 0,
             output: None,
             usage: TaskUsage::default(),
-            error: Some(msg.into()),
+            error: Some(clean_error(&msg.into())),
         }
     }
 
@@ -216,6 +221,15 @@ impl Report {
             .as_deref()
             .map(|e| e.lines().next().unwrap_or(""))
     }
+}
+
+/// `text` made fit for [`Report::error`]: valid UTF-8 without NUL or control
+/// characters other than newline and tab, at most [`ERROR_MAX`] bytes (the
+/// start is kept: the summary comes first). Errors are stored in Redis and
+/// PostgreSQL (whose `text` refuses NUL) and shown on terminals, and they
+/// quote task output and handler messages, which may be any bytes.
+pub fn clean_error(text: &str) -> String {
+    crate::text::clean(text, ERROR_MAX)
 }
 
 /// Error text used when an attempt is stopped because the worker shuts down.

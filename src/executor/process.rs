@@ -37,7 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::cgroup::{Attempt, CgroupLimits, CgroupStats, join_self};
 use super::sandbox::{self, Sandbox};
-use super::{EXIT_PERMANENT, INTERRUPTED, Limits, Manifest, Outcome, Report, TaskInput, TaskUsage};
+use super::{
+    EXIT_PERMANENT, INTERRUPTED, Limits, Manifest, Outcome, Report, TaskInput, TaskUsage,
+    clean_error,
+};
 use crate::units::{format_duration, format_size};
 
 /// At most this much of stdout is kept (the tail); the result is its last
@@ -47,6 +50,8 @@ pub const STDOUT_KEEP: usize = 1 << 20;
 pub const STDERR_KEEP: usize = 4 << 10;
 /// At most this much of the stderr tail goes into [`Report::error`].
 pub const ERROR_TAIL: usize = 2 << 10;
+/// At most this many characters of a garbage result line are quoted.
+const SHOWN_CHARS: usize = 200;
 /// How long to keep reading stdout/stderr after the process group was
 /// killed. Only matters when a descendant escaped the group (setsid) and
 /// still holds the pipes open.
@@ -523,7 +528,8 @@ fn classify(f: Finished<'_>) -> Report {
         peak_rss_bytes: peak,
         output,
         usage,
-        error,
+        // Already clean piece by piece; this pass also bounds the whole.
+        error: error.as_deref().map(clean_error),
     }
 }
 
@@ -659,8 +665,12 @@ fn parse_result(stdout: &[u8]) -> Result<(Option<serde_json::Value>, TaskUsage),
         return Ok((None, TaskUsage::default()));
     };
     let garbage = || {
-        let shown: String = line.chars().take(200).collect();
-        format!("task program printed a result that is not a JSON object: {shown}")
+        let shown: String = line.chars().take(SHOWN_CHARS).collect();
+        // A character takes at most 4 bytes, cleaned too (U+FFFD takes 3).
+        format!(
+            "task program printed a result that is not a JSON object: {}",
+            crate::text::clean(&shown, 4 * SHOWN_CHARS)
+        )
     };
     let PlainJson(value) = serde_json::from_str(line).map_err(|_| garbage())?;
     let serde_json::Value::Object(mut obj) = value else {
@@ -700,11 +710,11 @@ fn parse_result(stdout: &[u8]) -> Result<(Option<serde_json::Value>, TaskUsage),
     Ok((output, usage))
 }
 
-/// The last `max` bytes of `bytes` as trimmed text (lossy UTF-8).
+/// The end of `bytes` (task output) as trimmed, clean text of at most `max`
+/// bytes: invalid UTF-8 and control characters (but newline and tab) become
+/// U+FFFD (see [`crate::text::clean_tail`]).
 fn tail_text(bytes: &[u8], max: usize) -> String {
-    let start = bytes.len().saturating_sub(max);
-    let text = String::from_utf8_lossy(&bytes[start..]);
-    text.trim().to_string()
+    crate::text::clean_tail(bytes, max).trim().to_string()
 }
 
 /// The job as one JSON line: `{"id","tenant","queue","kind","attempt","payload"}`.
@@ -1190,6 +1200,9 @@ mod tests {
                 TaskUsage::default()
             )
         );
+        // Quoted garbage is clean text: no NUL, escape or invalid UTF-8.
+        let e = parse_result(b"x\0y\x1b[2J\xff z").unwrap_err();
+        assert!(e.ends_with(": x\u{FFFD}y\u{FFFD}[2J\u{FFFD} z"), "{e:?}");
         let e = parse_result(b"hello").unwrap_err();
         assert_eq!(
             e,
@@ -1202,6 +1215,7 @@ mod tests {
         fn task_output_never_panics(stdout in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
             if let Err(e) = parse_task_output(&stdout) {
                 proptest::prop_assert!(!e.contains('\n'), "{e:?}");
+                proptest::prop_assert!(crate::text::is_clean(&e, usize::MAX), "{e:?}");
             }
         }
 
