@@ -27,7 +27,7 @@ pub mod sandbox;
 
 pub use handler::{Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler};
 pub use manifest::{Manifest, ManifestError, Registry, parse_manifest};
-pub use process::{is_memory_exceeded, parse_task_output, run_process, run_process_in};
+pub use process::{is_memory_exceeded, parse_task_output, run_process, run_process_in, task_peak};
 pub use sandbox::{Sandbox, SandboxConfig, TaskUser};
 
 /// Exit code that means "permanent failure, never retry" (EX_DATAERR).
@@ -177,8 +177,12 @@ pub struct Report {
     pub cpu_user_ms: u64,
     /// System CPU time of the process and its reaped descendants.
     pub cpu_sys_ms: u64,
-    /// Peak resident set size (largest of the process and its reaped
-    /// descendants), in bytes.
+    /// Peak memory of the task, in bytes. Cgroup mode: the attempt's
+    /// cgroup peak (all its processes together). Rlimit mode: the peak RSS
+    /// of the process or of one of its reaped descendants, when it rose
+    /// above the worker's own RSS at spawn; 0 when it did not, since `wait4`
+    /// then reports the worker's memory, not the task's (see
+    /// [`process::task_peak`]). 0 also for in-process handlers.
     pub peak_rss_bytes: u64,
     /// The `output` key of the result line.
     pub output: Option<serde_json::Value>,

@@ -270,7 +270,7 @@ impl Sandbox {
                 self.pids_max,
             ),
             (None, why) => format!(
-                "task containment: rlimits (memory cap is RLIMIT_DATA per process, no process cap{}, descendants that leave the process group can outlive the attempt, peak RSS has the worker's RSS as a floor) because cgroups are not used: {}; {user}",
+                "task containment: rlimits (memory cap is RLIMIT_DATA per process, no process cap{}, descendants that leave the process group can outlive the attempt, peak RSS only known when it rises above the worker's own RSS, else reported as 0) because cgroups are not used: {}; {user}",
                 if self.user.is_some() {
                     " beyond RLIMIT_NPROC per uid"
                 } else {
