@@ -8,10 +8,13 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use agentq::executor::cgroup::Cgroups;
+use agentq::executor::owner::Owner;
 use agentq::executor::sandbox::Mode;
 use agentq::executor::*;
 use common::*;
@@ -80,6 +83,15 @@ impl TestSandbox {
 impl Drop for TestSandbox {
     fn drop(&mut self) {
         remove_cgroup_parent(&self.parent);
+    }
+}
+
+/// Removes its cgroup parent (see [`remove_cgroup_parent`]) when dropped.
+struct CgroupParent(String);
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        remove_cgroup_parent(&self.0);
     }
 }
 
@@ -580,4 +592,115 @@ async fn hostile_jobs_get_their_own_outcomes_and_the_rest_goes_on() {
 fn set_mode(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A pid above the kernel's maximum: no process here has it.
+fn no_such_pid() -> u32 {
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("pid_max")
+        .trim()
+        .parse()
+        .expect("pid_max is a number");
+    max + 1
+}
+
+/// Makes `<parent dir>/<worker>/<attempt>` in each of `cg`'s hierarchies,
+/// as a worker named `worker` would for its attempt `attempt`, and starts a
+/// `sleep 30` in it. The sleep is killed when the returned guard drops.
+fn attempt_with_a_process(cg: &Cgroups, worker: &str, attempt: &str) -> (Vec<PathBuf>, Proc) {
+    let dirs: Vec<PathBuf> = cg
+        .worker_dirs()
+        .iter()
+        .map(|w| w.parent().expect("parent dir").join(worker).join(attempt))
+        .collect();
+    let sleep = Proc(
+        Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep"),
+    );
+    for d in &dirs {
+        std::fs::create_dir_all(d).expect("mkdir attempt cgroup");
+        std::fs::write(d.join("cgroup.procs"), sleep.id().to_string()).expect("join cgroup");
+    }
+    (dirs, sleep)
+}
+
+/// Workers in other pid namespaces (containers) may share the cgroup tree:
+/// their pids mean nothing here, so the sweep must leave their attempts and
+/// processes alone, and still sweep those of dead workers of its own.
+#[tokio::test]
+async fn sweep_leaves_attempts_of_other_pid_namespaces_alone() {
+    let parent = format!("agentq-test-ns-{:08x}", rand::random::<u32>());
+    // Dropped after the processes below: removes the test's cgroups even
+    // when an assertion fails.
+    let _cleanup = CgroupParent(parent.clone());
+    let cg = Cgroups::open(&parent, "w").unwrap_or_else(|e| {
+        panic!(
+            "this test needs writable cgroups (memory and pids) and they are not usable here: {e}"
+        )
+    });
+    let me = Owner::me();
+    let foreign = Owner {
+        pid_ns: me.pid_ns + 1,
+        pid: no_such_pid(),
+        start: 12345,
+    };
+    let dead_here = Owner {
+        pid: no_such_pid(),
+        ..me
+    };
+    let (foreign_dirs, mut foreign_sleep) =
+        attempt_with_a_process(&cg, "in-a-container", &format!("{foreign}.0"));
+    let (dead_dirs, mut dead_sleep) =
+        attempt_with_a_process(&cg, "dead-here", &format!("{dead_here}.0"));
+    // The older name without a namespace is read as ours, as it was.
+    let (old_dirs, mut old_sleep) =
+        attempt_with_a_process(&cg, "dead-old", &format!("{}.1.0", no_such_pid()));
+
+    cg.sweep_stale();
+
+    for d in &foreign_dirs {
+        assert!(
+            d.is_dir(),
+            "{} of a live foreign worker was swept",
+            d.display()
+        );
+    }
+    assert!(
+        matches!(foreign_sleep.try_wait(), Ok(None)),
+        "the sweep killed a process of a worker in another pid namespace"
+    );
+    for (dirs, sleep, what) in [
+        (
+            &dead_dirs,
+            &mut dead_sleep,
+            "a dead worker of this namespace",
+        ),
+        (
+            &old_dirs,
+            &mut old_sleep,
+            "a dead worker (name without namespace)",
+        ),
+    ] {
+        for d in dirs {
+            assert!(!d.exists(), "{} of {what} was not swept", d.display());
+        }
+        assert!(
+            sleep.wait().expect("wait").signal() == Some(libc::SIGKILL),
+            "the process of {what} was killed"
+        );
+    }
+    foreign_sleep.kill().expect("kill");
+    foreign_sleep.wait().expect("reap");
+    let parents: Vec<PathBuf> = cg
+        .worker_dirs()
+        .iter()
+        .map(|w| w.parent().expect("parent dir").to_path_buf())
+        .collect();
+    drop(cg);
+    remove_cgroup_parent(&parent);
+    for p in parents {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
 }

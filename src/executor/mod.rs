@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub mod cgroup;
 pub mod handler;
 pub mod manifest;
+pub mod owner;
 pub mod process;
 pub mod sandbox;
 
