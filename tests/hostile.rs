@@ -704,3 +704,119 @@ async fn sweep_leaves_attempts_of_other_pid_namespaces_alone() {
         assert!(!p.exists(), "{} left behind", p.display());
     }
 }
+
+/// `agentq-task-*` working directories under `tmp`, directly or one level
+/// down (inside a worker's directory).
+fn task_dirs(tmp: &Path) -> Vec<PathBuf> {
+    let list = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && !p.is_symlink())
+            .collect()
+    };
+    let named = |p: &PathBuf, prefix: &str| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(prefix))
+    };
+    let top = list(tmp);
+    let mut out: Vec<PathBuf> = top
+        .iter()
+        .filter(|p| named(p, "agentq-task-"))
+        .cloned()
+        .collect();
+    for d in top.iter().filter(|p| !named(p, "agentq-task-")) {
+        out.extend(list(d).into_iter().filter(|p| named(p, "agentq-task-")));
+    }
+    out
+}
+
+/// A worker SIGKILLed mid-attempt cannot remove the attempt's working
+/// directory; the next worker started on the same temp directory does, at
+/// startup, without cgroups too, and keeps its own.
+#[tokio::test]
+async fn working_directories_of_a_killed_worker_are_swept_at_startup() {
+    let tq = TestQueue::new("workdir-sweep").await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let how = WorkerProc {
+        env: vec![("TMPDIR".into(), tmp.path().display().to_string())],
+        ..Default::default()
+    };
+    let args = [
+        "--cgroup-parent",
+        "off",
+        "--lease",
+        "2s",
+        "--shutdown-grace",
+        "1s",
+    ];
+    let mut first = Proc(tq.spawn_worker_with(&args, &how));
+    let spec =
+        agentq::queue::job::JobSpec::new("t", "default", "sleep").payload(&json!({"ms": 600_000}));
+    tq.queue.enqueue(&spec).await.expect("enqueue");
+    let leaked = eventually(
+        Duration::from_secs(30),
+        "the attempt's working directory",
+        || async { task_dirs(tmp.path()).pop() },
+    )
+    .await;
+    first.kill().expect("SIGKILL worker");
+    first.wait().expect("reap worker");
+    assert!(
+        leaked.is_dir(),
+        "{} is gone without a sweep; the leak this test covers is gone",
+        leaked.display()
+    );
+
+    let mut second = Proc(tq.spawn_worker_with(&args, &how));
+    eventually(
+        Duration::from_secs(30),
+        &format!("{} removed by the next worker", leaked.display()),
+        || async { (!leaked.exists()).then_some(()) },
+    )
+    .await;
+    let dead = leaked.parent().expect("parent").to_path_buf();
+    assert_ne!(
+        dead,
+        tmp.path(),
+        "attempt directories are grouped per worker"
+    );
+    assert!(!dead.exists(), "{} left behind", dead.display());
+    // The second worker runs the job again once the lease expired, in a
+    // directory of its own named after its owner identity, which stays.
+    let me = Owner::of(second.id()).expect("second worker's identity");
+    let own = tmp.path().join(format!("agentq-w-{me}"));
+    let running = eventually(
+        Duration::from_secs(60),
+        "the job running again in the second worker's directory",
+        || async { task_dirs(tmp.path()).pop() },
+    )
+    .await;
+    assert_eq!(running.parent(), Some(own.as_path()));
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("list tmp")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names, vec![own.file_name().expect("name").to_owned()]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&own).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o711, "reachable by task users, not listable");
+
+    // A clean stop removes the worker's directory.
+    sigterm(&second);
+    assert_eq!(
+        exit_code(&mut second, Duration::from_secs(30)).await,
+        Some(0)
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("list tmp")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left in the temp directory: {left:?}");
+    tq.cleanup().await;
+}

@@ -25,6 +25,7 @@ pub mod manifest;
 pub mod owner;
 pub mod process;
 pub mod sandbox;
+pub mod workdir;
 
 pub use handler::{Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler};
 pub use manifest::{Manifest, ManifestError, Registry, parse_manifest};

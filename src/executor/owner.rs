@@ -1,8 +1,8 @@
 //! Which worker process made a leftover, and whether it is gone.
 //!
 //! A worker leaves things behind when it is killed: attempt cgroups
-//! ([`super::cgroup`]) and the working directories of its attempts. Their
-//! names carry the worker's identity, its
+//! ([`super::cgroup`]) and the working directories of its attempts
+//! ([`super::workdir`]). Their names carry the worker's identity, its
 //! [`Owner`] tag `<pid namespace>.<pid>.<start time>`, so the next worker to
 //! start can remove what belongs to workers that no longer run.
 //!
@@ -43,6 +43,16 @@ impl Owner {
                 pid,
                 start: start_time(pid).unwrap_or(0),
             }
+        })
+    }
+
+    /// The running process `pid` (as seen from here), if it exists.
+    pub fn of(pid: u32) -> Option<Owner> {
+        let ns = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
+        Some(Owner {
+            pid_ns: ns.ino(),
+            pid,
+            start: start_time(pid)?,
         })
     }
 
@@ -130,6 +140,8 @@ mod tests {
         assert_eq!(me.pid, std::process::id());
         assert_ne!(me.start, 0);
         assert!(!me.is_gone());
+        assert_eq!(Owner::of(me.pid), Some(me));
+        assert_eq!(Owner::of(no_such_pid()), None);
     }
 
     #[test]

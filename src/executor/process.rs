@@ -1,7 +1,8 @@
 //! One task attempt as its own process (Linux).
 //!
 //! Lifecycle of [`run_process`]:
-//! 1. Resolve the program, create a fresh temporary working directory.
+//! 1. Resolve the program, create a fresh working directory (in the
+//!    worker's directory of them, see [`super::workdir`]).
 //! 2. Spawn with `std::process::Command`: clean environment (only the
 //!    manifest's `env` names), its own process group, stdin/stdout/stderr
 //!    piped, and a `pre_exec` hook that sets the memory cap (`RLIMIT_DATA`)
@@ -194,14 +195,8 @@ pub async fn run_process_in(
         Err(e) => return Report::failed(e, true),
     };
     let stdin_bytes = encode_input(input);
-    // 0700: the directory of one attempt is nobody else's business (the
-    // default follows the umask and is usually listable by everyone).
-    let private = std::os::unix::fs::PermissionsExt::from_mode(0o700);
-    let workdir = match tempfile::Builder::new()
-        .prefix("agentq-task-")
-        .permissions(private)
-        .tempdir()
-    {
+    // 0700, inside the worker's own directory (swept if the worker dies).
+    let workdir = match sb.workdirs().create() {
         Ok(d) => d,
         Err(e) => {
             return Report::failed(
