@@ -467,7 +467,7 @@ async fn stale_attempts_of_a_killed_worker_are_swept_at_startup() {
         "--shutdown-grace",
         "1s",
     ];
-    let mut first = tq.spawn_worker(&args);
+    let mut first = Proc(tq.spawn_worker(&args));
     let mut spec = agentq::queue::job::JobSpec::new("evil", "default", "escape");
     spec.payload = json!({"note": note, "wait": true}).to_string();
     tq.queue.enqueue(&spec).await.expect("enqueue");
@@ -485,7 +485,7 @@ async fn stale_attempts_of_a_killed_worker_are_swept_at_startup() {
             "{pid} died with the worker; the gap this test covers is gone"
         );
     }
-    let mut second = tq.spawn_worker(&args);
+    let mut second = Proc(tq.spawn_worker(&args));
     let cgroups = Path::new("/sys/fs/cgroup/memory").exists();
     for pid in &escaped {
         if cgroups {
@@ -520,25 +520,30 @@ async fn hostile_jobs_get_their_own_outcomes_and_the_rest_goes_on() {
         std::os::unix::fs::symlink(hostile_dir().join(k), dir.path().join(k)).unwrap();
     }
     std::os::unix::fs::symlink(workers_dir().join("echo"), dir.path().join("echo")).unwrap();
-    let url = format!("{}?options[search_path]={}", database_url(), db.schema);
-    let mut worker = Command::new(bin())
-        .args(["worker", "--metrics-addr", "off", "--concurrency", "4"])
-        .args(["--workers-dir", &dir.path().display().to_string()])
-        .args([
+    let workers = dir.path().display().to_string();
+    let how = WorkerProc {
+        database_url: Some(db.url()),
+        ..Default::default()
+    };
+    let mut worker = Proc(tq.spawn_worker_with(
+        &[
+            "--concurrency",
+            "4",
+            "--workers-dir",
+            &workers,
             "--cgroup-parent",
             &parent,
             "--task-pids-max",
             "32",
             "--kill-grace",
             "500ms",
-        ])
-        .args(["--task-user", "nobody", "--backoff-base", "50ms"])
-        .env("AGENTQ_REDIS_URL", tq.queue.config().redis_url.clone())
-        .env("AGENTQ_NAMESPACE", &tq.ns)
-        .env("AGENTQ_DATABASE_URL", &url)
-        .env("AGENTQ_LOG", "agentq=warn")
-        .spawn()
-        .expect("spawn worker");
+            "--task-user",
+            "nobody",
+            "--backoff-base",
+            "50ms",
+        ],
+        &how,
+    ));
     let hostile = [
         ("forkbomb", json!({}), "timed_out", "process cap"),
         ("bigout", json!({"mib": 32}), "succeeded", ""),
@@ -614,8 +619,7 @@ fn attempt_with_a_process(cg: &Cgroups, worker: &str, attempt: &str) -> (Vec<Pat
         .map(|w| w.parent().expect("parent dir").join(worker).join(attempt))
         .collect();
     let sleep = Proc(
-        Command::new("sleep")
-            .arg("30")
+        die_with_test(Command::new("sleep").arg("30"))
             .spawn()
             .expect("spawn sleep"),
     );
@@ -742,7 +746,7 @@ async fn working_directories_of_a_killed_worker_are_swept_at_startup() {
     let tq = TestQueue::new("workdir-sweep").await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let how = WorkerProc {
-        env: vec![("TMPDIR".into(), tmp.path().display().to_string())],
+        tmpdir: Some(tmp.path().to_path_buf()),
         ..Default::default()
     };
     let args = [
@@ -818,5 +822,32 @@ async fn working_directories_of_a_killed_worker_are_swept_at_startup() {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "left in the temp directory: {left:?}");
+    tq.cleanup().await;
+}
+
+/// The test harness: an agentq process dies with the thread that spawned
+/// it (`common::die_with_test`), so a test that fails, or a test process
+/// that is aborted, leaves no worker running.
+#[tokio::test]
+async fn harness_workers_die_with_the_thread_that_spawned_them() {
+    let tq = TestQueue::new("harness-deathsig").await;
+    let spawner = TestQueue {
+        queue: tq.queue.clone(),
+        ns: tq.ns.clone(),
+    };
+    let worker = std::thread::spawn(move || spawner.spawn_worker(&["--cgroup-parent", "off"]))
+        .join()
+        .expect("spawning thread");
+    let mut worker = Proc(worker);
+    let status = eventually(
+        Duration::from_secs(30),
+        "the worker dies with the thread that spawned it",
+        || {
+            let s = worker.try_wait().expect("try_wait");
+            async move { s }
+        },
+    )
+    .await;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
     tq.cleanup().await;
 }

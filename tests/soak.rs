@@ -535,7 +535,7 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
     // agentq serve and three workers.
     let port = agentq::servers::free_port().expect("port");
     let serve = Proc(
-        std::process::Command::new(common::bin())
+        common::agentq()
             .args([
                 "serve",
                 "--listen",

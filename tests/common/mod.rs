@@ -1,8 +1,14 @@
 //! Shared test support: a private namespace on the real Redis per test,
 //! worker processes, and polling with generous deadlines (never timing).
+//!
+//! Every `agentq` process started here dies with the test: it is spawned
+//! with [`die_with_test`] (SIGKILL when the spawning thread exits, even if
+//! the test process is aborted), and tests hold it in a [`Proc`] (SIGKILL
+//! and reap when dropped, also while a failing test unwinds).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,6 +37,43 @@ pub fn workers_dir() -> PathBuf {
 /// The agentq binary built for these tests.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_agentq")
+}
+
+/// Makes the process `cmd` starts get SIGKILL when the thread that spawns
+/// it exits (`PR_SET_PDEATHSIG`), so a test that fails, or a test process
+/// that is aborted or killed, takes its agentq processes along (one was
+/// found alive 27 minutes after a failed run, its binary already deleted).
+///
+/// The signal fires when the spawning *thread* exits, not the process. So
+/// spawn from the test's own thread (a `#[tokio::test]` body, or tasks of a
+/// current-thread runtime) or from tasks of the test's multi-thread runtime
+/// (its worker threads live as long as the test); never from
+/// `spawn_blocking`, `block_in_place` or a short-lived `std::thread`, whose
+/// exit would kill the child in the middle of the test.
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    // SAFETY: plain syscall, before the fork.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the hook only makes async-signal-safe calls (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The test process died before prctl: no signal will come.
+            if libc::getppid() != parent {
+                libc::_exit(137);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `agentq` (the binary under test) that dies with the test (see
+/// [`die_with_test`]); hold what it spawns in a [`Proc`].
+pub fn agentq() -> Command {
+    let mut cmd = Command::new(bin());
+    die_with_test(&mut cmd);
+    cmd
 }
 
 /// A test's own queue namespace; `cleanup` deletes it.
@@ -83,9 +126,10 @@ impl TestQueue {
             .expect("hgetall")
     }
 
-    /// A worker process on this namespace; `args` are extra flags.
+    /// A worker process on this namespace; `args` are extra flags. It dies
+    /// with the spawning thread ([`die_with_test`]); hold it in a [`Proc`].
     pub fn spawn_worker(&self, args: &[&str]) -> Child {
-        Command::new(bin())
+        agentq()
             .arg("worker")
             .arg("--no-ledger") // these tests read the outbox; ledger tests give their own schema
             .args(if args.contains(&"--metrics-addr") {
@@ -106,7 +150,7 @@ impl TestQueue {
 
     /// Run the CLI on this namespace; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(bin())
+        let out = agentq()
             .args(args)
             .env("AGENTQ_REDIS_URL", self.queue.config().redis_url.clone())
             .env("AGENTQ_NAMESPACE", &self.ns)
@@ -300,13 +344,19 @@ pub struct WorkerProc {
     pub capture_stderr: bool,
     /// `AGENTQ_LOG` (default `agentq=warn`).
     pub log: Option<String>,
+    /// `TMPDIR`: where the worker makes attempt working directories.
+    pub tmpdir: Option<PathBuf>,
 }
 
 impl TestQueue {
-    /// A worker process on this namespace, started as `how` says.
+    /// A worker process on this namespace, started as `how` says. It dies
+    /// with the spawning thread ([`die_with_test`]); hold it in a [`Proc`].
     pub fn spawn_worker_with(&self, args: &[&str], how: &WorkerProc) -> Child {
-        let mut cmd = Command::new(bin());
+        let mut cmd = agentq();
         cmd.arg("worker");
+        if let Some(dir) = &how.tmpdir {
+            cmd.env("TMPDIR", dir);
+        }
         match &how.database_url {
             Some(url) => cmd.env("AGENTQ_DATABASE_URL", url),
             None => cmd.arg("--no-ledger"),
