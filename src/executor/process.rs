@@ -23,8 +23,8 @@
 //! `ru_maxrss`, which on Linux also holds the RSS the forked child had
 //! before `exec`: a copy of the worker's own anonymous memory (exec folds
 //! the old image's high-water mark into the process's). So a `ru_maxrss` no
-//! higher than that says nothing about the task; only a peak above it (by
-//! [`fork_margin`]) is the task's own. Below that the task's peak is
+//! higher than that says nothing about the task; only a peak above it (by a
+//! margin) is the task's own. Below that the task's peak is
 //! unknown: it is reported as 0 and not used to classify memory failures
 //! (stderr markers still are). See [`task_peak`].
 //!
@@ -111,9 +111,10 @@ pub fn is_memory_exceeded(
 
 /// The task's own peak RSS from `wait4`'s `ru_maxrss` (bytes), given the
 /// worker's resident anonymous memory around the spawn (what the forked
-/// child copied): `ru_maxrss` when it rose above that by [`fork_margin`],
-/// else 0 (unknown: the task stayed under the copy of the worker that it
-/// started as, and the two cannot be told apart).
+/// child copied): `ru_maxrss` when it rose above that by a margin (1 MiB or
+/// an eighth of the worker's, whichever is larger), else 0 (unknown: the
+/// task stayed under the copy of the worker that it started as, and the two
+/// cannot be told apart).
 pub fn task_peak(ru_maxrss: u64, worker_rss: u64) -> u64 {
     if ru_maxrss > worker_rss.saturating_add(fork_margin(worker_rss)) {
         ru_maxrss

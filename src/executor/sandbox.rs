@@ -309,6 +309,10 @@ impl Sandbox {
                 why.as_deref().unwrap_or("unknown"),
             ),
         };
+        s.push_str(&format!(
+            "; working directories in {}",
+            self.workdirs.root().display()
+        ));
         for p in &self.problems {
             s.push_str("; ");
             s.push_str(p);
