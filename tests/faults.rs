@@ -4,7 +4,9 @@
 //!
 //! Each test starts what it needs (private servers on free ports where it
 //! must stop them), works in its own namespace and schema, and cleans up, so
-//! the tests run in parallel. Deadlines are generous; nothing here measures
+//! the tests run in parallel. Workers run with a private `TMPDIR`
+//! ([`WorkerTmp`]); each test ends by checking that no working directory is
+//! left, after the startup sweep of a fresh worker where it killed some. Deadlines are generous; nothing here measures
 //! speed. `cargo test --test faults -- --nocapture` prints the figures.
 
 mod common;
@@ -18,7 +20,8 @@ use agentq::queue::inspect::queue_stats;
 use agentq::queue::{JobSpec, QueueError};
 use agentq::servers::{PrivatePostgres, PrivateRedis};
 use common::{
-    LedgerRow, Proc, TestDb, TestQueue, WorkerProc, drained, eventually, ledger_rows, sigterm,
+    LedgerRow, Proc, TestDb, TestQueue, WorkerProc, WorkerTmp, drained, eventually, ledger_rows,
+    sigterm,
 };
 use fred::prelude::*;
 use serde_json::json;
@@ -266,8 +269,10 @@ async fn worker_crashes_lose_no_job_and_keep_every_cap() {
         "--kill-grace",
         "200ms",
     ];
+    let tmp = WorkerTmp::new();
     let how = WorkerProc {
         database_url: Some(db.url()),
+        tmpdir: Some(tmp.path().to_path_buf()),
         ..Default::default()
     };
     let fleet = Fleet::start(&tq, 3, &args, &how);
@@ -318,6 +323,7 @@ async fn worker_crashes_lose_no_job_and_keep_every_cap() {
         rows.len(),
         fleet.kills()
     );
+    tmp.sweep_and_assert_clean(&tq).await;
     db.cleanup().await;
     tq.cleanup().await;
 }
@@ -371,7 +377,12 @@ async fn redis_killed_mid_run_loses_no_acknowledged_enqueue() {
         "--backoff-base",
         "50ms",
     ];
-    let fleet = Fleet::start(&tq, 2, &args, &WorkerProc::default());
+    let tmp = WorkerTmp::new();
+    let how = WorkerProc {
+        tmpdir: Some(tmp.path().to_path_buf()),
+        ..Default::default()
+    };
+    let fleet = Fleet::start(&tq, 2, &args, &how);
     let stop = CancellationToken::new();
     let producer = {
         let (tq2, stop) = (
@@ -413,6 +424,7 @@ async fn redis_killed_mid_run_loses_no_acknowledged_enqueue() {
         acked.len()
     );
     fleet.kill_all();
+    tmp.sweep_and_assert_clean(&tq).await;
     tq.cleanup().await;
 }
 
@@ -539,8 +551,15 @@ async fn redis_full_refuses_enqueue_clearly_and_harms_nothing_queued() {
         })
         .collect();
     let ids = enqueue_all(&tq, &specs).await;
-    let mut worker =
-        Proc(tq.spawn_worker(&["--queues", "q", "--concurrency", "4", "--lease", "1s"]));
+    let tmp = WorkerTmp::new();
+    let how = WorkerProc {
+        tmpdir: Some(tmp.path().to_path_buf()),
+        ..Default::default()
+    };
+    let mut worker = Proc(tq.spawn_worker_with(
+        &["--queues", "q", "--concurrency", "4", "--lease", "1s"],
+        &how,
+    ));
     let seq_key = tq.queue.keys(0).key(&["seq"]);
     let seq_before: Option<String> = tq.queue.client().get(&seq_key).await.expect("seq");
     let filler = fill_redis(&tq).await;
@@ -593,6 +612,7 @@ async fn redis_full_refuses_enqueue_clearly_and_harms_nothing_queued() {
     let (status, body) = post_json(port, "/v1/jobs", &key, r#"{"queue":"q","kind":"echo"}"#).await;
     assert_eq!(status, 201, "{body}");
     drop(worker);
+    tmp.sweep_and_assert_clean(&tq).await;
     api_stop.cancel();
     db.cleanup().await;
     tq.cleanup().await;
@@ -629,8 +649,10 @@ async fn postgres_outage_while_workers_are_killed_lands_every_row_once() {
         "--backoff-base",
         "50ms",
     ];
+    let tmp = WorkerTmp::new();
     let how = WorkerProc {
         database_url: Some(pg.url()),
+        tmpdir: Some(tmp.path().to_path_buf()),
         ..Default::default()
     };
     let fleet = Fleet::start(&tq, 3, &args, &how);
@@ -676,6 +698,7 @@ async fn postgres_outage_while_workers_are_killed_lands_every_row_once() {
         ids.len(),
         fleet.kills()
     );
+    tmp.sweep_and_assert_clean(&tq).await;
     reader.close().await;
     tq.cleanup().await;
     tokio::task::block_in_place(|| pg.stop());
@@ -728,11 +751,13 @@ async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
     let lease_ms = 2000;
     let mut tails = Vec::new();
     let mut workers = Vec::new();
+    let tmp = WorkerTmp::new();
     for (id, offset) in [("clock-plus", "+1h"), ("clock-minus", "-1h")] {
         let how = WorkerProc {
             env: common::skewed_clock_env(offset),
             capture_stderr: true,
             log: Some("agentq=info".into()),
+            tmpdir: Some(tmp.path().to_path_buf()),
             ..Default::default()
         };
         let args = [
@@ -807,14 +832,21 @@ async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
         sigterm(&w);
         assert_eq!(common::exit_code(&mut w, PATIENCE).await, Some(0));
     }
+    // Stopped cleanly, the workers removed their working directories.
+    tmp.assert_clean();
     tq.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------
 // Graceful drain: SIGTERM during a busy run.
 
-fn term_worker(tq: &TestQueue, args: &[String]) -> Proc {
-    Proc(tq.spawn_worker(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+fn term_worker(tq: &TestQueue, args: &[String], tmp: &WorkerTmp) -> Proc {
+    let how = WorkerProc {
+        tmpdir: Some(tmp.path().to_path_buf()),
+        ..Default::default()
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc(tq.spawn_worker_with(&args, &how))
 }
 
 /// Leases held right now by worker `id`.
@@ -862,8 +894,9 @@ async fn sigterm_under_load_loses_nothing_and_leaves_no_lease() {
         .chain([id.to_string()])
         .collect::<Vec<_>>()
     };
+    let tmp = WorkerTmp::new();
     let mut workers: Vec<Proc> = (0..3)
-        .map(|i| term_worker(&tq, &args(&format!("term-{i}"))))
+        .map(|i| term_worker(&tq, &args(&format!("term-{i}")), &tmp))
         .collect();
     eventually(PATIENCE, "all three workers busy", || async {
         let held = [
@@ -910,7 +943,7 @@ async fn sigterm_under_load_loses_nothing_and_leaves_no_lease() {
 
     // Fresh workers finish the rest; nothing was reaped, every attempt has one record.
     let again: Vec<Proc> = (3..5)
-        .map(|i| term_worker(&tq, &args(&format!("term-{i}"))))
+        .map(|i| term_worker(&tq, &args(&format!("term-{i}")), &tmp))
         .collect();
     drained(&tq, PATIENCE).await;
     let states = tq.job_states(&ids).await;
@@ -929,6 +962,7 @@ async fn sigterm_under_load_loses_nothing_and_leaves_no_lease() {
         "sigterm: {} jobs, {handed_back} attempts handed back at shutdown",
         ids.len()
     );
-    drop(again);
+    drop(again); // SIGKILL: their directories stay for the sweep
+    tmp.sweep_and_assert_clean(&tq).await;
     tq.cleanup().await;
 }

@@ -8,10 +8,13 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use agentq::executor::cgroup::Cgroups;
+use agentq::executor::owner::Owner;
 use agentq::executor::sandbox::Mode;
 use agentq::executor::*;
 use common::*;
@@ -80,6 +83,15 @@ impl TestSandbox {
 impl Drop for TestSandbox {
     fn drop(&mut self) {
         remove_cgroup_parent(&self.parent);
+    }
+}
+
+/// Removes its cgroup parent (see [`remove_cgroup_parent`]) when dropped.
+struct CgroupParent(String);
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        remove_cgroup_parent(&self.0);
     }
 }
 
@@ -455,7 +467,7 @@ async fn stale_attempts_of_a_killed_worker_are_swept_at_startup() {
         "--shutdown-grace",
         "1s",
     ];
-    let mut first = tq.spawn_worker(&args);
+    let mut first = Proc(tq.spawn_worker(&args));
     let mut spec = agentq::queue::job::JobSpec::new("evil", "default", "escape");
     spec.payload = json!({"note": note, "wait": true}).to_string();
     tq.queue.enqueue(&spec).await.expect("enqueue");
@@ -473,7 +485,7 @@ async fn stale_attempts_of_a_killed_worker_are_swept_at_startup() {
             "{pid} died with the worker; the gap this test covers is gone"
         );
     }
-    let mut second = tq.spawn_worker(&args);
+    let mut second = Proc(tq.spawn_worker(&args));
     let cgroups = Path::new("/sys/fs/cgroup/memory").exists();
     for pid in &escaped {
         if cgroups {
@@ -508,25 +520,30 @@ async fn hostile_jobs_get_their_own_outcomes_and_the_rest_goes_on() {
         std::os::unix::fs::symlink(hostile_dir().join(k), dir.path().join(k)).unwrap();
     }
     std::os::unix::fs::symlink(workers_dir().join("echo"), dir.path().join("echo")).unwrap();
-    let url = format!("{}?options[search_path]={}", database_url(), db.schema);
-    let mut worker = Command::new(bin())
-        .args(["worker", "--metrics-addr", "off", "--concurrency", "4"])
-        .args(["--workers-dir", &dir.path().display().to_string()])
-        .args([
+    let workers = dir.path().display().to_string();
+    let how = WorkerProc {
+        database_url: Some(db.url()),
+        ..Default::default()
+    };
+    let mut worker = Proc(tq.spawn_worker_with(
+        &[
+            "--concurrency",
+            "4",
+            "--workers-dir",
+            &workers,
             "--cgroup-parent",
             &parent,
             "--task-pids-max",
             "32",
             "--kill-grace",
             "500ms",
-        ])
-        .args(["--task-user", "nobody", "--backoff-base", "50ms"])
-        .env("AGENTQ_REDIS_URL", tq.queue.config().redis_url.clone())
-        .env("AGENTQ_NAMESPACE", &tq.ns)
-        .env("AGENTQ_DATABASE_URL", &url)
-        .env("AGENTQ_LOG", "agentq=warn")
-        .spawn()
-        .expect("spawn worker");
+            "--task-user",
+            "nobody",
+            "--backoff-base",
+            "50ms",
+        ],
+        &how,
+    ));
     let hostile = [
         ("forkbomb", json!({}), "timed_out", "process cap"),
         ("bigout", json!({"mib": 32}), "succeeded", ""),
@@ -580,4 +597,257 @@ async fn hostile_jobs_get_their_own_outcomes_and_the_rest_goes_on() {
 fn set_mode(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A pid above the kernel's maximum: no process here has it.
+fn no_such_pid() -> u32 {
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("pid_max")
+        .trim()
+        .parse()
+        .expect("pid_max is a number");
+    max + 1
+}
+
+/// Makes `<parent dir>/<worker>/<attempt>` in each of `cg`'s hierarchies,
+/// as a worker named `worker` would for its attempt `attempt`, and starts a
+/// `sleep 30` in it. The sleep is killed when the returned guard drops.
+fn attempt_with_a_process(cg: &Cgroups, worker: &str, attempt: &str) -> (Vec<PathBuf>, Proc) {
+    let dirs: Vec<PathBuf> = cg
+        .worker_dirs()
+        .iter()
+        .map(|w| w.parent().expect("parent dir").join(worker).join(attempt))
+        .collect();
+    let sleep = Proc(
+        die_with_test(Command::new("sleep").arg("30"))
+            .spawn()
+            .expect("spawn sleep"),
+    );
+    for d in &dirs {
+        std::fs::create_dir_all(d).expect("mkdir attempt cgroup");
+        std::fs::write(d.join("cgroup.procs"), sleep.id().to_string()).expect("join cgroup");
+    }
+    (dirs, sleep)
+}
+
+/// Workers in other pid namespaces (containers) may share the cgroup tree:
+/// their pids mean nothing here, so the sweep must leave their attempts and
+/// processes alone, and still sweep those of dead workers of its own.
+#[tokio::test]
+async fn sweep_leaves_attempts_of_other_pid_namespaces_alone() {
+    let parent = format!("agentq-test-ns-{:08x}", rand::random::<u32>());
+    // Dropped after the processes below: removes the test's cgroups even
+    // when an assertion fails.
+    let _cleanup = CgroupParent(parent.clone());
+    let cg = Cgroups::open(&parent, "w").unwrap_or_else(|e| {
+        panic!(
+            "this test needs writable cgroups (memory and pids) and they are not usable here: {e}"
+        )
+    });
+    let me = Owner::me();
+    let foreign = Owner {
+        pid_ns: me.pid_ns + 1,
+        pid: no_such_pid(),
+        start: 12345,
+    };
+    let dead_here = Owner {
+        pid: no_such_pid(),
+        ..me
+    };
+    let (foreign_dirs, mut foreign_sleep) =
+        attempt_with_a_process(&cg, "in-a-container", &format!("{foreign}.0"));
+    let (dead_dirs, mut dead_sleep) =
+        attempt_with_a_process(&cg, "dead-here", &format!("{dead_here}.0"));
+    // The older name without a namespace is read as ours, as it was.
+    let (old_dirs, mut old_sleep) =
+        attempt_with_a_process(&cg, "dead-old", &format!("{}.1.0", no_such_pid()));
+
+    cg.sweep_stale();
+
+    for d in &foreign_dirs {
+        assert!(
+            d.is_dir(),
+            "{} of a live foreign worker was swept",
+            d.display()
+        );
+    }
+    assert!(
+        matches!(foreign_sleep.try_wait(), Ok(None)),
+        "the sweep killed a process of a worker in another pid namespace"
+    );
+    for (dirs, sleep, what) in [
+        (
+            &dead_dirs,
+            &mut dead_sleep,
+            "a dead worker of this namespace",
+        ),
+        (
+            &old_dirs,
+            &mut old_sleep,
+            "a dead worker (name without namespace)",
+        ),
+    ] {
+        for d in dirs {
+            assert!(!d.exists(), "{} of {what} was not swept", d.display());
+        }
+        assert!(
+            sleep.wait().expect("wait").signal() == Some(libc::SIGKILL),
+            "the process of {what} was killed"
+        );
+    }
+    foreign_sleep.kill().expect("kill");
+    foreign_sleep.wait().expect("reap");
+    let parents: Vec<PathBuf> = cg
+        .worker_dirs()
+        .iter()
+        .map(|w| w.parent().expect("parent dir").to_path_buf())
+        .collect();
+    drop(cg);
+    remove_cgroup_parent(&parent);
+    for p in parents {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+}
+
+/// `agentq-task-*` working directories under `tmp`, directly or one level
+/// down (inside a worker's directory).
+fn task_dirs(tmp: &Path) -> Vec<PathBuf> {
+    let list = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && !p.is_symlink())
+            .collect()
+    };
+    let named = |p: &PathBuf, prefix: &str| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(prefix))
+    };
+    let top = list(tmp);
+    let mut out: Vec<PathBuf> = top
+        .iter()
+        .filter(|p| named(p, "agentq-task-"))
+        .cloned()
+        .collect();
+    for d in top.iter().filter(|p| !named(p, "agentq-task-")) {
+        out.extend(list(d).into_iter().filter(|p| named(p, "agentq-task-")));
+    }
+    out
+}
+
+/// A worker SIGKILLed mid-attempt cannot remove the attempt's working
+/// directory; the next worker started on the same temp directory does, at
+/// startup, without cgroups too, and keeps its own.
+#[tokio::test]
+async fn working_directories_of_a_killed_worker_are_swept_at_startup() {
+    let tq = TestQueue::new("workdir-sweep").await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let how = WorkerProc {
+        tmpdir: Some(tmp.path().to_path_buf()),
+        ..Default::default()
+    };
+    let args = [
+        "--cgroup-parent",
+        "off",
+        "--lease",
+        "2s",
+        "--shutdown-grace",
+        "1s",
+    ];
+    let mut first = Proc(tq.spawn_worker_with(&args, &how));
+    let spec =
+        agentq::queue::job::JobSpec::new("t", "default", "sleep").payload(&json!({"ms": 600_000}));
+    tq.queue.enqueue(&spec).await.expect("enqueue");
+    let leaked = eventually(
+        Duration::from_secs(30),
+        "the attempt's working directory",
+        || async { task_dirs(tmp.path()).pop() },
+    )
+    .await;
+    first.kill().expect("SIGKILL worker");
+    first.wait().expect("reap worker");
+    assert!(
+        leaked.is_dir(),
+        "{} is gone without a sweep; the leak this test covers is gone",
+        leaked.display()
+    );
+
+    let mut second = Proc(tq.spawn_worker_with(&args, &how));
+    eventually(
+        Duration::from_secs(30),
+        &format!("{} removed by the next worker", leaked.display()),
+        || async { (!leaked.exists()).then_some(()) },
+    )
+    .await;
+    let dead = leaked.parent().expect("parent").to_path_buf();
+    assert_ne!(
+        dead,
+        tmp.path(),
+        "attempt directories are grouped per worker"
+    );
+    assert!(!dead.exists(), "{} left behind", dead.display());
+    // The second worker runs the job again once the lease expired, in a
+    // directory of its own named after its owner identity, which stays.
+    let me = Owner::of(second.id()).expect("second worker's identity");
+    let own = tmp.path().join(format!("agentq-w-{me}"));
+    let running = eventually(
+        Duration::from_secs(60),
+        "the job running again in the second worker's directory",
+        || async { task_dirs(tmp.path()).pop() },
+    )
+    .await;
+    assert_eq!(running.parent(), Some(own.as_path()));
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("list tmp")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names, vec![own.file_name().expect("name").to_owned()]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&own).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o711, "reachable by task users, not listable");
+
+    // A clean stop removes the worker's directory.
+    sigterm(&second);
+    assert_eq!(
+        exit_code(&mut second, Duration::from_secs(30)).await,
+        Some(0)
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("list tmp")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left in the temp directory: {left:?}");
+    tq.cleanup().await;
+}
+
+/// The test harness: an agentq process dies with the thread that spawned
+/// it (`common::die_with_test`), so a test that fails, or a test process
+/// that is aborted, leaves no worker running.
+#[tokio::test]
+async fn harness_workers_die_with_the_thread_that_spawned_them() {
+    let tq = TestQueue::new("harness-deathsig").await;
+    let spawner = TestQueue {
+        queue: tq.queue.clone(),
+        ns: tq.ns.clone(),
+    };
+    let worker = std::thread::spawn(move || spawner.spawn_worker(&["--cgroup-parent", "off"]))
+        .join()
+        .expect("spawning thread");
+    let mut worker = Proc(worker);
+    let status = eventually(
+        Duration::from_secs(30),
+        "the worker dies with the thread that spawned it",
+        || {
+            let s = worker.try_wait().expect("try_wait");
+            async move { s }
+        },
+    )
+    .await;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    tq.cleanup().await;
 }

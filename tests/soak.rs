@@ -11,8 +11,9 @@
 //! ledger rows against the accepted ids); worker and API RSS do not trend up
 //! (median of the last third of the run against the middle third, generous
 //! slack); the namespace's Redis memory other than the retained job hashes
-//! returns near its baseline after the drain; no task process and no file
-//! descriptor is left behind. Latency percentiles and the memory samples are
+//! returns near its baseline after the drain; no task process, no file
+//! descriptor and no working directory (workers run with a private
+//! `TMPDIR`) is left behind. Latency percentiles and the memory samples are
 //! printed (`--nocapture`), not asserted.
 
 mod common;
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use agentq::admission::{LimitsUpdate, Rate, Target};
 use agentq::queue::{Queue, QueueConfig};
-use common::{Proc, TestDb, TestQueue, WorkerProc, eventually};
+use common::{Proc, TestDb, TestQueue, WorkerProc, WorkerTmp, eventually};
 use fred::prelude::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -535,7 +536,7 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
     // agentq serve and three workers.
     let port = agentq::servers::free_port().expect("port");
     let serve = Proc(
-        std::process::Command::new(common::bin())
+        common::agentq()
             .args([
                 "serve",
                 "--listen",
@@ -552,8 +553,10 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
             .expect("spawn agentq serve"),
     );
     let tasks_dir = tasks.path().display().to_string();
+    let tmp = WorkerTmp::new();
     let how = WorkerProc {
         database_url: Some(db.url()),
+        tmpdir: Some(tmp.path().to_path_buf()),
         ..Default::default()
     };
     let workers: Vec<Proc> = (0..WORKERS)
@@ -835,6 +838,17 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
         ns_jobs / accepted.len() as u64
     );
 
+    // Drained: each worker's directory is there, with no working directory
+    // left in it.
+    let dirs = tmp.agentq_entries();
+    assert!(
+        dirs.len() == WORKERS
+            && dirs
+                .iter()
+                .all(|d| d.starts_with("agentq-w-") && !d.contains('/')),
+        "one empty directory per worker after the drain: {dirs:?}"
+    );
+
     // Both kinds of processes stop cleanly.
     let mut serve = serve;
     let mut workers = workers;
@@ -853,5 +867,7 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
         Some(0),
         "serve exit"
     );
+    // Stopped cleanly, the workers removed their working directories.
+    tmp.assert_clean();
     db.pool.close().await;
 }

@@ -2,9 +2,10 @@
 //! and a kill of every process of the attempt.
 //!
 //! Layout: `<controller mount>/<parent>/<worker id>/<attempt>`, where
-//! `parent` defaults to `agentq` and `attempt` is `<pid>.<starttime>.<seq>`
-//! of the worker that made it (so a later worker can tell whether the owner
-//! is still alive, see [`Cgroups::sweep_stale`]).
+//! `parent` defaults to `agentq` and `attempt` is `<owner>.<seq>`: the
+//! [`Owner`] tag `<pid namespace>.<pid>.<start time>` of the worker process
+//! that made it, so a later worker can tell whether the owner is gone (see
+//! [`Cgroups::sweep_stale`] and [`super::owner`]).
 //!
 //! - **cgroup v2** when a `cgroup2` mount offers both `memory` and `pids`:
 //!   `memory.max`, `memory.swap.max = 0`, `memory.oom.group = 1`,
@@ -27,6 +28,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use super::owner::Owner;
 
 /// How long [`Attempt::kill_all`] keeps trying before giving up.
 const KILL_DEADLINE: Duration = Duration::from_secs(10);
@@ -160,7 +163,7 @@ impl Cgroups {
         let cg = Cgroups {
             version,
             hierarchies,
-            owner: owner_tag(),
+            owner: Owner::me().to_string(),
             seq: AtomicU64::new(0),
         };
         cg.prepare()?;
@@ -236,7 +239,9 @@ impl Cgroups {
 
     /// Removes attempt cgroups whose worker process is gone (killing what
     /// still runs in them), then empty worker directories of other workers.
-    /// Returns the number of attempt cgroups removed.
+    /// Attempts of workers in other pid namespaces are never judged (see
+    /// [`Owner::is_gone`]). Returns the number of attempt cgroup
+    /// directories removed (one per hierarchy).
     pub fn sweep_stale(&self) -> usize {
         let mut removed = 0;
         for h in &self.hierarchies {
@@ -253,7 +258,8 @@ impl Cgroups {
                     let Some(name) = adir.file_name().and_then(|n| n.to_str()) else {
                         continue;
                     };
-                    if adir.is_dir() && owner_is_dead(name) {
+                    let gone = Owner::parse_attempt(name).is_some_and(|o| o.is_gone());
+                    if adir.is_dir() && gone {
                         let mut stale = Attempt {
                             version: self.version,
                             dirs: vec![(h.name, adir.clone())],
@@ -613,40 +619,6 @@ pub fn valid_parent(parent: &str) -> bool {
         })
 }
 
-/// `<pid>.<starttime>` of this process: attempt names start with it.
-fn owner_tag() -> String {
-    let pid = std::process::id();
-    format!("{pid}.{}", start_time(pid as libc::pid_t).unwrap_or(0))
-}
-
-/// Field 22 of `/proc/<pid>/stat` (start time in clock ticks since boot).
-fn start_time(pid: libc::pid_t) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    // rest starts at field 3 (state); starttime is field 22.
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// True when an attempt directory name `<pid>.<starttime>.<seq>` names a
-/// worker process that no longer exists. Names of any other form are never
-/// touched.
-fn owner_is_dead(name: &str) -> bool {
-    let mut parts = name.split('.');
-    let (Some(pid), Some(start), Some(seq), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
-    let (Ok(pid), Ok(start), Ok(_)) = (
-        pid.parse::<libc::pid_t>(),
-        start.parse::<u64>(),
-        seq.parse::<u64>(),
-    ) else {
-        return false;
-    };
-    start_time(pid) != Some(start)
-}
-
 /// The number after `key ` on its own line (`oom_kill 3`, `max 12`).
 fn keyed_value(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
@@ -736,17 +708,27 @@ mod tests {
         assert_eq!(keyed_value("low 0\nhigh 1\n", "oom_kill"), None);
     }
 
+    /// The sweep's verdict on an attempt directory name.
+    fn swept(name: &str) -> bool {
+        Owner::parse_attempt(name).is_some_and(|o| o.is_gone())
+    }
+
     #[test]
     fn ownership_by_name() {
-        let me = owner_tag();
-        assert!(!owner_is_dead(&format!("{me}.7")));
+        let me = Owner::me();
+        assert!(!swept(&format!("{me}.7")));
         // A pid that cannot exist, and a start time that does not match.
-        assert!(owner_is_dead("4194305.1.0"));
-        let pid = std::process::id();
-        assert!(owner_is_dead(&format!("{pid}.1.0")));
+        assert!(swept(&format!("{}.4194305.1.0", me.pid_ns)));
+        assert!(swept(&format!("{}.{}.1.0", me.pid_ns, me.pid)));
+        // The same in another pid namespace: not ours to judge.
+        assert!(!swept(&format!("{}.4194305.1.0", me.pid_ns + 1)));
+        assert!(!swept(&format!("{}.{}.1.0", me.pid_ns + 1, me.pid)));
+        // Names from before the namespace was added: ours, as they were.
+        assert!(swept("4194305.1.0"));
+        assert!(!swept(&format!("{}.{}.0", me.pid, me.start)));
         // Anything else is left alone.
-        for other in ["probe", "1.2", "1.2.3.4", "a.b.c"] {
-            assert!(!owner_is_dead(other), "{other}");
+        for other in ["probe", "1.2", "1.2.3.4.5", "a.b.c", "1.2.x"] {
+            assert!(!swept(other), "{other}");
         }
     }
 

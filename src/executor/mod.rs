@@ -22,16 +22,21 @@ use serde::{Deserialize, Serialize};
 pub mod cgroup;
 pub mod handler;
 pub mod manifest;
+pub mod owner;
 pub mod process;
 pub mod sandbox;
+pub mod workdir;
 
 pub use handler::{Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler};
 pub use manifest::{Manifest, ManifestError, Registry, parse_manifest};
-pub use process::{is_memory_exceeded, parse_task_output, run_process, run_process_in};
+pub use process::{is_memory_exceeded, parse_task_output, run_process, run_process_in, task_peak};
 pub use sandbox::{Sandbox, SandboxConfig, TaskUser};
 
 /// Exit code that means "permanent failure, never retry" (EX_DATAERR).
 pub const EXIT_PERMANENT: i32 = 65;
+
+/// At most this many bytes of [`Report::error`] (summary and stderr tail).
+pub const ERROR_MAX: usize = 4 << 10;
 
 /// Default time between SIGTERM and SIGKILL when a limit is hit.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
@@ -174,21 +179,27 @@ pub struct Report {
     pub cpu_user_ms: u64,
     /// System CPU time of the process and its reaped descendants.
     pub cpu_sys_ms: u64,
-    /// Peak resident set size (largest of the process and its reaped
-    /// descendants), in bytes.
+    /// Peak memory of the task, in bytes. Cgroup mode: the attempt's
+    /// cgroup peak (all its processes together). Rlimit mode: the peak RSS
+    /// of the process or of one of its reaped descendants, when it rose
+    /// above the worker's own RSS at spawn; 0 when it did not, since `wait4`
+    /// then reports the worker's memory, not the task's (see
+    /// [`process::task_peak`]). 0 also for in-process handlers.
     pub peak_rss_bytes: u64,
     /// The `output` key of the result line.
     pub output: Option<serde_json::Value>,
     /// The `usage` key of the result line, as reported (missing keys = 0).
     pub usage: TaskUsage,
     /// For anything but success: a one-line summary, then possibly a
-    /// bounded tail of the program's stderr on the following lines.
+    /// bounded tail of the program's stderr on the following lines. Always
+    /// clean text (see [`clean_error`]).
     pub error: Option<String>,
 }
 
 impl Report {
     /// A failed report for failures before or without a process (unknown
-    /// kind, bad input, ...). All measurements are zero.
+    /// kind, bad input, ...). All measurements are zero. `msg` is stored
+    /// through [`clean_error`], so it may be any text (a handler's message).
     pub fn failed(msg: impl Into<String>, permanent: bool) -> Report {
         Report {
             outcome: Outcome::Failed,
@@ -201,7 +212,7 @@ impl Report {
             peak_rss_bytes: 0,
             output: None,
             usage: TaskUsage::default(),
-            error: Some(msg.into()),
+            error: Some(clean_error(&msg.into())),
         }
     }
 
@@ -216,6 +227,15 @@ impl Report {
             .as_deref()
             .map(|e| e.lines().next().unwrap_or(""))
     }
+}
+
+/// `text` made fit for [`Report::error`]: valid UTF-8 without NUL or control
+/// characters other than newline and tab, at most [`ERROR_MAX`] bytes (the
+/// start is kept: the summary comes first). Errors are stored in Redis and
+/// PostgreSQL (whose `text` refuses NUL) and shown on terminals, and they
+/// quote task output and handler messages, which may be any bytes.
+pub fn clean_error(text: &str) -> String {
+    crate::text::clean(text, ERROR_MAX)
 }
 
 /// Error text used when an attempt is stopped because the worker shuts down.

@@ -1,7 +1,8 @@
 //! One task attempt as its own process (Linux).
 //!
 //! Lifecycle of [`run_process`]:
-//! 1. Resolve the program, create a fresh temporary working directory.
+//! 1. Resolve the program, create a fresh working directory (in the
+//!    worker's directory of them, see [`super::workdir`]).
 //! 2. Spawn with `std::process::Command`: clean environment (only the
 //!    manifest's `env` names), its own process group, stdin/stdout/stderr
 //!    piped, and a `pre_exec` hook that sets the memory cap (`RLIMIT_DATA`)
@@ -16,6 +17,16 @@
 //!    zombie leader still pins the group id) so descendants that outlive it
 //!    die too, then reap it with `wait4` to get CPU times and peak RSS.
 //! 6. Classify the result and remove the working directory.
+//!
+//! Peak memory: in cgroup mode it is the cgroup's peak (every process of the
+//! attempt, nothing else). In rlimit mode it comes from `wait4`'s
+//! `ru_maxrss`, which on Linux also holds the RSS the forked child had
+//! before `exec`: a copy of the worker's own anonymous memory (exec folds
+//! the old image's high-water mark into the process's). So a `ru_maxrss` no
+//! higher than that says nothing about the task; only a peak above it (by a
+//! margin) is the task's own. Below that the task's peak is
+//! unknown: it is reported as 0 and not used to classify memory failures
+//! (stderr markers still are). See [`task_peak`].
 //!
 //! If the future is dropped midway, a guard kills the group and reaps the
 //! child on a helper thread, so no process or zombie is left behind.
@@ -37,7 +48,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::cgroup::{Attempt, CgroupLimits, CgroupStats, join_self};
 use super::sandbox::{self, Sandbox};
-use super::{EXIT_PERMANENT, INTERRUPTED, Limits, Manifest, Outcome, Report, TaskInput, TaskUsage};
+use super::{
+    EXIT_PERMANENT, INTERRUPTED, Limits, Manifest, Outcome, Report, TaskInput, TaskUsage,
+    clean_error,
+};
 use crate::units::{format_duration, format_size};
 
 /// At most this much of stdout is kept (the tail); the result is its last
@@ -47,6 +61,8 @@ pub const STDOUT_KEEP: usize = 1 << 20;
 pub const STDERR_KEEP: usize = 4 << 10;
 /// At most this much of the stderr tail goes into [`Report::error`].
 pub const ERROR_TAIL: usize = 2 << 10;
+/// At most this many characters of a garbage result line are quoted.
+const SHOWN_CHARS: usize = 200;
 /// How long to keep reading stdout/stderr after the process group was
 /// killed. Only matters when a descendant escaped the group (setsid) and
 /// still holds the pipes open.
@@ -71,6 +87,9 @@ const ALLOC_FAILURE_MARKERS: [&str; 6] = [
 /// either stderr shows an allocation failure (`MemoryError`, `memory
 /// allocation of`, `out of memory`, `Cannot allocate memory`, `bad_alloc`,
 /// `ENOMEM`, case-insensitive) or the peak RSS reached 90% of the cap.
+/// `peak_rss` must be the task's own peak, 0 when unknown (see
+/// [`task_peak`]): a figure that includes the worker's memory would make
+/// every failure of a job capped below the worker's size a memory failure.
 ///
 /// With `RLIMIT_DATA` the kernel does not kill the program: its allocations
 /// fail and it usually dies with one of these messages (or aborts), which is
@@ -88,6 +107,48 @@ pub fn is_memory_exceeded(
     let lower = stderr_tail.to_ascii_lowercase();
     ALLOC_FAILURE_MARKERS.iter().any(|m| lower.contains(m))
         || u128::from(peak_rss) * 10 >= u128::from(cap) * 9
+}
+
+/// The task's own peak RSS from `wait4`'s `ru_maxrss` (bytes), given the
+/// worker's resident anonymous memory around the spawn (what the forked
+/// child copied): `ru_maxrss` when it rose above that by a margin (1 MiB or
+/// an eighth of the worker's, whichever is larger), else 0 (unknown: the
+/// task stayed under the copy of the worker that it started as, and the two
+/// cannot be told apart).
+pub fn task_peak(ru_maxrss: u64, worker_rss: u64) -> u64 {
+    if ru_maxrss > worker_rss.saturating_add(fork_margin(worker_rss)) {
+        ru_maxrss
+    } else {
+        0
+    }
+}
+
+/// How far above the worker's RSS a `ru_maxrss` must be to be the task's:
+/// the child also copies the pages the worker wrote in private file
+/// mappings (data sections) and touches a few of its own before exec, and
+/// the worker's RSS can move between the readings around the fork (other
+/// attempts' buffers), so 1 MiB or an eighth of the worker's, whichever is
+/// larger. Erring high only loses peaks that barely exceed the worker's.
+fn fork_margin(worker_rss: u64) -> u64 {
+    (1u64 << 20).max(worker_rss / 8)
+}
+
+/// This process's resident anonymous memory in bytes (`/proc/self/statm`:
+/// resident minus file-backed and shared), 0 when unreadable. That is what
+/// fork copies into the child's page tables and so into its `ru_maxrss`:
+/// file mappings the worker never wrote to (its binary's code, debug info a
+/// backtrace mapped) are not copied but faulted in on use.
+fn own_rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let mut fields = statm.split_whitespace().skip(1).map(str::parse::<u64>);
+    let (Some(Ok(resident)), Some(Ok(shared))) = (fields.next(), fields.next()) else {
+        return 0;
+    };
+    // SAFETY: plain libc call.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    resident
+        .saturating_sub(shared)
+        .saturating_mul(u64::try_from(page).unwrap_or(4096))
 }
 
 /// Runs one attempt of `m` with `input` on stdin under `limits`.
@@ -135,14 +196,8 @@ pub async fn run_process_in(
         Err(e) => return Report::failed(e, true),
     };
     let stdin_bytes = encode_input(input);
-    // 0700: the directory of one attempt is nobody else's business (the
-    // default follows the umask and is usually listable by everyone).
-    let private = std::os::unix::fs::PermissionsExt::from_mode(0o700);
-    let workdir = match tempfile::Builder::new()
-        .prefix("agentq-task-")
-        .permissions(private)
-        .tempdir()
-    {
+    // 0700, inside the worker's own directory (swept if the worker dies).
+    let workdir = match sb.workdirs().create() {
         Ok(d) => d,
         Err(e) => {
             return Report::failed(
@@ -214,6 +269,9 @@ pub async fn run_process_in(
         cmd.pre_exec(move || child_setup(&setup));
     }
 
+    // The worker's RSS around the fork bounds what the child copied of it
+    // (see the module docs); read before and after, keep the larger.
+    let rss_before = own_rss();
     let mut attempt = 0;
     let (start, mut child) = loop {
         let start = Instant::now();
@@ -236,6 +294,7 @@ pub async fn run_process_in(
             }
         }
     };
+    let worker_rss = rss_before.max(own_rss());
     let pid = child.id() as libc::pid_t;
     let mut guard = ChildGuard { pid, reaped: false };
 
@@ -362,6 +421,7 @@ pub async fn run_process_in(
         stderr_tail: &stderr_text,
         cgroup: cgroup_stats,
         pids_max: sb.pids_max(),
+        worker_rss,
     })
 }
 
@@ -426,6 +486,8 @@ struct Finished<'a> {
     /// What the attempt's cgroup recorded (cgroup mode only).
     cgroup: Option<CgroupStats>,
     pids_max: u64,
+    /// The worker's RSS at spawn (see [`task_peak`]).
+    worker_rss: u64,
 }
 
 /// Turns what was observed into a [`Report`] (pure).
@@ -447,12 +509,12 @@ fn classify(f: Finished<'_>) -> Report {
         }
     };
     let failed = f.status != Status::Exited(0);
-    // The cgroup's peak covers every process of the attempt and has no
-    // floor from the worker's own RSS (ru_maxrss is kept across exec).
+    // The cgroup's peak covers every process of the attempt and nothing
+    // else; ru_maxrss also holds the worker's RSS copied at fork.
     let peak = f
         .cgroup
         .and_then(|c| c.peak_memory)
-        .unwrap_or(f.usage.peak_rss_bytes);
+        .unwrap_or_else(|| task_peak(f.usage.peak_rss_bytes, f.worker_rss));
     let out_of_memory = match f.cgroup {
         Some(c) => failed && c.oom_kills > 0,
         None => is_memory_exceeded(f.limits.memory, failed, peak, f.stderr_tail),
@@ -489,6 +551,11 @@ fn classify(f: Finished<'_>) -> Report {
                     format_size(peak),
                     c.oom_kills
                 ),
+                None if peak == 0 => format!(
+                    "memory cap {} exceeded ({})",
+                    format_size(f.limits.memory.unwrap_or(0)),
+                    describe_status(f.status),
+                ),
                 None => format!(
                     "memory cap {} exceeded ({}, peak RSS {})",
                     format_size(f.limits.memory.unwrap_or(0)),
@@ -523,7 +590,8 @@ fn classify(f: Finished<'_>) -> Report {
         peak_rss_bytes: peak,
         output,
         usage,
-        error,
+        // Already clean piece by piece; this pass also bounds the whole.
+        error: error.as_deref().map(clean_error),
     }
 }
 
@@ -659,8 +727,12 @@ fn parse_result(stdout: &[u8]) -> Result<(Option<serde_json::Value>, TaskUsage),
         return Ok((None, TaskUsage::default()));
     };
     let garbage = || {
-        let shown: String = line.chars().take(200).collect();
-        format!("task program printed a result that is not a JSON object: {shown}")
+        let shown: String = line.chars().take(SHOWN_CHARS).collect();
+        // A character takes at most 4 bytes, cleaned too (U+FFFD takes 3).
+        format!(
+            "task program printed a result that is not a JSON object: {}",
+            crate::text::clean(&shown, 4 * SHOWN_CHARS)
+        )
     };
     let PlainJson(value) = serde_json::from_str(line).map_err(|_| garbage())?;
     let serde_json::Value::Object(mut obj) = value else {
@@ -700,11 +772,11 @@ fn parse_result(stdout: &[u8]) -> Result<(Option<serde_json::Value>, TaskUsage),
     Ok((output, usage))
 }
 
-/// The last `max` bytes of `bytes` as trimmed text (lossy UTF-8).
+/// The end of `bytes` (task output) as trimmed, clean text of at most `max`
+/// bytes: invalid UTF-8 and control characters (but newline and tab) become
+/// U+FFFD (see [`crate::text::clean_tail`]).
 fn tail_text(bytes: &[u8], max: usize) -> String {
-    let start = bytes.len().saturating_sub(max);
-    let text = String::from_utf8_lossy(&bytes[start..]);
-    text.trim().to_string()
+    crate::text::clean_tail(bytes, max).trim().to_string()
 }
 
 /// The job as one JSON line: `{"id","tenant","queue","kind","attempt","payload"}`.
@@ -1143,6 +1215,32 @@ mod tests {
     }
 
     #[test]
+    fn only_a_peak_above_the_worker_is_the_tasks() {
+        let mib = 1 << 20;
+        // At or near the worker's RSS: the copy made at fork, unknown.
+        assert_eq!(task_peak(100 * mib, 100 * mib), 0);
+        assert_eq!(task_peak(110 * mib, 100 * mib), 0);
+        assert_eq!(task_peak(50 * mib, 100 * mib), 0);
+        // Clearly above it: the task's own.
+        assert_eq!(task_peak(200 * mib, 100 * mib), 200 * mib);
+        // A small worker: at least 1 MiB of margin.
+        assert_eq!(task_peak(4 * mib, 3 * mib + mib / 2), 0);
+        assert_eq!(task_peak(8 * mib, 3 * mib), 8 * mib);
+        // Unknown worker RSS (0): ru_maxrss above the margin is taken.
+        assert_eq!(task_peak(2 * mib, 0), 2 * mib);
+        assert_eq!(task_peak(u64::MAX, u64::MAX), 0);
+        // Not a memory failure when the only evidence was the worker's RSS.
+        let worker = 96 * mib;
+        assert!(!is_memory_exceeded(
+            Some(32 * mib),
+            true,
+            task_peak(worker, worker),
+            ""
+        ));
+        assert!(own_rss() > 0);
+    }
+
+    #[test]
     fn result_line() {
         assert_eq!(parse_result(b"").unwrap(), (None, TaskUsage::default()));
         assert_eq!(
@@ -1190,6 +1288,9 @@ mod tests {
                 TaskUsage::default()
             )
         );
+        // Quoted garbage is clean text: no NUL, escape or invalid UTF-8.
+        let e = parse_result(b"x\0y\x1b[2J\xff z").unwrap_err();
+        assert!(e.ends_with(": x\u{FFFD}y\u{FFFD}[2J\u{FFFD} z"), "{e:?}");
         let e = parse_result(b"hello").unwrap_err();
         assert_eq!(
             e,
@@ -1202,6 +1303,7 @@ mod tests {
         fn task_output_never_panics(stdout in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
             if let Err(e) = parse_task_output(&stdout) {
                 proptest::prop_assert!(!e.contains('\n'), "{e:?}");
+                proptest::prop_assert!(crate::text::is_clean(&e, usize::MAX), "{e:?}");
             }
         }
 

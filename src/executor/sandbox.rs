@@ -1,17 +1,22 @@
 //! Worker-wide containment of task programs: per-attempt cgroups when the
-//! machine allows them (else rlimits), the process cap, and the optional
-//! unprivileged user tasks run as.
+//! machine allows them (else rlimits), the process cap, the optional
+//! unprivileged user tasks run as, and the worker's directory of attempt
+//! working directories.
 //!
 //! One [`Sandbox`] per worker process, installed at startup with
 //! [`install`]; [`current`] installs one from the environment when none was
-//! (library use, tests). Either way the mode is logged once.
+//! (library use, tests). Either way the mode is logged once. Making one
+//! removes what dead workers left behind: their attempt cgroups (cgroup
+//! mode) and their working directories (every mode).
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Mutex, OnceLock};
 
 use super::cgroup::{Cgroups, Version};
+use super::workdir::{self, WorkDirs};
 
 /// Default cgroup parent below each controller's mount point.
 pub const DEFAULT_CGROUP_PARENT: &str = "agentq";
@@ -174,12 +179,20 @@ pub struct Sandbox {
     pids_max: u64,
     user: Option<TaskUser>,
     uids_in_use: Mutex<BTreeSet<u32>>,
+    workdirs: WorkDirs,
 }
 
 impl Sandbox {
     /// Opens the cgroups (falling back to rlimits when they are not
-    /// usable) and removes stale attempt cgroups of dead workers.
+    /// usable) and removes stale attempt cgroups and working directories
+    /// of dead workers. Working directories go in the temp directory
+    /// (`TMPDIR`, else `/tmp`).
     pub fn new(cfg: SandboxConfig) -> Sandbox {
+        Sandbox::new_in(cfg, &std::env::temp_dir())
+    }
+
+    /// [`Sandbox::new`] with working directories in `temp`.
+    pub fn new_in(cfg: SandboxConfig, temp: &Path) -> Sandbox {
         let (cgroups, why_not) = match &cfg.cgroup_parent {
             None => (None, Some("disabled (cgroup parent \"off\")".to_string())),
             Some(parent) => match Cgroups::open(parent, &cfg.worker_id) {
@@ -196,6 +209,15 @@ impl Sandbox {
                 Err(e) => (None, Some(e.to_string())),
             },
         };
+        // After the cgroup sweep, which killed what still ran in them.
+        let swept = workdir::sweep_stale(temp);
+        if swept > 0 {
+            tracing::info!(
+                removed = swept,
+                dir = %temp.display(),
+                "removed working directories left by workers that died"
+            );
+        }
         Sandbox {
             cgroups,
             why_not_cgroups: why_not,
@@ -203,6 +225,7 @@ impl Sandbox {
             pids_max: cfg.pids_max.max(1),
             user: cfg.task_user,
             uids_in_use: Mutex::new(BTreeSet::new()),
+            workdirs: WorkDirs::new(temp),
         }
     }
 
@@ -229,6 +252,11 @@ impl Sandbox {
         self.cgroups.as_ref()
     }
 
+    /// Where attempts' working directories are made.
+    pub fn workdirs(&self) -> &WorkDirs {
+        &self.workdirs
+    }
+
     /// Process cap per attempt.
     pub fn pids_max(&self) -> u64 {
         self.pids_max
@@ -239,14 +267,16 @@ impl Sandbox {
         self.user
     }
 
-    /// Removes this worker's (empty) cgroup directories; call after the
-    /// last attempt ended. Leftovers are swept by the next worker.
+    /// Removes this worker's (empty) cgroup directories and directory of
+    /// working directories; call after the last attempt ended. Leftovers
+    /// are swept by the next worker.
     pub fn shutdown(&self) {
         if let Some(c) = &self.cgroups {
             for d in c.worker_dirs() {
                 let _ = std::fs::remove_dir(d);
             }
         }
+        self.workdirs.remove();
     }
 
     /// One line for the startup log: the mode and what it implies.
@@ -270,7 +300,7 @@ impl Sandbox {
                 self.pids_max,
             ),
             (None, why) => format!(
-                "task containment: rlimits (memory cap is RLIMIT_DATA per process, no process cap{}, descendants that leave the process group can outlive the attempt, peak RSS has the worker's RSS as a floor) because cgroups are not used: {}; {user}",
+                "task containment: rlimits (memory cap is RLIMIT_DATA per process, no process cap{}, descendants that leave the process group can outlive the attempt, peak RSS only known when it rises above the worker's own RSS, else reported as 0) because cgroups are not used: {}; {user}",
                 if self.user.is_some() {
                     " beyond RLIMIT_NPROC per uid"
                 } else {
@@ -279,6 +309,10 @@ impl Sandbox {
                 why.as_deref().unwrap_or("unknown"),
             ),
         };
+        s.push_str(&format!(
+            "; working directories in {}",
+            self.workdirs.root().display()
+        ));
         for p in &self.problems {
             s.push_str("; ");
             s.push_str(p);

@@ -1,9 +1,15 @@
 //! Shared test support: a private namespace on the real Redis per test,
 //! worker processes, and polling with generous deadlines (never timing).
+//!
+//! Every `agentq` process started here dies with the test: it is spawned
+//! with [`die_with_test`] (SIGKILL when the spawning thread exits, even if
+//! the test process is aborted), and tests hold it in a [`Proc`] (SIGKILL
+//! and reap when dropped, also while a failing test unwinds).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +37,43 @@ pub fn workers_dir() -> PathBuf {
 /// The agentq binary built for these tests.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_agentq")
+}
+
+/// Makes the process `cmd` starts get SIGKILL when the thread that spawns
+/// it exits (`PR_SET_PDEATHSIG`), so a test that fails, or a test process
+/// that is aborted or killed, takes its agentq processes along (one was
+/// found alive 27 minutes after a failed run, its binary already deleted).
+///
+/// The signal fires when the spawning *thread* exits, not the process. So
+/// spawn from the test's own thread (a `#[tokio::test]` body, or tasks of a
+/// current-thread runtime) or from tasks of the test's multi-thread runtime
+/// (its worker threads live as long as the test); never from
+/// `spawn_blocking`, `block_in_place` or a short-lived `std::thread`, whose
+/// exit would kill the child in the middle of the test.
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    // SAFETY: plain syscall, before the fork.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the hook only makes async-signal-safe calls (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The test process died before prctl: no signal will come.
+            if libc::getppid() != parent {
+                libc::_exit(137);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `agentq` (the binary under test) that dies with the test (see
+/// [`die_with_test`]); hold what it spawns in a [`Proc`].
+pub fn agentq() -> Command {
+    let mut cmd = Command::new(bin());
+    die_with_test(&mut cmd);
+    cmd
 }
 
 /// A test's own queue namespace; `cleanup` deletes it.
@@ -95,9 +138,10 @@ impl TestQueue {
             .expect("hgetall")
     }
 
-    /// A worker process on this namespace; `args` are extra flags.
+    /// A worker process on this namespace; `args` are extra flags. It dies
+    /// with the spawning thread ([`die_with_test`]); hold it in a [`Proc`].
     pub fn spawn_worker(&self, args: &[&str]) -> Child {
-        Command::new(bin())
+        agentq()
             .arg("worker")
             .arg("--no-ledger") // these tests read the outbox; ledger tests give their own schema
             .args(if args.contains(&"--metrics-addr") {
@@ -118,7 +162,7 @@ impl TestQueue {
 
     /// Run the CLI on this namespace; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(bin())
+        let out = agentq()
             .args(args)
             .env("AGENTQ_REDIS_URL", self.queue.config().redis_url.clone())
             .env("AGENTQ_NAMESPACE", &self.ns)
@@ -312,13 +356,20 @@ pub struct WorkerProc {
     pub capture_stderr: bool,
     /// `AGENTQ_LOG` (default `agentq=warn`).
     pub log: Option<String>,
+    /// `TMPDIR`: where the worker makes attempt working directories (a
+    /// [`WorkerTmp`], to count what is left behind).
+    pub tmpdir: Option<PathBuf>,
 }
 
 impl TestQueue {
-    /// A worker process on this namespace, started as `how` says.
+    /// A worker process on this namespace, started as `how` says. It dies
+    /// with the spawning thread ([`die_with_test`]); hold it in a [`Proc`].
     pub fn spawn_worker_with(&self, args: &[&str], how: &WorkerProc) -> Child {
-        let mut cmd = Command::new(bin());
+        let mut cmd = agentq();
         cmd.arg("worker");
+        if let Some(dir) = &how.tmpdir {
+            cmd.env("TMPDIR", dir);
+        }
         match &how.database_url {
             Some(url) => cmd.env("AGENTQ_DATABASE_URL", url),
             None => cmd.arg("--no-ledger"),
@@ -424,6 +475,116 @@ impl TestQueue {
             })
             .collect()
     }
+}
+
+/// A private temp directory (`TMPDIR`) for worker processes, to check
+/// what they leave behind: attempt working directories (`agentq-task-*`)
+/// and worker directories (`agentq-w-<owner>`, see
+/// `agentq::executor::workdir`).
+pub struct WorkerTmp(tempfile::TempDir);
+
+impl WorkerTmp {
+    pub fn new() -> WorkerTmp {
+        WorkerTmp(
+            tempfile::Builder::new()
+                .prefix("agentq-test-tmp-")
+                .tempdir()
+                .expect("test temp directory"),
+        )
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// Names of everything agentq made here (`agentq-*`), with the
+    /// attempt directories inside worker directories.
+    pub fn agentq_entries(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, path) in list_dir(self.path()) {
+            if !name.starts_with("agentq-") {
+                continue;
+            }
+            out.push(name.clone());
+            if name.starts_with(agentq::executor::workdir::WORKER_PREFIX) {
+                out.extend(
+                    list_dir(&path)
+                        .into_iter()
+                        .map(|(n, _)| format!("{name}/{n}")),
+                );
+            }
+        }
+        out
+    }
+
+    /// What dead workers left: worker directories of owners that are gone
+    /// (or unreadable names), and attempt directories outside any worker
+    /// directory.
+    pub fn leaks(&self) -> Vec<String> {
+        use agentq::executor::owner::Owner;
+        use agentq::executor::workdir::{TASK_PREFIX, WORKER_PREFIX};
+        list_dir(self.path())
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|name| {
+                name.starts_with(TASK_PREFIX)
+                    || name
+                        .strip_prefix(WORKER_PREFIX)
+                        .is_some_and(|tag| Owner::parse(tag).is_none_or(|o| o.is_gone()))
+            })
+            .collect()
+    }
+
+    /// For a test that SIGKILLed workers, after its last worker is gone:
+    /// starts a worker on this directory (on a queue nobody uses), waits
+    /// until its startup sweep has removed every dead worker's directory,
+    /// stops it, and panics if anything of agentq is left.
+    pub async fn sweep_and_assert_clean(&self, tq: &TestQueue) {
+        let how = WorkerProc {
+            tmpdir: Some(self.path().to_path_buf()),
+            ..Default::default()
+        };
+        assert!(
+            !self.leaks().is_empty(),
+            "the killed workers left their directories in {}: {:?}",
+            self.path().display(),
+            self.agentq_entries()
+        );
+        let sweeper = Proc(tq.spawn_worker_with(&["--queues", "agentq-sweep-only"], &how));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.leaks().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            self.leaks(),
+            Vec::<String>::new(),
+            "the next worker's startup sweep left these in {}",
+            self.path().display()
+        );
+        // It runs no attempt, so it made no directory of its own.
+        drop(sweeper);
+        self.assert_clean();
+    }
+
+    /// Panics if anything of agentq is left (every worker stopped).
+    pub fn assert_clean(&self) {
+        let left = self.agentq_entries();
+        assert!(
+            left.is_empty(),
+            "left in the workers' temp directory {}: {left:?}",
+            self.path().display()
+        );
+    }
+}
+
+/// (name, path) of each entry of `dir` (none if unreadable).
+fn list_dir(dir: &Path) -> Vec<(String, PathBuf)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect()
 }
 
 /// SIGKILL a child process and reap it.
