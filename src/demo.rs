@@ -203,6 +203,7 @@ async fn drive(a: &DemoArgs, queue: &Queue, pool: &PgPool, registry: Registry) -
         cfg.concurrency = a.concurrency.max(1);
         cfg.backoff_base = Duration::from_millis(200);
         cfg.kill_grace = Duration::from_millis(500);
+        cfg.lease_guard = std::env::current_exe().ok();
         let w = Worker::new(
             queue.clone(),
             cfg,

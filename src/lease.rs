@@ -5,22 +5,65 @@
 //! fencing token: `extend.lua` and `complete.lua` act only when it still
 //! matches the job, so a worker that lost its lease (paused, cut off, slow)
 //! can neither extend it nor complete the job after someone else took it.
+//!
+//! Everything here is keyed by the pair ([`AttemptKey`]), never the job id
+//! alone: a worker that stalled past its lease may be handed the same job
+//! again as the next attempt while the first attempt's process still runs.
+//! The moment the worker learns an attempt is no longer its own (a claim
+//! hands out a newer attempt of its job, the heartbeat hears the lease is
+//! gone, or the lease's local deadline passes unrenewed) it kills that
+//! attempt's processes at once ([`StopReason::LeaseLost`],
+//! [`StopReason::LeaseLapsed`]); the lease guard process
+//! ([`crate::executor::lease_guard`]) does the same when the worker itself
+//! is stopped.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::executor::Stop;
+use crate::executor::lease_guard::{LeaseGuard, local_deadline, monotonic_ns};
 use crate::queue::Queue;
+
+/// One attempt of one job: the unit of a lease.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttemptKey {
+    /// Job id.
+    pub id: String,
+    /// Attempt number (the fencing token).
+    pub attempt: u32,
+}
+
+impl fmt::Display for AttemptKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.id, self.attempt)
+    }
+}
 
 /// Why this worker stopped one of its attempts early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
-    /// The lease was lost (expired and reaped): the attempt is someone else's.
+    /// Redis says the attempt is no longer this worker's (its lease expired
+    /// and was reaped, or the job was handed out again): killed at once.
     LeaseLost,
-    /// The worker is shutting down: hand the job back at once.
+    /// The lease could not be renewed before its local deadline (Redis
+    /// unreachable, or this worker stalled): killed at once, before Redis
+    /// can hand the job to anyone else.
+    LeaseLapsed,
+    /// The worker is shutting down: stopped gracefully, handed back.
     Shutdown,
+}
+
+impl StopReason {
+    /// True when the attempt must die at once (it is, or is about to be,
+    /// someone else's), rather than be asked to stop.
+    pub fn kills_now(self) -> bool {
+        matches!(self, StopReason::LeaseLost | StopReason::LeaseLapsed)
+    }
 }
 
 /// One attempt this worker holds.
@@ -28,16 +71,18 @@ pub enum StopReason {
 pub struct HeldLease {
     /// Partition of the job.
     pub partition: u32,
-    /// Attempt number (fencing token).
-    pub attempt: u32,
     /// When the attempt started here.
     pub started: Instant,
-    /// Fired to stop the attempt.
-    pub cancel: CancellationToken,
-    /// Set before `cancel` fires.
+    /// Fired to stop the attempt (gracefully, or at once).
+    pub stop: Stop,
+    /// Set before `stop` fires.
     pub reason: Option<StopReason>,
     /// The attempt has ended locally and waits for its acknowledgement.
     pub done: bool,
+    /// Local deadline of the lease (`CLOCK_MONOTONIC` ns): moved on by
+    /// every renewal; past it, the attempt is killed. Shared with the
+    /// attempt's [`crate::executor::Watchdog`].
+    pub deadline_ns: Arc<AtomicU64>,
 }
 
 /// The attempts this worker holds, shared by job tasks, the heartbeat and
@@ -45,11 +90,11 @@ pub struct HeldLease {
 /// its lease keeps being extended while the ack waits (Redis down).
 #[derive(Debug, Default)]
 pub struct Held {
-    map: Mutex<HashMap<String, HeldLease>>,
+    map: Mutex<HashMap<AttemptKey, HeldLease>>,
 }
 
 impl Held {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldLease>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptKey, HeldLease>> {
         // A panic while holding this lock cannot leave the map inconsistent
         // (single inserts/removes), so recover from poisoning.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
@@ -62,72 +107,157 @@ impl Held {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Record a new attempt.
-    pub fn insert(&self, id: String, lease: HeldLease) {
-        self.lock().insert(id, lease);
+    /// Record a new attempt. Any other attempt of the same job held here is
+    /// no longer this worker's (a claim handed out this newer one): it is
+    /// killed at once. Returns how many were.
+    pub fn insert(&self, key: AttemptKey, lease: HeldLease) -> usize {
+        let mut map = self.lock();
+        let mut killed = 0;
+        for (k, h) in map.iter_mut() {
+            if k.id == key.id && k.attempt != key.attempt && stop_one(h, StopReason::LeaseLost) {
+                tracing::warn!(job = %k.id, attempt = k.attempt, newer = key.attempt,
+                    "job handed out again: killing this worker's older attempt of it");
+                killed += 1;
+            }
+        }
+        map.insert(key, lease);
+        killed
     }
     /// Forget an attempt (its completion was acknowledged).
-    pub fn remove(&self, id: &str) {
-        self.lock().remove(id);
+    pub fn remove(&self, key: &AttemptKey) {
+        self.lock().remove(key);
     }
     /// Why the attempt was stopped, if it was.
-    pub fn reason(&self, id: &str) -> Option<StopReason> {
-        self.lock().get(id).and_then(|h| h.reason)
+    pub fn reason(&self, key: &AttemptKey) -> Option<StopReason> {
+        self.lock().get(key).and_then(|h| h.reason)
     }
     /// Mark an attempt as ended here (its acknowledgement is on the way).
-    pub fn mark_done(&self, id: &str) {
-        if let Some(h) = self.lock().get_mut(id) {
+    pub fn mark_done(&self, key: &AttemptKey) {
+        if let Some(h) = self.lock().get_mut(key) {
             h.done = true;
         }
     }
     /// Stop a still-running attempt for `reason`; returns false if it is not
     /// held or already ended (then there is nothing to stop).
-    pub fn stop(&self, id: &str, reason: StopReason) -> bool {
-        match self.lock().get_mut(id) {
-            Some(h) if !h.done => {
-                h.reason.get_or_insert(reason);
-                h.cancel.cancel();
-                true
-            }
-            _ => false,
-        }
+    pub fn stop(&self, key: &AttemptKey, reason: StopReason) -> bool {
+        self.lock()
+            .get_mut(key)
+            .is_some_and(|h| stop_one(h, reason))
     }
     /// Stop every attempt for `reason`.
     pub fn stop_all(&self, reason: StopReason) {
         for h in self.lock().values_mut() {
-            h.reason.get_or_insert(reason);
-            h.cancel.cancel();
+            stop_one(h, reason);
         }
     }
     /// `(id, attempt)` of every held attempt, by partition.
     pub fn by_partition(&self) -> BTreeMap<u32, Vec<(String, u32)>> {
         let mut out: BTreeMap<u32, Vec<(String, u32)>> = BTreeMap::new();
-        for (id, h) in self.lock().iter() {
+        for (k, h) in self.lock().iter() {
             out.entry(h.partition)
                 .or_default()
-                .push((id.clone(), h.attempt));
+                .push((k.id.clone(), k.attempt));
         }
         out
     }
+    /// Move the local deadline of `key` on to `deadline_ns`, unless it has
+    /// already passed: a lease that lapsed here is dead here (the lease
+    /// guard has killed, or is killing, its task), whatever Redis says.
+    pub fn renew(&self, key: &AttemptKey, deadline_ns: u64) {
+        if let Some(h) = self.lock().get_mut(key) {
+            let now = monotonic_ns();
+            let _ = h
+                .deadline_ns
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                    (d > now).then_some(d.max(deadline_ns))
+                });
+        }
+    }
+    /// Kill every running attempt whose local deadline has passed; returns
+    /// the earliest deadline still ahead (ns), if any.
+    pub fn stop_lapsed(&self, now_ns: u64) -> Option<u64> {
+        let mut next = None::<u64>;
+        for (k, h) in self.lock().iter_mut() {
+            if h.done {
+                continue;
+            }
+            let deadline = h.deadline_ns.load(Ordering::Relaxed);
+            if deadline <= now_ns {
+                if stop_one(h, StopReason::LeaseLapsed) {
+                    tracing::warn!(job = %k.id, attempt = k.attempt,
+                        "lease not renewed in time: killing the attempt before its job can run elsewhere");
+                }
+            } else {
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+            }
+        }
+        next
+    }
+}
+
+/// Stop one still-running attempt (the first reason given wins).
+fn stop_one(h: &mut HeldLease, reason: StopReason) -> bool {
+    if h.done {
+        return false;
+    }
+    let reason = *h.reason.get_or_insert(reason);
+    if reason.kills_now() {
+        h.stop.now.cancel();
+    } else {
+        h.stop.graceful.cancel();
+    }
+    true
 }
 
 /// Extend every held lease each `lease / 3`, one script call per partition,
-/// until `stop` fires. Attempts whose lease is gone are stopped.
-pub async fn heartbeat(queue: Queue, held: Arc<Held>, lease: Duration, stop: CancellationToken) {
+/// until `stop` fires: attempts whose lease is gone are killed; renewed ones
+/// get a new local deadline (here and in the lease guard); any whose
+/// deadline passes unrenewed are killed (checked at that deadline, not only
+/// at the next beat).
+pub async fn heartbeat(
+    queue: Queue,
+    held: Arc<Held>,
+    lease: Duration,
+    guard: Option<Arc<LeaseGuard>>,
+    stop: CancellationToken,
+) {
     let every = (lease / 3).max(Duration::from_millis(50));
+    let mut next_beat = Instant::now() + every;
     loop {
+        let lapse_at = held.stop_lapsed(monotonic_ns());
+        let until_lapse = lapse_at.map(|d| Duration::from_nanos(d.saturating_sub(monotonic_ns())));
+        let until_beat = next_beat.saturating_duration_since(Instant::now());
+        let wait = until_lapse.map_or(until_beat, |l| l.min(until_beat));
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
+        if Instant::now() < next_beat {
+            continue;
+        }
+        next_beat = Instant::now() + every;
         for (p, leases) in held.by_partition() {
+            let sent = monotonic_ns();
             match queue.extend(p, lease, &leases).await {
                 Ok(lost) => {
-                    for id in lost {
-                        // An attempt that already ended may race its own ack here; only a
-                        // still-running one has really lost its lease.
-                        if held.stop(&id, StopReason::LeaseLost) {
-                            tracing::warn!(job = %id, "lease lost (expired and reaped); stopping the attempt");
+                    renew(
+                        &held,
+                        guard.as_deref(),
+                        &leases,
+                        &lost,
+                        local_deadline(sent, lease),
+                    );
+                    for (id, attempt) in lost {
+                        // An attempt that already ended may race its own ack here;
+                        // only a still-running one has really lost its lease.
+                        if held.stop(
+                            &AttemptKey {
+                                id: id.clone(),
+                                attempt,
+                            },
+                            StopReason::LeaseLost,
+                        ) {
+                            tracing::warn!(job = %id, attempt, "lease lost (expired and reaped); killing the attempt");
                         }
                     }
                 }
@@ -135,6 +265,29 @@ pub async fn heartbeat(queue: Queue, held: Arc<Held>, lease: Duration, stop: Can
                     tracing::warn!(error = %e, partition = p, "lease extension failed; will retry")
                 }
             }
+        }
+    }
+}
+
+/// Move the deadline of every extended attempt that was not lost.
+fn renew(
+    held: &Held,
+    guard: Option<&LeaseGuard>,
+    sent: &[(String, u32)],
+    lost: &[(String, u32)],
+    deadline_ns: u64,
+) {
+    for (id, attempt) in sent {
+        if lost.iter().any(|(i, a)| i == id && a == attempt) {
+            continue;
+        }
+        let key = AttemptKey {
+            id: id.clone(),
+            attempt: *attempt,
+        };
+        held.renew(&key, deadline_ns);
+        if let Some(g) = guard {
+            g.renew(&key.to_string(), deadline_ns);
         }
     }
 }

@@ -15,8 +15,11 @@ use fred::prelude::*;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{self, Handlers, Limits, Outcome, Registry, Report, TaskInput};
-use crate::lease::{self, Held, HeldLease, StopReason};
+use crate::executor::lease_guard::{LeaseGuard, local_deadline, monotonic_ns};
+use crate::executor::{
+    self, Handlers, Limits, Outcome, Registry, Report, Stop, TaskInput, Watchdog,
+};
+use crate::lease::{self, AttemptKey, Held, HeldLease, StopReason};
 use crate::queue::{Call, ClaimedJob, CompleteStatus, Completion, Queue, QueueError};
 
 /// How a worker runs.
@@ -45,6 +48,12 @@ pub struct WorkerConfig {
     /// Sample queue depth and tenant state into gauges this often (one
     /// worker of the fleet at a time); None: never.
     pub sample_metrics: Option<Duration>,
+    /// The agentq binary, to start the lease guard process
+    /// ([`crate::executor::lease_guard`]) that kills a task whose lease this
+    /// worker stopped renewing even while the worker itself is stopped.
+    /// None: no guard (the worker still kills lapsed attempts itself while
+    /// it runs). `agentq worker` sets it to itself.
+    pub lease_guard: Option<std::path::PathBuf>,
 }
 
 impl WorkerConfig {
@@ -62,6 +71,7 @@ impl WorkerConfig {
             reap_interval: Duration::from_secs(1),
             idle_poll: Duration::from_secs(1),
             sample_metrics: None,
+            lease_guard: None,
         }
     }
 }
@@ -103,9 +113,48 @@ struct Counters {
 
 /// What a finished attempt sends to the completer.
 enum Finished {
-    /// Partition, completion, and (queue, tenant) for metrics.
-    Complete(u32, Completion, (String, String)),
-    Release(u32, String, u32, u64),
+    /// Record the attempt's end.
+    Complete {
+        partition: u32,
+        key: AttemptKey,
+        completion: Completion,
+        /// For metrics.
+        queue: String,
+        /// For metrics.
+        tenant: String,
+    },
+    /// Hand the job back to ready without counting the attempt (shutdown).
+    Release {
+        partition: u32,
+        key: AttemptKey,
+        run_ms: u64,
+    },
+}
+
+/// How an attempt that ended locally is closed.
+#[derive(Debug, PartialEq, Eq)]
+enum Closing {
+    /// Its own end: complete it as reported.
+    AsReported,
+    /// Stopped for shutdown: hand it back.
+    HandBack,
+    /// Killed because its lease lapsed: close it as lost (like the reaper).
+    Lost,
+}
+
+/// An attempt is handed back only if the shutdown stopped it; one that
+/// ended by itself while the worker was shutting down is completed (it
+/// must not run again). One killed because its lease lapsed (by this
+/// worker, or by the lease guard while the worker was stopped: SIGKILL
+/// after the deadline) closes as lost.
+fn closing(report: &Report, reason: Option<StopReason>, lapsed: bool) -> Closing {
+    let killed = report.signal == Some(libc::SIGKILL);
+    match reason {
+        Some(StopReason::Shutdown) if report.stopped => Closing::HandBack,
+        Some(StopReason::LeaseLapsed) if report.stopped || killed => Closing::Lost,
+        _ if killed && lapsed => Closing::Lost,
+        _ => Closing::AsReported,
+    }
 }
 
 /// A worker: a queue handle, the task programs and handlers it can run.
@@ -123,6 +172,7 @@ struct Ctx {
     registry: Arc<Registry>,
     handlers: Arc<Handlers>,
     held: Arc<Held>,
+    guard: Option<Arc<LeaseGuard>>,
     done: mpsc::UnboundedSender<Finished>,
 }
 
@@ -173,10 +223,18 @@ impl Worker {
         );
         let _sub = subscribe_wake(&self.queue, wake.clone(), woken.clone()).await?;
         crate::metrics::register_zeroes();
+        let guard = self.cfg.lease_guard.as_deref().and_then(|bin| {
+            LeaseGuard::spawn(bin)
+                .inspect_err(|e| tracing::warn!(error = %e, program = %bin.display(),
+                    "could not start the lease guard; tasks of a stalled worker may outlive their leases"))
+                .ok()
+                .map(Arc::new)
+        });
         let heartbeat = tokio::spawn(lease::heartbeat(
             self.queue.clone(),
             held.clone(),
             self.cfg.lease,
+            guard.clone(),
             background.clone(),
         ));
         let reaper = tokio::spawn(lease::reaper(
@@ -214,6 +272,7 @@ impl Worker {
             registry: self.registry.clone(),
             handlers: self.handlers.clone(),
             held: held.clone(),
+            guard,
             done: tx,
         });
         let signals = ClaimSignals {
@@ -391,6 +450,7 @@ async fn claim_round(
         for (p, batch) in plan {
             let batch = batch.min(left);
             let call = &mut calls[p as usize];
+            let sent = monotonic_ns();
             match ctx
                 .queue
                 .claim(p, call, batch, ctx.cfg.lease, &ctx.cfg.queues)
@@ -408,7 +468,7 @@ async fn claim_round(
                         unused += batch - got;
                     }
                     for job in c.jobs {
-                        start_claimed(ctx, counters, job);
+                        start_claimed(ctx, counters, job, sent);
                     }
                 }
                 Err(e) => {
@@ -426,11 +486,13 @@ async fn claim_round(
     round
 }
 
-fn start_claimed(ctx: &Arc<Ctx>, counters: &Counters, job: ClaimedJob) {
+/// `sent`: when the claim was sent (`CLOCK_MONOTONIC` ns), where the
+/// lease's local deadline counts from.
+fn start_claimed(ctx: &Arc<Ctx>, counters: &Counters, job: ClaimedJob, sent: u64) {
     counters.started.fetch_add(1, Ordering::Relaxed);
     let wait = (job.started_at_ms - job.enqueued_at_ms).max(0) as u64;
     crate::metrics::started(&job.queue, &job.tenant, Duration::from_millis(wait));
-    start_attempt(ctx, job);
+    start_attempt(ctx, job, sent);
 }
 
 /// How a worker splits its free slots across partitions: in proportion to
@@ -560,36 +622,50 @@ impl SlotSplit {
     }
 }
 
-fn start_attempt(ctx: &Arc<Ctx>, job: ClaimedJob) {
-    let cancel = CancellationToken::new();
+fn start_attempt(ctx: &Arc<Ctx>, job: ClaimedJob, sent: u64) {
+    let key = AttemptKey {
+        id: job.id.clone(),
+        attempt: job.attempt,
+    };
+    let deadline = Arc::new(AtomicU64::new(local_deadline(sent, ctx.cfg.lease)));
+    let stop = Stop {
+        watchdog: ctx.guard.as_ref().map(|g| Watchdog {
+            guard: g.clone(),
+            key: key.to_string(),
+            deadline_ns: deadline.clone(),
+        }),
+        ..Stop::default()
+    };
     ctx.held.insert(
-        job.id.clone(),
+        key.clone(),
         HeldLease {
             partition: job.partition,
-            attempt: job.attempt,
             started: Instant::now(),
-            cancel: cancel.clone(),
+            stop: stop.clone(),
             reason: None,
             done: false,
+            deadline_ns: deadline.clone(),
         },
     );
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let started = Instant::now();
-        let report = execute(&ctx, &job, cancel).await;
-        ctx.held.mark_done(&job.id);
-        let finished = match ctx.held.reason(&job.id) {
-            Some(StopReason::Shutdown) => Finished::Release(
-                job.partition,
-                job.id.clone(),
-                job.attempt,
-                started.elapsed().as_millis() as u64,
-            ),
-            _ => Finished::Complete(
-                job.partition,
-                completion(&ctx.cfg, &job, report),
-                (job.queue.clone(), job.tenant.clone()),
-            ),
+        let report = execute(&ctx, &job, stop).await;
+        ctx.held.mark_done(&key);
+        let lapsed = deadline.load(Ordering::Relaxed) <= monotonic_ns();
+        let finished = match closing(&report, ctx.held.reason(&key), lapsed) {
+            Closing::HandBack => Finished::Release {
+                partition: job.partition,
+                key,
+                run_ms: started.elapsed().as_millis() as u64,
+            },
+            how => Finished::Complete {
+                partition: job.partition,
+                key,
+                completion: completion(&ctx.cfg, &job, report, how == Closing::Lost),
+                queue: job.queue.clone(),
+                tenant: job.tenant.clone(),
+            },
         };
         // The completer outlives every job task (it ends when all senders drop).
         let _ = ctx.done.send(finished);
@@ -621,7 +697,7 @@ fn limits_for(
     }
 }
 
-async fn execute(ctx: &Ctx, job: &ClaimedJob, cancel: CancellationToken) -> Report {
+async fn execute(ctx: &Ctx, job: &ClaimedJob, stop: Stop) -> Report {
     let payload = match serde_json::value::RawValue::from_string(job.payload.clone()) {
         Ok(p) => p,
         Err(e) => return Report::failed(format!("stored payload is not valid JSON: {e}"), true),
@@ -641,12 +717,12 @@ async fn execute(ctx: &Ctx, job: &ClaimedJob, cancel: CancellationToken) -> Repo
             None,
             ctx.cfg.kill_grace,
         );
-        return executor::run_handler(h.as_ref(), input, &limits, cancel).await;
+        return executor::run_handler(h.as_ref(), input, &limits, stop).await;
     }
     match ctx.registry.get(&job.kind) {
         Some(m) => {
             let limits = limits_for(job, m.timeout, m.memory, ctx.cfg.kill_grace);
-            executor::run_process(m, &input, &limits, cancel).await
+            executor::run_process(m, &input, &limits, stop).await
         }
         None => {
             let known: Vec<&str> = ctx.registry.kinds().chain(ctx.handlers.kinds()).collect();
@@ -678,8 +754,18 @@ fn backoff(cfg: &WorkerConfig, attempt: u32) -> Duration {
     half + Duration::from_millis(rand::random_range(0..=half.as_millis().max(1) as u64))
 }
 
-fn completion(cfg: &WorkerConfig, job: &ClaimedJob, r: Report) -> Completion {
-    let backoff_ms = if r.outcome == Outcome::Succeeded {
+/// The completion of an attempt that ended here; `lapsed`: it was killed
+/// because its lease lapsed, and closes as `lost` (as the reaper would),
+/// ready again at once.
+fn completion(cfg: &WorkerConfig, job: &ClaimedJob, mut r: Report, lapsed: bool) -> Completion {
+    if lapsed {
+        r.outcome = Outcome::Lost;
+        r.error = Some(format!(
+            "lease lapsed: worker {} could not renew it in time (stalled, or cut off from Redis), so it killed the attempt",
+            cfg.id
+        ));
+    }
+    let backoff_ms = if r.outcome == Outcome::Succeeded || lapsed {
         0
     } else {
         backoff(cfg, job.attempt).as_millis() as u64
@@ -725,23 +811,40 @@ async fn complete_loop(
             }
         }
         let mut done: BTreeMap<u32, Vec<Completion>> = BTreeMap::new();
-        let mut labels: std::collections::HashMap<String, (String, String)> =
+        let mut labels: std::collections::HashMap<AttemptKey, (String, String)> =
             std::collections::HashMap::new();
         let mut back: BTreeMap<u32, Vec<(String, u32, u64)>> = BTreeMap::new();
         for f in batch {
             match f {
-                Finished::Complete(p, c, l) => {
-                    labels.insert(c.id.clone(), l);
-                    done.entry(p).or_default().push(c)
+                Finished::Complete {
+                    partition,
+                    key,
+                    completion,
+                    queue,
+                    tenant,
+                } => {
+                    labels.insert(key, (queue, tenant));
+                    done.entry(partition).or_default().push(completion)
                 }
-                Finished::Release(p, id, a, ms) => back.entry(p).or_default().push((id, a, ms)),
+                Finished::Release {
+                    partition,
+                    key,
+                    run_ms,
+                } => back
+                    .entry(partition)
+                    .or_default()
+                    .push((key.id, key.attempt, run_ms)),
             }
         }
         for (p, list) in done {
             let call = Call::new(worker.clone());
             let statuses = retry("complete", || queue.complete(p, &call, &list)).await;
             for (c, s) in list.iter().zip(statuses) {
-                if let Some((q, t)) = labels.get(&c.id) {
+                let key = AttemptKey {
+                    id: c.id.clone(),
+                    attempt: c.attempt,
+                };
+                if let Some((q, t)) = labels.get(&key) {
                     crate::metrics::completed(
                         q,
                         t,
@@ -756,7 +859,7 @@ async fn complete_loop(
                 } else {
                     counters.completed.fetch_add(1, Ordering::Relaxed);
                 }
-                held.remove(&c.id);
+                held.remove(&key);
             }
         }
         for (p, list) in back {
@@ -766,8 +869,11 @@ async fn complete_loop(
             })
             .await;
             counters.released.fetch_add(n, Ordering::Relaxed);
-            for (id, _, _) in &list {
-                held.remove(id);
+            for (id, attempt, _) in &list {
+                held.remove(&AttemptKey {
+                    id: id.clone(),
+                    attempt: *attempt,
+                });
             }
         }
         slot_freed.notify_one();
@@ -795,6 +901,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attempt_that_ended_by_itself_is_completed_even_at_shutdown() {
+        let ok = |stopped: bool, signal: Option<i32>| Report {
+            stopped,
+            signal,
+            ..Report::failed("x", false)
+        };
+        let shutdown = Some(StopReason::Shutdown);
+        // Found in review: the worker handed back any attempt it had asked
+        // to stop, even one whose process had already exited: it ran again.
+        assert_eq!(
+            closing(&ok(false, None), shutdown, false),
+            Closing::AsReported
+        );
+        assert_eq!(closing(&ok(true, None), shutdown, false), Closing::HandBack);
+        let lapsed = Some(StopReason::LeaseLapsed);
+        assert_eq!(closing(&ok(true, None), lapsed, true), Closing::Lost);
+        // Killed by the lease guard while the worker was stopped, noticed
+        // by the heartbeat first or not.
+        assert_eq!(
+            closing(&ok(false, Some(libc::SIGKILL)), None, true),
+            Closing::Lost
+        );
+        assert_eq!(
+            closing(&ok(false, Some(libc::SIGKILL)), lapsed, false),
+            Closing::Lost
+        );
+        // Ended by itself just as its lease lapsed: its own end.
+        assert_eq!(closing(&ok(false, None), lapsed, true), Closing::AsReported);
+        assert_eq!(
+            closing(&ok(false, Some(libc::SIGKILL)), None, false),
+            Closing::AsReported
+        );
+    }
 
     #[test]
     fn slots_split_by_weight_over_rounds() {

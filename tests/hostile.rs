@@ -447,9 +447,52 @@ async fn cgroup_mode_is_used_where_cgroups_are_writable() {
     assert!(off.describe().contains("disabled"), "{}", off.describe());
 }
 
-/// `agentq worker` SIGKILLed mid-attempt: its daemonized grandchildren
-/// outlive it (PDEATHSIG reaches only the direct child), and the next
-/// worker's startup sweep of dead workers' cgroups kills them.
+/// `agentq worker` SIGKILLed alone mid-attempt: its lease guard sees the
+/// worker's end of the pipe close and kills what it watched at once, the
+/// attempt's cgroup included, so even grandchildren that left the process
+/// group with `setsid` do not outlive the worker.
+#[tokio::test]
+async fn the_lease_guard_kills_a_killed_workers_escaped_processes() {
+    let tq = TestQueue::new("hostile-guard").await;
+    let parent = format!("agentq-test-guard-{:08x}", rand::random::<u32>());
+    let notes = tempfile::tempdir().unwrap();
+    let note = notes.path().join("escape.json");
+    let hostile = hostile_dir().display().to_string();
+    let args = [
+        "--workers-dir",
+        hostile.as_str(),
+        "--cgroup-parent",
+        parent.as_str(),
+    ];
+    let mut worker = Proc(tq.spawn_worker(&args));
+    let mut spec = agentq::queue::job::JobSpec::new("evil", "default", "escape");
+    spec.payload = json!({"note": note, "wait": true}).to_string();
+    tq.queue.enqueue(&spec).await.expect("enqueue");
+    let seen: serde_json::Value = eventually(Duration::from_secs(30), "escape running", || async {
+        serde_json::from_str(&std::fs::read_to_string(&note).ok()?).ok()
+    })
+    .await;
+    let escaped: Vec<i32> = serde_json::from_value(seen["escaped"].clone()).unwrap();
+    assert!(
+        Path::new("/sys/fs/cgroup/memory").exists(),
+        "this test needs cgroups (v1 memory hierarchy): the guard finds setsid'd processes by cgroup"
+    );
+    worker.kill().expect("SIGKILL worker");
+    worker.wait().expect("reap worker");
+    for pid in &escaped {
+        assert!(
+            wait_dead(*pid, Duration::from_secs(5)).await,
+            "{pid} outlived its SIGKILLed worker: the lease guard did not kill it"
+        );
+    }
+    tq.cleanup().await;
+}
+
+/// `agentq worker` and its lease guard SIGKILLed mid-attempt (the whole
+/// process tree lost, as when a container is OOM-killed): the attempt's
+/// daemonized grandchildren outlive them (PDEATHSIG reaches only the direct
+/// child), and the next worker's startup sweep of dead workers' cgroups
+/// kills them.
 #[tokio::test]
 async fn stale_attempts_of_a_killed_worker_are_swept_at_startup() {
     let tq = TestQueue::new("hostile-sweep").await;
@@ -476,6 +519,9 @@ async fn stale_attempts_of_a_killed_worker_are_swept_at_startup() {
     })
     .await;
     let escaped: Vec<i32> = serde_json::from_value(seen["escaped"].clone()).unwrap();
+    let guard = common::lease_guard_of(first.id()).expect("the worker's lease guard");
+    // SAFETY: signalling a process of this test's worker.
+    unsafe { libc::kill(guard as libc::pid_t, libc::SIGKILL) };
     first.kill().expect("SIGKILL worker");
     first.wait().expect("reap worker");
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -291,7 +291,7 @@ async fn expired_lease_is_reaped_and_late_completion_refused() {
         .expect("extend");
     assert_eq!(
         lost,
-        vec![first[0].id.clone()],
+        vec![(first[0].id.clone(), first[0].attempt)],
         "the old holder cannot extend"
     );
     let second = claim(&tq, 1).await;

@@ -354,10 +354,14 @@ fn processes() -> Vec<(u32, u32, String)> {
     out
 }
 
-/// Task processes: descendants of `roots`, plus anything (an orphan
-/// reparented to init) whose command line is under `tasks_dir`.
+/// Task processes: descendants of `roots` (but their lease guards), plus
+/// anything (an orphan reparented to init) whose command line is under
+/// `tasks_dir`.
 fn task_processes(roots: &[u32], tasks_dir: &Path) -> Vec<String> {
-    let all = processes();
+    let all: Vec<(u32, u32, String)> = processes()
+        .into_iter()
+        .filter(|(_, _, cmd)| !cmd.contains("__lease-guard"))
+        .collect();
     let dir = tasks_dir.display().to_string();
     let mut found: HashSet<u32> = HashSet::new();
     let mut frontier: Vec<u32> = roots.to_vec();

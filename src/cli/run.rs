@@ -87,6 +87,8 @@ impl WorkerArgs {
         cfg.sample_metrics = Some(Duration::from_secs(5));
         cfg.reap_interval =
             (self.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        // This binary runs the lease guard too (`agentq __lease-guard`).
+        cfg.lease_guard = std::env::current_exe().ok();
         Ok(cfg)
     }
 

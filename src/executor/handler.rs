@@ -17,8 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio_util::sync::CancellationToken;
-
+use super::stop::Stop;
 use super::{INTERRUPTED, Limits, Outcome, Report, TaskInput, TaskUsage};
 use crate::units::format_duration;
 
@@ -111,17 +110,25 @@ where
 /// - Timeout: at `limits.timeout` the task is aborted and the outcome is
 ///   [`Outcome::TimedOut`] (`limits.memory` and `limits.kill_grace` are not
 ///   used).
-/// - Cancel (worker shutdown): aborted, retryable failure
-///   `"interrupted: worker shutting down"`.
+/// - A stop (worker shutdown, or the lease is gone; handlers have no
+///   process to kill, so both abort the task): retryable failure
+///   `"interrupted: worker shutting down"`, [`Report::stopped`] set.
 /// - Panic: retryable failure `"handler panicked: <message>"`.
 pub async fn run_handler(
     h: &dyn Handler,
     input: TaskInput,
     limits: &Limits,
-    cancel: CancellationToken,
+    stop: impl Into<Stop>,
 ) -> Report {
-    if cancel.is_cancelled() {
-        return Report::failed(INTERRUPTED, false);
+    let stop: Stop = stop.into();
+    let stopped = |wall_ms| {
+        let mut r = Report::failed(INTERRUPTED, false);
+        r.wall_ms = wall_ms;
+        r.stopped = true;
+        r
+    };
+    if stop.graceful.is_cancelled() || stop.now.is_cancelled() {
+        return stopped(0);
     }
     let start = Instant::now();
     // Calling `run` itself may panic (before returning a future).
@@ -135,11 +142,13 @@ pub async fn run_handler(
     let result = tokio::select! {
         r = &mut task => Some(r),
         _ = tokio::time::sleep(limits.timeout) => None,
-        _ = cancel.cancelled() => {
+        _ = stop.graceful.cancelled() => {
             task.abort();
-            let mut r = Report::failed(INTERRUPTED, false);
-            r.wall_ms = elapsed_ms(start);
-            return r;
+            return stopped(elapsed_ms(start));
+        }
+        _ = stop.now.cancelled() => {
+            task.abort();
+            return stopped(elapsed_ms(start));
         }
     };
     let wall_ms = elapsed_ms(start);

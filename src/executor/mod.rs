@@ -21,16 +21,19 @@ use serde::{Deserialize, Serialize};
 
 pub mod cgroup;
 pub mod handler;
+pub mod lease_guard;
 pub mod manifest;
 pub mod owner;
 pub mod process;
 pub mod sandbox;
+pub mod stop;
 pub mod workdir;
 
 pub use handler::{Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler};
 pub use manifest::{Manifest, ManifestError, Registry, parse_manifest};
 pub use process::{is_memory_exceeded, parse_task_output, run_process, run_process_in, task_peak};
 pub use sandbox::{Sandbox, SandboxConfig, TaskUser};
+pub use stop::{Stop, Watchdog};
 
 /// Exit code that means "permanent failure, never retry" (EX_DATAERR).
 pub const EXIT_PERMANENT: i32 = 65;
@@ -194,6 +197,12 @@ pub struct Report {
     /// bounded tail of the program's stderr on the following lines. Always
     /// clean text (see [`clean_error`]).
     pub error: Option<String>,
+    /// The runtime stopped the attempt before it ended by itself (a
+    /// graceful stop at shutdown, or a kill because its lease was gone).
+    /// False for an attempt that ended on its own, even if a stop came
+    /// while it was ending: that one is completed, not handed back.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 impl Report {
@@ -213,6 +222,7 @@ impl Report {
             output: None,
             usage: TaskUsage::default(),
             error: Some(clean_error(&msg.into())),
+            stopped: false,
         }
     }
 
@@ -240,6 +250,10 @@ pub fn clean_error(text: &str) -> String {
 
 /// Error text used when an attempt is stopped because the worker shuts down.
 pub const INTERRUPTED: &str = "interrupted: worker shutting down";
+
+/// Error text used when an attempt is killed at once because its lease is
+/// gone (the job may run elsewhere).
+pub const KILLED: &str = "killed: this worker no longer holds the attempt's lease";
 
 #[cfg(test)]
 mod tests {

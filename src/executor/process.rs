@@ -34,6 +34,7 @@
 use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
@@ -48,8 +49,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::cgroup::{Attempt, CgroupLimits, CgroupStats, join_self};
 use super::sandbox::{self, Sandbox};
+use super::stop::Stop;
 use super::{
-    EXIT_PERMANENT, INTERRUPTED, Limits, Manifest, Outcome, Report, TaskInput, TaskUsage,
+    EXIT_PERMANENT, INTERRUPTED, KILLED, Limits, Manifest, Outcome, Report, TaskInput, TaskUsage,
     clean_error,
 };
 use crate::units::{format_duration, format_size};
@@ -157,9 +159,12 @@ fn own_rss() -> u64 {
 /// program, permission denied) are permanent failures; timeouts are
 /// [`Outcome::TimedOut`]; hitting the memory cap is
 /// [`Outcome::MemoryExceeded`]; exit code 65 is a permanent failure. When
-/// `cancel` fires (worker shutdown) the group gets SIGTERM, SIGKILL after
-/// `limits.kill_grace`, and the report is a retryable failure with error
-/// `"interrupted: worker shutting down"`.
+/// `stop.graceful` fires (worker shutdown) the group gets SIGTERM, SIGKILL
+/// after `limits.kill_grace`, and the report is a retryable failure with
+/// error `"interrupted: worker shutting down"`; when `stop.now` fires (the
+/// lease is gone) the group and the cgroup get SIGKILL at once. Either way
+/// [`Report::stopped`] is set. A [`Stop::watchdog`] gets the task's process
+/// group from its start until just before it is reaped.
 ///
 /// Must be called inside a tokio runtime with I/O and time enabled (it
 /// registers a pidfd with the reactor; without pidfd support it falls back
@@ -168,9 +173,9 @@ pub async fn run_process(
     m: &Manifest,
     input: &TaskInput,
     limits: &Limits,
-    cancel: CancellationToken,
+    stop: impl Into<Stop>,
 ) -> Report {
-    run_process_in(sandbox::current(), m, input, limits, cancel).await
+    run_process_in(sandbox::current(), m, input, limits, stop).await
 }
 
 /// [`run_process`] under an explicit [`Sandbox`] (containment mode, process
@@ -180,10 +185,13 @@ pub async fn run_process_in(
     m: &Manifest,
     input: &TaskInput,
     limits: &Limits,
-    cancel: CancellationToken,
+    stop: impl Into<Stop>,
 ) -> Report {
-    if cancel.is_cancelled() {
-        return Report::failed(INTERRUPTED, false);
+    let stop: Stop = stop.into();
+    if stop.graceful.is_cancelled() || stop.now.is_cancelled() {
+        let mut r = Report::failed(INTERRUPTED, false);
+        r.stopped = true;
+        return r;
     }
     let Some(program_name) = m.command.first() else {
         return Report::failed(
@@ -231,6 +239,24 @@ pub async fn run_process_in(
             }
         },
     };
+
+    // From before the spawn until just before the reap, the lease guard may
+    // kill the attempt if the worker cannot: by its cgroup from the start
+    // (the child joins it before exec, so a stall between fork and the
+    // registration of its pid is covered too), and by its process group
+    // once the pid is known.
+    let watched = stop.watchdog.as_ref().map(|w| {
+        let procs: Vec<PathBuf> = cgroup
+            .as_ref()
+            .map(|c| {
+                c.join_paths()
+                    .iter()
+                    .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p.as_bytes())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        w.arm(&procs)
+    });
 
     let mut cmd = std::process::Command::new(&program);
     cmd.args(&m.command[1..])
@@ -297,11 +323,15 @@ pub async fn run_process_in(
     let worker_rss = rss_before.max(own_rss());
     let pid = child.id() as libc::pid_t;
     let mut guard = ChildGuard { pid, reaped: false };
+    if let Some(w) = &watched {
+        w.set_pid(pid);
+    }
 
     // Pipes: stdin is written by its own task; stdout/stderr read into
-    // bounded buffers. `stop` ends the readers early (drain timeout, drop).
-    let stop = CancellationToken::new();
-    let _stop_on_drop = stop.clone().drop_guard();
+    // bounded buffers. `readers_stop` ends the readers early (drain timeout,
+    // drop).
+    let readers_stop = CancellationToken::new();
+    let _readers_stop_on_drop = readers_stop.clone().drop_guard();
     let stdin_task = AbortOnDrop(child.stdin.take().map(|s| {
         tokio::spawn(async move {
             if let Ok(mut s) = tokio::process::ChildStdin::from_std(s) {
@@ -315,26 +345,34 @@ pub async fn run_process_in(
         .stdout
         .take()
         .and_then(|s| tokio::process::ChildStdout::from_std(s).ok())
-        .map(|s| tokio::spawn(read_tail(s, STDOUT_KEEP, stop.clone())));
+        .map(|s| tokio::spawn(read_tail(s, STDOUT_KEEP, readers_stop.clone())));
     let stderr_task = child
         .stderr
         .take()
         .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
-        .map(|s| tokio::spawn(read_tail(s, STDERR_KEEP, stop.clone())));
+        .map(|s| tokio::spawn(read_tail(s, STDERR_KEEP, readers_stop.clone())));
     // The std Child is only a pid now; dropping it neither waits nor kills.
     drop(child);
 
-    // Wait for the exit, the deadline or the cancel token.
+    // Wait for the exit, the deadline or a stop.
     let mut exited = pin!(wait_exit(pid));
     let mut exit_result = None;
     let mut ended_by = None;
+    // Biased: a program that has already exited ended by itself, even if a
+    // stop arrived at the same moment (it is then completed, not run again).
     tokio::select! {
+        biased;
         r = &mut exited => exit_result = Some(r),
         _ = tokio::time::sleep(limits.timeout) => ended_by = Some(EndedBy::Timeout),
-        _ = cancel.cancelled() => ended_by = Some(EndedBy::Cancel),
+        _ = stop.graceful.cancelled() => ended_by = Some(EndedBy::Cancel),
+        _ = stop.now.cancelled() => ended_by = Some(EndedBy::Kill),
     }
     let exit_result = match exit_result {
         Some(r) => r,
+        None if ended_by == Some(EndedBy::Kill) => {
+            signal_all(pid, cgroup.as_ref(), libc::SIGKILL);
+            exited.await
+        }
         None => {
             signal_all(pid, cgroup.as_ref(), libc::SIGTERM);
             // A stopped process would not act on SIGTERM until continued.
@@ -355,6 +393,9 @@ pub async fn run_process_in(
     // left the group too), then reap the leader.
     signal_group(pid, libc::SIGKILL);
     let cgroup = kill_cgroup(cgroup).await;
+    if let Some(w) = watched {
+        w.disarm();
+    }
     let reaped = match exit_result {
         Ok(()) => reap_now(pid),
         Err(_) => {
@@ -373,10 +414,10 @@ pub async fn run_process_in(
 
     // Collect output; bounded in time in case a descendant escaped the group.
     let stopper = AbortOnDrop(Some({
-        let stop = stop.clone();
+        let readers_stop = readers_stop.clone();
         tokio::spawn(async move {
             tokio::time::sleep(DRAIN_TIMEOUT).await;
-            stop.cancel();
+            readers_stop.cancel();
         })
     }));
     let stdout = match stdout_task {
@@ -457,7 +498,10 @@ fn signal_all(pgid: libc::pid_t, cgroup: Option<&Attempt>, sig: libc::c_int) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum EndedBy {
     Timeout,
+    /// A graceful stop (worker shutdown).
     Cancel,
+    /// A stop at once (the lease is gone).
+    Kill,
 }
 
 /// How the main process ended, decoded from the wait status.
@@ -521,6 +565,7 @@ fn classify(f: Finished<'_>) -> Report {
     };
     let (outcome, permanent, error) = match f.ended_by {
         Some(EndedBy::Cancel) => (Outcome::Failed, false, Some(INTERRUPTED.to_string())),
+        Some(EndedBy::Kill) => (Outcome::Failed, false, Some(KILLED.to_string())),
         Some(EndedBy::Timeout) => (
             Outcome::TimedOut,
             false,
@@ -592,6 +637,7 @@ fn classify(f: Finished<'_>) -> Report {
         usage,
         // Already clean piece by piece; this pass also bounds the whole.
         error: error.as_deref().map(clean_error),
+        stopped: matches!(f.ended_by, Some(EndedBy::Cancel | EndedBy::Kill)),
     }
 }
 

@@ -19,7 +19,12 @@
 //! | `B:tenant:<t>` | hash | tenant limits (`max_concurrency`, `max_timeout_ms`, `max_memory`, `weight`, `tier`) |
 //! | `B:defaults` | hash | limits for tenants that set none, and partition settings |
 //! | `B:running` | hash | tenant -> running jobs (the fleet-wide concurrency count) |
-//! | `B:pass`, `B:vt` | hash, string | tenant pass and the partition's virtual time |
+//! | `B:qvt` | hash | queue → its virtual time (the pass of the latest pick by a pool serving it) |
+//! | `B:q:<q>:pass` | hash | tenant → what it owes on q (its pass when it left q's sched set ahead of q's virtual time) |
+//! | `B:qw` | hash | queue → total weight of the tenants in its sched set |
+//! | `B:q:<q>:dt:<t>` | zset | tenant t's dead jobs in q, by time of death |
+//! | `B:calls:<worker>` | hash (TTL) | a worker's last claim/complete/release call id and reply |
+//! | `B:meta` | hash | `partitions`: the namespace's partition count |
 //! | `B:paused` | set | `q:<q>` (queue paused) and `qt:<q>:<t>` (tenant paused on a queue) |
 //! | `B:leases` | zset | running job id -> lease deadline (Redis time, ms) |
 //! | `B:outbox` | stream | ledger records waiting for PostgreSQL (consumer group `ledger`) |

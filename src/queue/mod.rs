@@ -206,11 +206,20 @@ impl Queue {
         let n = self.cfg.partitions;
         for p in 0..n {
             let key = self.keys(p).key(&["meta"]);
-            let fresh: bool = self.client.hsetnx(&key, "partitions", n).await?;
-            if fresh {
-                continue;
+            // Read first: a full Redis (noeviction) refuses the write, and a
+            // namespace in use is already recorded.
+            let mut recorded: Option<u32> = self.client.hget(&key, "partitions").await?;
+            if recorded.is_none() {
+                let fresh: bool = self
+                    .client
+                    .hsetnx(&key, "partitions", n)
+                    .await
+                    .map_err(|e| QueueError::from_script(QueueError::Redis(e)))?;
+                if fresh {
+                    continue;
+                }
+                recorded = self.client.hget(&key, "partitions").await?;
             }
-            let recorded: Option<u32> = self.client.hget(&key, "partitions").await?;
             if recorded != Some(n) {
                 return Err(QueueError::Invalid(format!(
                     "namespace {:?} is laid out in {} partitions, but this process uses {n}: \
@@ -471,19 +480,24 @@ impl Queue {
             .collect()
     }
 
-    /// Extend leases of partition `p`; returns the ids whose lease is lost.
+    /// Extend leases of partition `p` by `(id, attempt)`; returns the
+    /// attempts whose lease is lost (reaped, or the job moved on).
     pub async fn extend(
         &self,
         p: u32,
         lease: Duration,
         held: &[(String, u32)],
-    ) -> Result<Vec<String>, QueueError> {
+    ) -> Result<Vec<(String, u32)>, QueueError> {
         let mut args = vec![lease.as_millis().to_string()];
         for (id, token) in held {
             args.push(id.clone());
             args.push(token.to_string());
         }
-        strings(self.call(ScriptName::Extend, p, args).await?)
+        let flat = strings(self.call(ScriptName::Extend, p, args).await?)?;
+        Ok(flat
+            .chunks_exact(2)
+            .map(|c| (c[0].clone(), c[1].parse().unwrap_or(0)))
+            .collect())
     }
 
     /// Run the reaper on partition `p` unless another worker ran it within

@@ -212,6 +212,7 @@ pub fn fast_worker(queues: &[&str], concurrency: usize) -> WorkerConfig {
     c.kill_grace = Duration::from_millis(500);
     c.shutdown_grace = Duration::from_secs(5);
     c.idle_poll = Duration::from_millis(200);
+    c.lease_guard = Some(PathBuf::from(bin()));
     c
 }
 
@@ -773,4 +774,22 @@ pub fn outbox_attempts(records: &[HashMap<String, String>]) -> Vec<(String, i64)
         .iter()
         .map(|r| (r["job"].clone(), num(r, "attempt")))
         .collect()
+}
+
+/// The lease guard process (`agentq __lease-guard`) a worker started.
+pub fn lease_guard_of(worker: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        (ppid == worker && String::from_utf8_lossy(&cmdline).contains("__lease-guard"))
+            .then_some(pid)
+    })
 }

@@ -3,8 +3,9 @@
 -- KEYS[1]  partition base, e.g. "{agentq:0}"
 -- ARGV[1]  lease duration in ms, counted from now (Redis server time)
 -- ARGV[2..] pairs: id, token
--- Returns  the ids whose lease is no longer held by that token (expired and
---          reaped, or finished elsewhere); the worker should stop them.
+-- Returns  id, token of each attempt whose lease that token no longer holds
+--          (expired and reaped, or finished elsewhere), flat; the worker
+--          kills those attempts at once.
 -- Invariant: only the current holder (matching attempt token) can extend a
 --          lease, and deadlines come from the Redis clock, never a worker's.
 
@@ -19,6 +20,7 @@ for i = 2, #ARGV - 1, 2 do
     redis.call('HSET', k('job', id), 'hb', now)
   else
     lost[#lost + 1] = id
+    lost[#lost + 1] = token
   end
 end
 return lost
