@@ -133,7 +133,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
             p.url(),
             p.dir().display()
         ),
-        RedisSource::External(u) => println!("Redis:      {}", crate::config::redact_url(u)),
+        RedisSource::External(u) => println!("Redis:      {}", crate::model::redact::redact_url(u)),
     }
     let pg = PostgresSource::find(&settings.database_url, settings.database_is_default())
         .map_err(|e| CliError::Runtime(e.into()))?;
@@ -143,7 +143,9 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
             p.url(),
             p.dir().display()
         ),
-        PostgresSource::External(u) => println!("PostgreSQL: {}", crate::config::redact_url(u)),
+        PostgresSource::External(u) => {
+            println!("PostgreSQL: {}", crate::model::redact::redact_url(u))
+        }
     }
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut s = settings.clone();
@@ -258,7 +260,7 @@ impl DemoLedger {
         let unreachable = |e: crate::ledger::LedgerError| {
             CliError::Runtime(anyhow::anyhow!(
                 "PostgreSQL at {}: {e}",
-                crate::config::redact_url(url)
+                crate::model::redact::redact_url(url)
             ))
         };
         // A private server accepts TCP a moment before it takes queries.

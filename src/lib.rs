@@ -29,11 +29,12 @@ pub mod executor;
 pub mod lease;
 pub mod ledger;
 pub mod metrics;
+pub mod model;
 pub mod queue;
 pub mod servers;
-pub mod text;
-pub mod units;
 pub mod usage;
 pub mod worker;
 
 pub use client::Client;
+// Older paths of ground-floor modules.
+pub use model::{text, units};

@@ -16,9 +16,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::lease_guard::{LeaseGuard, local_deadline, monotonic_ns};
-use crate::executor::{
-    self, Handlers, Limits, Outcome, Registry, Report, Stop, TaskInput, Watchdog,
-};
+use crate::executor::{self, Caps, Handlers, Outcome, Registry, Report, Stop, TaskInput, Watchdog};
 use crate::lease::{self, AttemptKey, Held, HeldLease, StopReason};
 use crate::queue::{Call, ClaimedJob, CompleteStatus, Completion, Queue, QueueError};
 
@@ -679,7 +677,7 @@ fn limits_for(
     default_timeout: Duration,
     default_memory: Option<u64>,
     kill_grace: Duration,
-) -> Limits {
+) -> Caps {
     let timeout = if job.timeout_ms > 0 {
         Duration::from_millis(job.timeout_ms)
     } else {
@@ -690,7 +688,7 @@ fn limits_for(
     } else {
         Some(default_memory.map_or(job.max_memory, |m| m.min(job.max_memory)))
     };
-    Limits {
+    Caps {
         timeout,
         memory,
         kill_grace,

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::ApiError;
-use crate::executor::process::PlainJson;
+use crate::model::json::PlainJson;
 use crate::queue::JobSpec;
 
 /// Most jobs in one request.

@@ -160,7 +160,7 @@ pub async fn connect(s: &Settings, url: &str) -> Result<Queue, CliError> {
     Queue::connect(cfg).await.map_err(|e| match e {
         QueueError::Redis(re) => CliError::Runtime(anyhow::anyhow!(
             "cannot reach Redis at {}: {re}; {}",
-            crate::config::redact_url(url),
+            crate::model::redact::redact_url(url),
             redis_hint(&re.to_string())
         )),
         other => other.into(),

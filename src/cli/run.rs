@@ -168,7 +168,7 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
         let pool = crate::ledger::connect_lazy(&url).map_err(|e| {
             CliError::Usage(format!(
                 "database URL {} is not valid: {e}",
-                crate::config::redact_url(&url)
+                crate::model::redact::redact_url(&url)
             ))
         })?;
         db = Some(pool.clone());
@@ -199,7 +199,10 @@ pub(super) async fn migrate(g: &Global) -> CliResult {
     crate::ledger::migrate(&pool)
         .await
         .map_err(|e| CliError::Runtime(e.into()))?;
-    println!("migrations applied to {}", crate::config::redact_url(&url));
+    println!(
+        "migrations applied to {}",
+        crate::model::redact::redact_url(&url)
+    );
     Ok(())
 }
 

@@ -42,7 +42,7 @@ pub(super) async fn database(g: &Global) -> Result<sqlx::PgPool, CliError> {
     crate::ledger::connect(&url, None).await.map_err(|e| {
         CliError::Runtime(anyhow::anyhow!(
             "cannot reach PostgreSQL at {}: {e}; is it running? (set AGENTQ_DATABASE_URL or --database-url)",
-            crate::config::redact_url(&url)
+            crate::model::redact::redact_url(&url)
         ))
     })
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::stop::Stop;
-use super::{INTERRUPTED, Limits, Outcome, Report, TaskInput, TaskUsage};
+use super::{Caps, INTERRUPTED, Outcome, Report, TaskInput, TaskUsage};
 use crate::units::format_duration;
 
 /// The boxed future a [`Handler`] returns.
@@ -117,7 +117,7 @@ where
 pub async fn run_handler(
     h: &dyn Handler,
     input: TaskInput,
-    limits: &Limits,
+    limits: &Caps,
     stop: impl Into<Stop>,
 ) -> Report {
     let stop: Stop = stop.into();

@@ -13,11 +13,7 @@
 
 #![warn(missing_docs)]
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
 
 pub mod cgroup;
 pub mod handler;
@@ -25,47 +21,30 @@ pub mod lease_guard;
 pub mod manifest;
 pub mod owner;
 pub mod process;
+pub mod protocol;
 pub mod sandbox;
 pub mod stop;
 pub mod workdir;
 
 pub use handler::{Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler};
 pub use manifest::{Manifest, ManifestError, Registry, parse_manifest};
-pub use process::{is_memory_exceeded, parse_task_output, run_process, run_process_in, task_peak};
+pub use process::{is_memory_exceeded, run_process, run_process_in, task_peak};
+pub use protocol::{TaskInput, parse_task_output};
+// The attempt model lives on the ground floor; the executor produces it.
+pub use crate::model::attempt::{
+    ERROR_MAX, EXIT_PERMANENT, INTERRUPTED, KILLED, Outcome, Report, TaskUsage, UnknownOutcome,
+    clean_error,
+};
 pub use sandbox::{Sandbox, SandboxConfig, TaskUser};
 pub use stop::{Stop, Watchdog};
-
-/// Exit code that means "permanent failure, never retry" (EX_DATAERR).
-pub const EXIT_PERMANENT: i32 = 65;
-
-/// At most this many bytes of [`Report::error`] (summary and stderr tail).
-pub const ERROR_MAX: usize = 4 << 10;
 
 /// Default time between SIGTERM and SIGKILL when a limit is hit.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
 
-/// What the task program receives on stdin: exactly the keys `id`, `tenant`,
-/// `queue`, `kind`, `attempt` and `payload`, as one JSON object on one line.
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct TaskInput {
-    /// Job id.
-    pub id: String,
-    /// Tenant the job belongs to.
-    pub tenant: String,
-    /// Queue the job was taken from.
-    pub queue: String,
-    /// Task kind (the folder name under the workers directory).
-    pub kind: String,
-    /// Attempt number, starting at 1.
-    pub attempt: u32,
-    /// The job's payload, passed through as given at enqueue.
-    pub payload: Box<serde_json::value::RawValue>,
-}
-
-/// Caps for one attempt, already resolved by the caller (job request or
-/// manifest default, within the tenant's caps).
+/// The caps of one attempt, already resolved by the caller (job request or
+/// manifest default, within the tenant's limits).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
+pub struct Caps {
     /// Wall-clock limit from the start of the process. At the deadline the
     /// process group gets SIGTERM, then SIGKILL after `kill_grace`.
     pub timeout: Duration,
@@ -75,218 +54,17 @@ pub struct Limits {
     pub kill_grace: Duration,
 }
 
-impl Limits {
+/// The former name of [`Caps`] (kept while callers move).
+#[doc(hidden)]
+pub type Limits = Caps;
+
+impl Caps {
     /// The manifest's defaults with [`DEFAULT_KILL_GRACE`].
-    pub fn from_manifest(m: &Manifest) -> Limits {
-        Limits {
+    pub fn from_manifest(m: &Manifest) -> Caps {
+        Caps {
             timeout: m.timeout,
             memory: m.memory,
             kill_grace: DEFAULT_KILL_GRACE,
         }
-    }
-}
-
-/// How an attempt ended.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// Exit 0 with a valid (or empty) result.
-    Succeeded,
-    /// Any other failure (see [`Report::permanent`] for retry eligibility).
-    Failed,
-    /// The timeout was reached; the process group was killed.
-    TimedOut,
-    /// The memory cap was hit.
-    MemoryExceeded,
-    /// The worker running it disappeared (lease expired); set by the queue,
-    /// never by the executor.
-    Lost,
-}
-
-impl Outcome {
-    /// All outcomes, in declaration order.
-    pub const ALL: [Outcome; 5] = [
-        Outcome::Succeeded,
-        Outcome::Failed,
-        Outcome::TimedOut,
-        Outcome::MemoryExceeded,
-        Outcome::Lost,
-    ];
-
-    /// The snake_case name: `succeeded`, `failed`, `timed_out`,
-    /// `memory_exceeded`, `lost`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Succeeded => "succeeded",
-            Outcome::Failed => "failed",
-            Outcome::TimedOut => "timed_out",
-            Outcome::MemoryExceeded => "memory_exceeded",
-            Outcome::Lost => "lost",
-        }
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Error returned by `Outcome::from_str` for an unknown name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown outcome {0:?}: expected one of succeeded, failed, timed_out, memory_exceeded, lost"
-)]
-pub struct UnknownOutcome(pub String);
-
-impl FromStr for Outcome {
-    type Err = UnknownOutcome;
-
-    fn from_str(s: &str) -> Result<Outcome, UnknownOutcome> {
-        Outcome::ALL
-            .into_iter()
-            .find(|o| o.as_str() == s)
-            .ok_or_else(|| UnknownOutcome(s.to_string()))
-    }
-}
-
-/// Usage the task reported about itself (stored as reported, beside what the
-/// runtime measured). Missing keys are 0.
-#[derive(Default, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(default)]
-pub struct TaskUsage {
-    /// External API calls made.
-    pub api_calls: u64,
-    /// LLM input tokens.
-    pub input_tokens: u64,
-    /// LLM output tokens.
-    pub output_tokens: u64,
-}
-
-/// Everything the runtime learned from one attempt.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct Report {
-    /// How the attempt ended.
-    pub outcome: Outcome,
-    /// True when the attempt must never be retried: exit code 65, a program
-    /// that cannot be started, or a failure the caller marks permanent
-    /// (unknown kind, ...).
-    pub permanent: bool,
-    /// Exit code when the process exited normally.
-    pub exit_code: Option<i32>,
-    /// Signal number when the process was killed by a signal.
-    pub signal: Option<i32>,
-    /// Wall time from start to exit, measured by the runtime.
-    pub wall_ms: u64,
-    /// User CPU time of the process and its reaped descendants.
-    pub cpu_user_ms: u64,
-    /// System CPU time of the process and its reaped descendants.
-    pub cpu_sys_ms: u64,
-    /// Peak memory of the task, in bytes. Cgroup mode: the attempt's
-    /// cgroup peak (all its processes together). Rlimit mode: the peak RSS
-    /// of the process or of one of its reaped descendants, when it rose
-    /// above the worker's own RSS at spawn; 0 when it did not, since `wait4`
-    /// then reports the worker's memory, not the task's (see
-    /// [`process::task_peak`]). 0 also for in-process handlers.
-    pub peak_rss_bytes: u64,
-    /// The `output` key of the result line.
-    pub output: Option<serde_json::Value>,
-    /// The `usage` key of the result line, as reported (missing keys = 0).
-    pub usage: TaskUsage,
-    /// For anything but success: a one-line summary, then possibly a
-    /// bounded tail of the program's stderr on the following lines. Always
-    /// clean text (see [`clean_error`]).
-    pub error: Option<String>,
-    /// The runtime stopped the attempt before it ended by itself (a
-    /// graceful stop at shutdown, or a kill because its lease was gone).
-    /// False for an attempt that ended on its own, even if a stop came
-    /// while it was ending: that one is completed, not handed back.
-    #[serde(default)]
-    pub stopped: bool,
-}
-
-impl Report {
-    /// A failed report for failures before or without a process (unknown
-    /// kind, bad input, ...). All measurements are zero. `msg` is stored
-    /// through [`clean_error`], so it may be any text (a handler's message).
-    pub fn failed(msg: impl Into<String>, permanent: bool) -> Report {
-        Report {
-            outcome: Outcome::Failed,
-            permanent,
-            exit_code: None,
-            signal: None,
-            wall_ms: 0,
-            cpu_user_ms: 0,
-            cpu_sys_ms: 0,
-            peak_rss_bytes: 0,
-            output: None,
-            usage: TaskUsage::default(),
-            error: Some(clean_error(&msg.into())),
-            stopped: false,
-        }
-    }
-
-    /// True when the caller may retry this attempt (while attempts remain).
-    pub fn retryable(&self) -> bool {
-        self.outcome != Outcome::Succeeded && !self.permanent
-    }
-
-    /// The first line of [`Report::error`] (the summary), if any.
-    pub fn error_summary(&self) -> Option<&str> {
-        self.error
-            .as_deref()
-            .map(|e| e.lines().next().unwrap_or(""))
-    }
-}
-
-/// `text` made fit for [`Report::error`]: valid UTF-8 without NUL or control
-/// characters other than newline and tab, at most [`ERROR_MAX`] bytes (the
-/// start is kept: the summary comes first). Errors are stored in Redis and
-/// PostgreSQL (whose `text` refuses NUL) and shown on terminals, and they
-/// quote task output and handler messages, which may be any bytes.
-pub fn clean_error(text: &str) -> String {
-    crate::text::clean(text, ERROR_MAX)
-}
-
-/// Error text used when an attempt is stopped because the worker shuts down.
-pub const INTERRUPTED: &str = "interrupted: worker shutting down";
-
-/// Error text used when an attempt is killed at once because its lease is
-/// gone (the job may run elsewhere).
-pub const KILLED: &str = "killed: this worker no longer holds the attempt's lease";
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outcome_names_round_trip() {
-        for o in Outcome::ALL {
-            assert_eq!(o.as_str().parse::<Outcome>().unwrap(), o);
-            assert_eq!(
-                serde_json::to_string(&o).unwrap(),
-                format!("\"{}\"", o.as_str())
-            );
-        }
-        assert!("nope".parse::<Outcome>().is_err());
-    }
-
-    #[test]
-    fn task_input_keys() {
-        let input = TaskInput {
-            id: "j1".into(),
-            tenant: "t".into(),
-            queue: "q".into(),
-            kind: "echo".into(),
-            attempt: 2,
-            payload: serde_json::value::RawValue::from_string("{\"a\": 1}".into()).unwrap(),
-        };
-        let v: serde_json::Value = serde_json::to_value(&input).unwrap();
-        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
-        keys.sort();
-        assert_eq!(
-            keys,
-            ["attempt", "id", "kind", "payload", "queue", "tenant"]
-        );
     }
 }

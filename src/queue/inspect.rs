@@ -242,7 +242,7 @@ pub async fn job_info(q: &Queue, id: &str) -> Result<JobInfo, QueueError> {
     // PlainJson: shown as stored, even an object keyed like serde_json's raw values.
     let json = |k: &str| {
         text(k).map(|v| match serde_json::from_str(&v) {
-            Ok(crate::executor::process::PlainJson(j)) => j,
+            Ok(crate::model::json::PlainJson(j)) => j,
             Err(_) => serde_json::Value::String(v),
         })
     };

@@ -9,7 +9,7 @@ mod call;
 pub mod inspect;
 pub mod job;
 pub mod keys;
-pub mod payload;
+pub use crate::model::payload;
 mod scripts;
 
 use std::collections::BTreeMap;
@@ -772,7 +772,7 @@ fn topology_error(url: &str, e: fred::error::Error) -> QueueError {
     if e.details().contains("cluster support disabled") {
         return QueueError::Invalid(format!(
             "Redis at {} is not a cluster: use redis://host:port for a single server",
-            crate::config::redact_url(url)
+            crate::model::redact::redact_url(url)
         ));
     }
     QueueError::Redis(e)
@@ -793,7 +793,7 @@ async fn check_not_cluster_node(client: &Client, url: &str) -> Result<(), QueueE
         return Err(QueueError::Invalid(format!(
             "Redis at {} is a Redis Cluster node: use redis-cluster://host:port \
              (add ?node=host:port for more seed nodes)",
-            crate::config::redact_url(url)
+            crate::model::redact::redact_url(url)
         )));
     }
     Ok(())
