@@ -172,6 +172,22 @@ fn build_client(url: &str, timeout: Duration) -> Result<Client, QueueError> {
 impl Queue {
     /// Connect, load the scripts and return a handle.
     pub async fn connect(cfg: QueueConfig) -> Result<Queue, QueueError> {
+        Self::connect_with(cfg, scripts::Scripts::new()).await
+    }
+
+    /// For the simulation test only (feature `test-clock`): like
+    /// [`Queue::connect`], but the scripts take their time from the
+    /// partition's `B:testclock` key (ms) whenever the test has set it.
+    #[cfg(feature = "test-clock")]
+    #[doc(hidden)]
+    pub async fn connect_with_test_clock(cfg: QueueConfig) -> Result<Queue, QueueError> {
+        Self::connect_with(cfg, scripts::Scripts::with_test_clock()).await
+    }
+
+    async fn connect_with(
+        cfg: QueueConfig,
+        scripts: scripts::Scripts,
+    ) -> Result<Queue, QueueError> {
         if cfg.namespace.is_empty() || cfg.namespace.contains(['{', '}', ':']) {
             return Err(QueueError::Invalid(format!(
                 "namespace {:?} must be non-empty without '{{', '}}' or ':'",
@@ -186,7 +202,6 @@ impl Queue {
             return Err(topology_error(&cfg.redis_url, e));
         }
         check_not_cluster_node(&client, &cfg.redis_url).await?;
-        let scripts = scripts::Scripts::new();
         scripts.load(&client).await?;
         let queue = Queue {
             client,

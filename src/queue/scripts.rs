@@ -104,6 +104,25 @@ pub fn script_source(name: ScriptName) -> String {
     format!("{LIB}\n-- ==== {}.lua ====\n{}", name.as_str(), name.body())
 }
 
+/// The comment in `now_ms()` (lib.lua) where test builds put the test clock.
+#[cfg(feature = "test-clock")]
+const CLOCK_MARK: &str = "-- @test-clock";
+
+/// What test builds put at [`CLOCK_MARK`]: the script's time is the
+/// partition's `B:testclock` key (ms) when that key exists, else Redis
+/// `TIME` as always. Only the simulation test (tests/sim.rs) sets the key,
+/// to move time at will; without the `test-clock` feature this text is not
+/// even compiled in, so production scripts (and their SHAs) never have it.
+#[cfg(feature = "test-clock")]
+const TEST_CLOCK: &str = "local fake = tonumber(redis.call('GET', B .. ':testclock')) \
+                          if fake then now_cached = fake end";
+
+/// A script's source with the test clock (feature `test-clock` only).
+#[cfg(feature = "test-clock")]
+fn test_clock_source(name: ScriptName) -> String {
+    script_source(name).replacen(CLOCK_MARK, TEST_CLOCK, 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::ScriptName;
@@ -112,6 +131,27 @@ mod tests {
     fn all_is_in_declaration_order() {
         for (i, n) in ScriptName::ALL.iter().enumerate() {
             assert_eq!(*n as usize, i, "{n:?}");
+        }
+    }
+
+    #[test]
+    fn production_scripts_cannot_be_steered_by_a_test_clock() {
+        for n in ScriptName::ALL {
+            assert!(!super::script_source(n).contains("testclock"), "{n:?}");
+        }
+    }
+
+    /// The hook lands in `now_ms()` exactly once, whatever file of the
+    /// library `now_ms()` ends up in.
+    #[cfg(feature = "test-clock")]
+    #[test]
+    fn the_test_clock_replaces_its_one_marker() {
+        for n in ScriptName::ALL {
+            let plain = super::script_source(n);
+            assert_eq!(plain.matches(super::CLOCK_MARK).count(), 1, "{n:?}");
+            let hooked = super::test_clock_source(n);
+            assert!(!hooked.contains(super::CLOCK_MARK), "{n:?}");
+            assert_eq!(hooked.matches("testclock").count(), 1, "{n:?}");
         }
     }
 }
@@ -124,9 +164,19 @@ pub(crate) struct Scripts {
 
 impl Scripts {
     pub(crate) fn new() -> Self {
+        Self::from_sources(script_source)
+    }
+
+    /// The scripts with the test clock in `now_ms()` (see [`TEST_CLOCK`]).
+    #[cfg(feature = "test-clock")]
+    pub(crate) fn with_test_clock() -> Self {
+        Self::from_sources(test_clock_source)
+    }
+
+    fn from_sources(source: fn(ScriptName) -> String) -> Self {
         let scripts = ScriptName::ALL
             .iter()
-            .map(|n| FredScript::from_lua(script_source(*n)))
+            .map(|n| FredScript::from_lua(source(*n)))
             .collect();
         Scripts { scripts }
     }

@@ -89,11 +89,15 @@ end
 
 -- Redis server time in ms, read once per script call: every deadline and
 -- timestamp that decides ownership comes from here, never a worker's clock.
+-- The marker line below is where builds with the `test-clock` feature put
+-- the simulation test's clock (src/queue/scripts.rs); in every other build
+-- it stays a comment, so production scripts cannot be steered.
 local now_cached = nil
 local function now_ms()
   if not now_cached then
     local t = redis.call('TIME')
     now_cached = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    -- @test-clock
   end
   return now_cached
 end
