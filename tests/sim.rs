@@ -46,13 +46,15 @@
 //!   of vt, and no other step moves a pass; and the fairness bound stated
 //!   in `sim/sched.rs`.
 //!
-//! Two checks fail today and are off by default (issue 12 report):
-//! `AGENTQ_SIM_STRICT_VT=1` checks that a claim writes the virtual time of
-//! every queue it lists up to the passes it picked (a queue's first picks
-//! at its head's pass leave it unwritten, and it later falls back to 0);
-//! `AGENTQ_SIM_STRICT_FAIRNESS=1` fails when a waiting tenant sees another
-//! picked more than one round's worth (virtual times of queues drift apart
-//! between pools). Without them, the run prints the largest such excess.
+//! The fairness bound fails the run when the pools do not overlap (every
+//! two pools serve the same queues or none in common). Pools that overlap
+//! (one serves q, another q and q') share q's sched set, so the pool that
+//! serves both prefers the tenants of q' while q's get picks from both
+//! pools: max-min across pools, by design (README, "Fairness and limits");
+//! there the run reports the largest excess over one round, and
+//! `AGENTQ_SIM_STRICT_FAIRNESS=1` makes it fail too. The virtual-time
+//! check (a claim writes every listed queue's virtual time up to its picks;
+//! found defect D1 of the first long run, fixed) always runs.
 //!
 //! **Running it.** `cargo test --all-features --test sim` runs
 //! `AGENTQ_SIM_STEPS` steps (default 3,000) in runs of `AGENTQ_SIM_RUN_LEN`
@@ -151,13 +153,28 @@ fn sched_state(w: &World, snaps: &[Snapshot]) -> String {
     out.join("; ")
 }
 
+/// True when two pools share a queue without serving the same queues.
+fn pools_overlap(pools: &[Vec<String>]) -> bool {
+    let sets: Vec<std::collections::BTreeSet<&String>> =
+        pools.iter().map(|p| p.iter().collect()).collect();
+    sets.iter().enumerate().any(|(i, a)| {
+        sets[i + 1..]
+            .iter()
+            .any(|b| a != b && a.intersection(b).next().is_some())
+    })
+}
+
 /// Run `ops` from a fresh namespace, checking after every step (`show`:
 /// each step's line is followed by the scheduling state after it).
 async fn run(setup: &Setup, ops: &[Op], show: bool) -> Outcome {
     let mut w = World::new(setup.clone()).await;
+    // The one-round bound is promised for pools that do not overlap (each
+    // queue's clock moved by one set of queues); overlapping pools are
+    // max-min across pools (README), so there it is only measured unless
+    // AGENTQ_SIM_STRICT_FAIRNESS=1.
     let mut sched = sched::Tracker::new(
-        env_num("AGENTQ_SIM_STRICT_FAIRNESS", 0) == 1,
-        env_num("AGENTQ_SIM_STRICT_VT", 0) == 1,
+        env_num("AGENTQ_SIM_STRICT_FAIRNESS", 0) == 1 || !pools_overlap(&setup.pools),
+        true,
     );
     let mut before: Vec<Snapshot> = vec![Snapshot::default(); setup.parts as usize];
     let mut outbox_at = vec!["-".to_string(); setup.parts as usize];

@@ -305,8 +305,17 @@ pub fn passes(m: &Model, s: &Snapshot, before: &Snapshot, claim: bool) -> Result
                 "{q}'s virtual time went back from {a} to {b}"
             );
         }
+        // Outside a claim it may only be written for the first time, at the
+        // value it was read as: the lowest pass then in the set, or 0.
+        let head_before = before
+            .zmap(&format!("q:{q}:sched"))
+            .values()
+            .copied()
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
+            .unwrap_or(0.0);
+        let first_write = v_before.is_none() && v == Some(head_before);
         ensure!(
-            claim || v == v_before,
+            claim || v == v_before || first_write,
             "virtual time",
             "{q}'s virtual time moved from {v_before:?} to {v:?} outside a claim"
         );

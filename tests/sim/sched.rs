@@ -226,12 +226,13 @@ pub struct Tracker {
     pub worst: Excess,
     /// How many picks were counted against a waiting tenant's bound.
     pub counted: u64,
-    /// Fail on any excess over one round (`AGENTQ_SIM_STRICT_FAIRNESS=1`):
-    /// the bound README promises, which drift between queues breaks today.
+    /// Fail on any excess over one round: always for pools that do not
+    /// overlap, where README promises the bound; for overlapping pools only
+    /// with `AGENTQ_SIM_STRICT_FAIRNESS=1` (max-min across pools there).
     strict_fairness: bool,
     /// Check that a claim writes every listed queue's virtual time up to
     /// its picks, and count picks on queues without a written virtual time
-    /// against the bound (`AGENTQ_SIM_STRICT_VT=1`; both fail today).
+    /// against the bound (always on since defect D1 was fixed).
     strict_vt: bool,
 }
 
@@ -440,9 +441,9 @@ impl Tracker {
             let (true, true, Some(p_i)) = (wait.active, could, wait.pass) else {
                 continue;
             };
-            // A queue whose virtual time was never written falls back to
-            // its head or 0, so passes there can go back (defect D1 of the
-            // issue 12 report): left out unless AGENTQ_SIM_STRICT_VT=1.
+            // A queue whose virtual time was never written (before D1's
+            // fix, picks at its head's pass left it so) is left out only
+            // when the strict check is off.
             let written = wait.vts.get(q).copied().flatten();
             if written.is_none() && !self.strict_vt {
                 continue;

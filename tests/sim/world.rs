@@ -682,7 +682,7 @@ impl World {
             if self.model.live(id, *a) {
                 self.model.extend(id, lease_ms);
             } else {
-                want.push(id.clone());
+                want.push((id.clone(), *a));
             }
         }
         let said = format!("extend p{p} {attempts:?} by {lease_ms}");

@@ -353,8 +353,11 @@ local function get_vt(q)
     v = tonumber(redis.call('HGET', K_QVT, q))
     if v == nil then
       -- First use of the queue (or a namespace from before per-queue
-      -- virtual time): start at its head, so nobody there gains or loses.
+      -- virtual time): start at its head, so nobody there gains or loses,
+      -- and keep it (a later pick at that same pass would not raise it, and
+      -- an unwritten virtual time would fall back to 0 once the set empties).
       v = tonumber(redis.call('ZRANGE', k('q', q, 'sched'), 0, 0, 'WITHSCORES')[2]) or 0
+      vt_dirty[q] = true
     end
     vt_cache[q] = v
   end
