@@ -337,23 +337,26 @@ where
                 started.elapsed().as_millis() as u64,
                 false,
             );
-            let mut wait = Duration::from_millis(100);
-            for _ in 0..8 {
-                match queue
-                    .complete(l.partition, &call, std::slice::from_ref(&c))
-                    .await
-                {
-                    Ok(s) => {
-                        if s.first() == Some(&crate::queue::CompleteStatus::Refused) {
-                            tracing::warn!(job = %l.id, "completion refused: the lease was lost");
-                        }
-                        break;
+            // Bounded (the handler's caller waits on this future): after
+            // the shared pacing's first attempts the lease lapses and the
+            // reaper closes the attempt as lost.
+            use backon::Retryable;
+            let done = (|| queue.complete(l.partition, &call, std::slice::from_ref(&c)))
+                .retry(crate::model::backoff::policy().with_max_times(8))
+                .sleep(tokio::time::sleep)
+                .notify(|e: &QueueError, _| {
+                    tracing::warn!(error = %e, job = %l.id, "completion failed; retrying")
+                })
+                .await;
+            match done {
+                Ok(d) => {
+                    crate::metrics::record_events(&d.events);
+                    if d.statuses.first() == Some(&crate::queue::CompleteStatus::Refused) {
+                        tracing::warn!(job = %l.id, "completion refused: the lease was lost");
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, job = %l.id, "completion failed; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait *= 2;
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, job = %l.id, "completion failed; its lease will lapse")
                 }
             }
             result

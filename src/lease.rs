@@ -1,5 +1,7 @@
-//! Leases held by this worker: the heartbeat that extends them and the
-//! reaper that returns other workers' expired leases to ready.
+//! The leases this worker holds: one entry per attempt it runs, with how to
+//! stop it and the local deadline of its lease. The heartbeat duty
+//! ([`crate::duties::heartbeat`]) renews them; the reaper duty returns other
+//! workers' expired ones to ready.
 //!
 //! A lease is the pair (job id, attempt number). The attempt number is the
 //! fencing token: `extend.lua` and `complete.lua` act only when it still
@@ -21,13 +23,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use tokio_util::sync::CancellationToken;
+use std::time::Instant;
 
 use crate::executor::Stop;
-use crate::executor::lease_guard::{LeaseGuard, local_deadline, monotonic_ns};
-use crate::queue::Queue;
+use crate::executor::lease_guard::monotonic_ns;
 
 /// One attempt of one job: the unit of a lease.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -207,113 +206,4 @@ fn stop_one(h: &mut HeldLease, reason: StopReason) -> bool {
         h.stop.graceful.cancel();
     }
     true
-}
-
-/// Extend every held lease each `lease / 3`, one script call per partition,
-/// until `stop` fires: attempts whose lease is gone are killed; renewed ones
-/// get a new local deadline (here and in the lease guard); any whose
-/// deadline passes unrenewed are killed (checked at that deadline, not only
-/// at the next beat).
-pub async fn heartbeat(
-    queue: Queue,
-    held: Arc<Held>,
-    lease: Duration,
-    guard: Option<Arc<LeaseGuard>>,
-    stop: CancellationToken,
-) {
-    let every = (lease / 3).max(Duration::from_millis(50));
-    let mut next_beat = Instant::now() + every;
-    loop {
-        let lapse_at = held.stop_lapsed(monotonic_ns());
-        let until_lapse = lapse_at.map(|d| Duration::from_nanos(d.saturating_sub(monotonic_ns())));
-        let until_beat = next_beat.saturating_duration_since(Instant::now());
-        let wait = until_lapse.map_or(until_beat, |l| l.min(until_beat));
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        if Instant::now() < next_beat {
-            continue;
-        }
-        next_beat = Instant::now() + every;
-        for (p, leases) in held.by_partition() {
-            let sent = monotonic_ns();
-            match queue.extend(p, lease, &leases).await {
-                Ok(lost) => {
-                    renew(
-                        &held,
-                        guard.as_deref(),
-                        &leases,
-                        &lost,
-                        local_deadline(sent, lease),
-                    );
-                    for (id, attempt) in lost {
-                        // An attempt that already ended may race its own ack here;
-                        // only a still-running one has really lost its lease.
-                        if held.stop(
-                            &AttemptKey {
-                                id: id.clone(),
-                                attempt,
-                            },
-                            StopReason::LeaseLost,
-                        ) {
-                            tracing::warn!(job = %id, attempt, "lease lost (expired and reaped); killing the attempt");
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, partition = p, "lease extension failed; will retry")
-                }
-            }
-        }
-    }
-}
-
-/// Move the deadline of every extended attempt that was not lost.
-fn renew(
-    held: &Held,
-    guard: Option<&LeaseGuard>,
-    sent: &[(String, u32)],
-    lost: &[(String, u32)],
-    deadline_ns: u64,
-) {
-    for (id, attempt) in sent {
-        if lost.iter().any(|(i, a)| i == id && a == attempt) {
-            continue;
-        }
-        let key = AttemptKey {
-            id: id.clone(),
-            attempt: *attempt,
-        };
-        held.renew(&key, deadline_ns);
-        if let Some(g) = guard {
-            g.renew(&key.to_string(), deadline_ns);
-        }
-    }
-}
-
-/// Run the reaper on every partition each `interval` until `stop` fires.
-/// Every worker runs this loop; the script's guard makes one run count per
-/// interval fleet-wide.
-pub async fn reaper(queue: Queue, interval: Duration, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        for p in 0..queue.partitions() {
-            match queue.reap(p, interval, 500).await {
-                Ok(Some(n)) if n > 0 => {
-                    crate::metrics::lease_expiries(n);
-                    tracing::warn!(
-                        reaped = n,
-                        partition = p,
-                        "returned expired leases to ready"
-                    )
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, partition = p, "reaper failed; will retry"),
-            }
-        }
-    }
 }

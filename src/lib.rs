@@ -17,24 +17,32 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod admission;
 #[cfg(feature = "apalis")]
 pub mod apalis;
-pub mod api;
 pub mod cli;
 pub mod client;
-pub mod config;
-pub mod demo;
+pub mod duties;
 pub mod executor;
+pub mod http;
 pub mod lease;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod queue;
-pub mod servers;
 pub mod usage;
 pub mod worker;
 
 pub use client::Client;
-// Older paths of ground-floor modules.
+// Older paths, kept while callers move to the layered ones.
+#[doc(hidden)]
+pub use agentq_servers as servers;
+pub use http::api;
 pub use model::{text, units};
+#[doc(hidden)]
+pub mod admission {
+    //! Moved: values in [`crate::model::limits`], Redis in [`crate::queue::limits`].
+    pub use crate::model::limits::*;
+    pub use crate::queue::limits::*;
+    /// Moved: [`crate::model::limits::TenantLimits`].
+    pub type Limits = crate::model::limits::TenantLimits;
+}

@@ -1,20 +1,18 @@
 //! Prometheus metrics (prefix `agentq_`): every name agentq emits, the
-//! helpers that record them, the bound on tenant label cardinality, the
-//! sampler that turns Redis state into gauges, and the HTTP endpoint that
-//! serves `/metrics`, `/healthz` and `/readyz`.
+//! functions that record them from plain values, and the bound on tenant
+//! label cardinality. A sink: it imports nothing of agentq but the ground
+//! floor ([`crate::model`]). The sampler duty turns Redis state into the
+//! gauges; `crate::http::probes` serves `/metrics`.
 //!
 //! Recording goes through the `metrics` facade, so library users may install
 //! any recorder; `agentq worker --metrics-addr` installs the Prometheus one.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
-use fred::prelude::*;
-use tokio_util::sync::CancellationToken;
-
-use crate::queue::Queue;
+use crate::model::events::QueueEvent;
+use crate::model::record::{Record, RejectReason};
 
 /// Jobs enqueued by this process, by queue and tenant.
 pub const ENQUEUED: &str = "agentq_jobs_enqueued_total";
@@ -69,7 +67,7 @@ pub const RATE_ALERTS: &str = "agentq_rate_alerts_total";
 
 /// A ledger batch landed: rows inserted, and per-tenant cost and agent time
 /// of the records in it.
-pub fn ledger_batch(inserted: u64, records: &[crate::ledger::Record]) {
+pub fn ledger_batch(inserted: u64, records: &[Record]) {
     ::metrics::counter!(LEDGER_ROWS).increment(inserted);
     for r in records {
         let tenant = tenant_label(&r.tenant);
@@ -86,8 +84,33 @@ pub fn ledger_error() {
 }
 
 /// An outbox entry was kept aside in `usage_ledger_rejects`.
-pub fn ledger_reject(reason: crate::ledger::RejectReason) {
+pub fn ledger_reject(reason: RejectReason) {
     ::metrics::counter!(LEDGER_REJECTS, "reason" => reason.as_str()).increment(1);
+}
+
+/// Count and log what the scripts reported (quota thresholds, rate
+/// alerts), as structured warnings an operator can alert on.
+pub fn record_events(events: &[QueueEvent]) {
+    for e in events {
+        match e {
+            QueueEvent::QuotaCrossed { tenant, percent } => {
+                quota_alert(tenant, if *percent >= 100 { "100" } else { "80" });
+                if *percent >= 100 {
+                    tracing::warn!(event = "quota_100", tenant = %tenant,
+                        "tenant reached its monthly quota: its jobs wait until the quota is raised or the month ends");
+                } else {
+                    tracing::warn!(event = "quota_80", tenant = %tenant, "tenant crossed 80% of its monthly quota");
+                }
+            }
+            QueueEvent::RateAlert { tenant } => {
+                rate_alert(tenant);
+                tracing::warn!(event = "rate_2x", tenant = %tenant, "tenant is starting jobs at twice its tier's expected rate");
+            }
+            QueueEvent::Other { kind, tenant } => {
+                tracing::warn!(event = %kind, tenant = %tenant, "queue event")
+            }
+        }
+    }
 }
 
 /// A quota threshold (80 or 100 percent) was crossed.
@@ -161,7 +184,8 @@ pub fn tenant_label(tenant: &str) -> String {
     }
 }
 
-fn rank_tenants(mut by_load: Vec<(String, i64)>) {
+/// Re-rank which tenants get their own label (`top:N`), by load.
+pub fn rank_tenants(mut by_load: Vec<(String, i64)>) {
     let Some(p) = POLICY.get() else { return };
     let TenantLabels::Top(n) = p.mode else { return };
     by_load.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -184,26 +208,21 @@ pub fn started(queue: &str, tenant: &str, wait: Duration) {
 
 /// An attempt ended with `outcome` after running `run`; `status` is where
 /// the completion sent the job.
-pub fn completed(
-    queue: &str,
-    tenant: &str,
-    outcome: &'static str,
-    run: Duration,
-    status: crate::queue::CompleteStatus,
-) {
-    use crate::queue::CompleteStatus as S;
+/// `status` is the job's state after the completion script (`succeeded`,
+/// `delayed`, `ready`, `dead`, or `refused` for a fenced-out completion).
+pub fn completed(queue: &str, tenant: &str, outcome: &'static str, run: Duration, status: &str) {
     let (q, t) = (queue.to_string(), tenant_label(tenant));
     match status {
-        S::Refused => {
+        "refused" => {
             ::metrics::counter!(REFUSED).increment(1);
             return;
         }
-        S::Delayed | S::Ready => {
+        "delayed" | "ready" => {
             ::metrics::counter!(RETRIED, "queue" => q.clone(), "tenant" => t.clone()).increment(1)
         }
-        S::Dead => ::metrics::counter!(DEAD_LETTERED, "queue" => q.clone(), "tenant" => t.clone())
+        "dead" => ::metrics::counter!(DEAD_LETTERED, "queue" => q.clone(), "tenant" => t.clone())
             .increment(1),
-        S::Succeeded => {}
+        _ => {}
     }
     ::metrics::counter!(COMPLETED, "queue" => q.clone(), "tenant" => t.clone(), "outcome" => outcome).increment(1);
     ::metrics::histogram!(RUN_SECONDS, "queue" => q, "tenant" => t, "outcome" => outcome)
@@ -221,7 +240,7 @@ pub fn register_zeroes() {
     for name in [REFUSED, LEASE_EXPIRIES, LEDGER_ROWS, LEDGER_ERRORS] {
         ::metrics::counter!(name).increment(0);
     }
-    for reason in crate::ledger::RejectReason::ALL {
+    for reason in RejectReason::ALL {
         ::metrics::counter!(LEDGER_REJECTS, "reason" => reason.as_str()).increment(0);
     }
 }
@@ -230,166 +249,6 @@ pub fn register_zeroes() {
 pub fn slots(busy: usize, total: usize) {
     ::metrics::gauge!(BUSY_SLOTS).set(busy as f64);
     ::metrics::gauge!(SLOTS).set(total as f64);
-}
-
-/// Turn Redis state into gauges every `every`, from one worker at a time
-/// across the fleet: the first to take the sampler lock keeps it while it
-/// lives (so a stale copy of the gauges exists only on a dead worker), and
-/// another takes over within two periods after it dies.
-pub async fn sample(queue: Queue, worker: String, every: Duration, stop: CancellationToken) {
-    let key = queue.keys(0).key(&["sampler"]);
-    let hold = every * 2;
-    loop {
-        let mine = match queue.client().get::<Option<String>, _>(&key).await {
-            Ok(Some(holder)) if holder == worker => {
-                let _: Result<bool, _> = queue
-                    .client()
-                    .pexpire(&key, hold.as_millis() as i64, None)
-                    .await;
-                true
-            }
-            Ok(Some(_)) => false,
-            Ok(None) => queue
-                .client()
-                .set::<Option<String>, _, _>(
-                    &key,
-                    worker.as_str(),
-                    Some(Expiration::PX(hold.as_millis() as i64)),
-                    Some(SetOptions::NX),
-                    false,
-                )
-                .await
-                .is_ok_and(|r| r.is_some()),
-            Err(_) => false,
-        };
-        if mine && let Err(e) = sample_once(&queue).await {
-            tracing::debug!(error = %e, "metrics sampling failed");
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
-}
-
-async fn sample_once(queue: &Queue) -> Result<(), crate::queue::QueueError> {
-    use crate::queue::inspect;
-    for q in inspect::queue_stats(queue).await? {
-        for (state, v) in [
-            ("ready", q.ready),
-            ("delayed", q.delayed),
-            ("running", q.running),
-            ("dead", q.dead),
-        ] {
-            ::metrics::gauge!(QUEUE_JOBS, "queue" => q.queue.clone(), "state" => state)
-                .set(v as f64);
-        }
-    }
-    let tenants = inspect::tenant_stats(queue, None).await?;
-    rank_tenants(
-        tenants
-            .iter()
-            .map(|t| (t.tenant.clone(), t.ready + t.running))
-            .collect(),
-    );
-    let mut held = std::collections::HashMap::from([
-        ("concurrency", 0.0),
-        ("rate", 0.0),
-        ("quota", 0.0),
-        ("paused", 0.0),
-    ]);
-    for t in &tenants {
-        let label = tenant_label(&t.tenant);
-        ::metrics::gauge!(TENANT_RUNNING, "tenant" => label.clone()).set(t.running as f64);
-        ::metrics::gauge!(TENANT_CAP, "tenant" => label.clone()).set(t.cap as f64);
-        if t.quota_ms > 0 {
-            ::metrics::gauge!(QUOTA_USE, "tenant" => label)
-                .set(t.usage_ms as f64 / t.quota_ms as f64);
-        }
-        let reason = match t.held.as_deref() {
-            Some("cap") => Some("concurrency"),
-            Some("rate") => Some("rate"),
-            Some("quota") => Some("quota"),
-            Some("paused") => Some("paused"),
-            _ => None,
-        };
-        if let Some(r) = reason {
-            *held.entry(r).or_default() += 1.0;
-        }
-    }
-    for (reason, n) in held {
-        ::metrics::gauge!(THROTTLED, "reason" => reason).set(n);
-    }
-    ::metrics::gauge!(OUTBOX_BACKLOG).set(inspect::outbox_backlog(queue).await? as f64);
-    Ok(())
-}
-
-/// What `/readyz` checks.
-#[derive(Clone)]
-pub struct Readiness {
-    /// The queue (Redis).
-    pub queue: Queue,
-    /// The ledger database, if this worker writes it.
-    pub db: Option<sqlx::PgPool>,
-}
-
-impl Readiness {
-    async fn check(&self) -> Result<(), String> {
-        let pong: Result<String, _> = self.queue.client().ping(None).await;
-        pong.map_err(|e| format!("redis: {e}"))?;
-        if let Some(db) = &self.db {
-            sqlx::query("SELECT 1")
-                .execute(db)
-                .await
-                .map_err(|e| format!("postgres: {e}"))?;
-        }
-        Ok(())
-    }
-}
-
-/// Install the Prometheus recorder and serve `/metrics`, `/healthz`
-/// (liveness: the process answers) and `/readyz` (Redis and PostgreSQL
-/// answer) on `addr` until `stop`. Returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
-    ready: Readiness,
-    stop: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    use axum::{Router, http::StatusCode, routing::get};
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&[
-            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-            900.0, 3600.0,
-        ])
-        .and_then(|b| b.install_recorder())
-        .map_err(|e| std::io::Error::other(format!("metrics recorder: {e}")))?;
-    let ready = Arc::new(ready);
-    let app = Router::new()
-        .route("/metrics", get(move || std::future::ready(handle.render())))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.clone();
-                async move {
-                    match ready.check().await {
-                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-                        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
-                    }
-                }
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
-    Ok(bound)
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ async fn every_attempt_lands_exactly_once() {
     );
 
     let writer = LedgerWriter::new(tq.queue.clone(), db.pool.clone(), "writer-1");
-    while writer.drain_once().await.expect("drain") > 0 {}
+    while writer.run_once().await.expect("drain") > 0 {}
     assert_eq!(outbox_len(&tq).await, 0, "entries are deleted once written");
     let rows = db.rows().await;
     assert_eq!(rows.len(), 36);
@@ -111,9 +111,9 @@ async fn a_writer_killed_between_insert_and_ack_duplicates_nothing() {
 
     // A live writer takes the dead one's pending entries over and acks them.
     let mut writer = LedgerWriter::new(tq.queue.clone(), db.pool.clone(), "survivor");
-    writer.claim_idle = Duration::from_millis(1);
+    writer.config.claim_idle = Duration::from_millis(1);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    while writer.drain_once().await.expect("drain") > 0 {}
+    while writer.run_once().await.expect("drain") > 0 {}
     assert_eq!(outbox_len(&tq).await, 0);
     assert_eq!(db.rows().await.len(), 20, "no duplicates");
     db.cleanup().await;
@@ -343,7 +343,7 @@ async fn a_writer_recreates_its_group_when_redis_lost_the_outbox() {
         }
     };
     run(3).await;
-    while writer.drain_once().await.expect("drain") > 0 {}
+    while writer.run_once().await.expect("drain") > 0 {}
     assert_eq!(db.rows().await.len(), 3);
 
     // Redis loses the stream and its group (a restart without persistence);
@@ -355,14 +355,14 @@ async fn a_writer_recreates_its_group_when_redis_lost_the_outbox() {
         .await
         .expect("del");
     run(2).await;
-    let first = writer.drain_once().await;
+    let first = writer.run_once().await;
     assert!(
         first
             .as_ref()
             .is_err_and(|e| e.to_string().contains("NOGROUP")),
         "the first read finds no group: {first:?}"
     );
-    while writer.drain_once().await.expect("drain after NOGROUP") > 0 {}
+    while writer.run_once().await.expect("drain after NOGROUP") > 0 {}
     assert_eq!(db.rows().await.len(), 5, "the writer made its group again");
     assert_eq!(outbox_len(&tq).await, 0);
     db.cleanup().await;

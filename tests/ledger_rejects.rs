@@ -234,7 +234,7 @@ fn refused_text_is_repaired_quarantined_and_replays_change_nothing() {
 
         let writer = LedgerWriter::new(tq.queue.clone(), db.pool.clone(), "writer-1");
         let handled = writer
-            .drain_once()
+            .run_once()
             .await
             .expect("refused records do not fail the batch");
         assert_eq!(handled, 5);
@@ -287,7 +287,7 @@ fn refused_text_is_repaired_quarantined_and_replays_change_nothing() {
         assert!(kept[0].error.contains("0x00"), "{}", kept[0].error);
         assert!(kept[1].error.contains("UTF-8"), "{}", kept[1].error);
         assert_eq!(outbox_state(&tq, 0).await, (0, 0), "the outbox is empty");
-        assert_eq!(writer.drain_once().await.expect("drain"), 0);
+        assert_eq!(writer.run_once().await.expect("drain"), 0);
 
         // The runbook's query shows the raw bytes, escaped.
         let shown: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -319,7 +319,7 @@ fn refused_text_is_repaired_quarantined_and_replays_change_nothing() {
             .xgroup_create(&key, ledger::GROUP, "0", true)
             .await
             .expect("group");
-        assert_eq!(writer.drain_once().await.expect("replay"), 5);
+        assert_eq!(writer.run_once().await.expect("replay"), 5);
         let after = (rows(&db).await, daily(&db).await, rejects(&db).await);
         assert_eq!(before, after, "a replay adds no row, count or reject");
         assert_eq!(outbox_state(&tq, 0).await, (0, 0));
@@ -351,7 +351,7 @@ fn unrepairable_and_malformed_entries_are_kept_aside_and_the_rest_lands() {
             ids.push(xadd(&tq, 0, "*", f).await);
         }
         let writer = LedgerWriter::new(tq.queue.clone(), db.pool.clone(), "writer-1");
-        assert_eq!(writer.drain_once().await.expect("drain"), 6);
+        assert_eq!(writer.run_once().await.expect("drain"), 6);
 
         let landed: Vec<String> = rows(&db).await.into_iter().map(|r| r.job_id).collect();
         assert_eq!(landed, ["0-ok1", "0-ok2"]);
@@ -480,9 +480,9 @@ async fn a_partition_that_cannot_be_written_does_not_hold_up_the_others() {
     };
     // claim_idle stays at its default (30 s): nothing below waits for it.
     let writer = LedgerWriter::new(tq.queue.clone(), db.pool.clone(), "writer-1");
-    assert_eq!(writer.claim_idle, Duration::from_secs(30));
+    assert_eq!(writer.config.claim_idle, Duration::from_secs(30));
 
-    let first = writer.drain_once().await;
+    let first = writer.run_once().await;
     assert!(
         first
             .as_ref()
@@ -496,7 +496,7 @@ async fn a_partition_that_cannot_be_written_does_not_hold_up_the_others() {
     // records of partition 1 keep landing.
     add(1, free.clone(), 2, "g").await;
     assert!(
-        writer.drain_once().await.is_err(),
+        writer.run_once().await.is_err(),
         "partition 0's pending entries are retried, and fail again"
     );
     assert_eq!(count(free.clone()).await, 5);
@@ -510,7 +510,7 @@ async fn a_partition_that_cannot_be_written_does_not_hold_up_the_others() {
         .await
         .expect("unblock");
     for _ in 0..2 {
-        writer.drain_once().await.expect("drain after the outage");
+        writer.run_once().await.expect("drain after the outage");
     }
     assert_eq!(count(blocked.clone()).await, 3, "partition 0 caught up");
     assert_eq!(outbox_state(&tq, 0).await, (0, 0));

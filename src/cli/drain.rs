@@ -100,7 +100,7 @@ pub(super) async fn drain(g: &Global, a: DrainArgs) -> CliResult {
             return Err(CliError::Runtime(anyhow::anyhow!(
                 "{running} jobs still running in {} after {}; the queue stays paused (agentq resume {} to undo)",
                 a.queue,
-                crate::units::format_duration(a.timeout),
+                crate::model::units::format_duration(a.timeout),
                 a.queue
             )));
         }

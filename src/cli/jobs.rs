@@ -206,7 +206,7 @@ pub(super) async fn inspect(g: &Global, a: InspectArgs) -> CliResult {
                     r.started_at.clone(),
                     r.run_ms.to_string(),
                     r.cpu_ms.to_string(),
-                    crate::units::format_size(r.peak_rss_bytes.max(0) as u64),
+                    crate::model::units::format_size(r.peak_rss_bytes.max(0) as u64),
                     r.worker.clone(),
                     format!("{:.6}", r.cost_micros as f64 / 1e6),
                 ]

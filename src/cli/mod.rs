@@ -3,6 +3,8 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (one
 //! line saying what was wrong and how to fix it; nothing is written).
 
+pub mod config;
+pub mod demo;
 mod drain;
 mod jobs;
 mod ops;
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Overrides, Settings};
+use crate::cli::config::{Overrides, Settings};
 use crate::queue::{Queue, QueueConfig, QueueError};
 
 /// A command's failure, carrying its exit code.
@@ -42,8 +44,14 @@ impl From<QueueError> for CliError {
     }
 }
 
-impl From<crate::config::ConfigError> for CliError {
-    fn from(e: crate::config::ConfigError) -> Self {
+impl From<crate::model::names::InvalidInput> for CliError {
+    fn from(e: crate::model::names::InvalidInput) -> Self {
+        CliError::Usage(e.0)
+    }
+}
+
+impl From<crate::cli::config::ConfigError> for CliError {
+    fn from(e: crate::cli::config::ConfigError) -> Self {
         CliError::Usage(e.to_string())
     }
 }
@@ -120,17 +128,17 @@ pub enum Command {
     /// HTTP API for enqueue, status, cancel and usage (tenant API keys).
     Serve(serve::ServeArgs),
     /// Run the demo: a worker pool and a mixed multi-tenant workload.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::cli::demo::DemoArgs),
 }
 
 /// Parse `500ms`, `30s`, `5m` for clap.
 pub fn duration_arg(s: &str) -> Result<Duration, String> {
-    crate::units::parse_duration(s).map_err(|e| e.to_string())
+    crate::model::units::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// Parse `256MiB` for clap.
 pub fn size_arg(s: &str) -> Result<u64, String> {
-    crate::units::parse_size(s).map_err(|e| e.to_string())
+    crate::model::units::parse_size(s).map_err(|e| e.to_string())
 }
 
 impl Global {
@@ -217,7 +225,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Usage(a) => usage::usage(g, a).await,
         Command::Serve(a) => serve::serve(g, a).await,
         Command::Script(a) => jobs::script(a),
-        Command::Demo(a) => crate::demo::run(g, a).await,
+        Command::Demo(a) => crate::cli::demo::run(g, a).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,10 +6,10 @@ use clap::{Args, Subcommand};
 
 use super::output::{self, opt};
 use super::{CliResult, Global, duration_arg, size_arg};
-use crate::admission::{self, LimitsUpdate, Target};
+use crate::model::limits::{self, LimitsUpdate, Target};
+use crate::model::units::{format_duration, format_size};
 use crate::queue::inspect;
 use crate::queue::job::validate_name;
-use crate::units::{format_duration, format_size};
 
 /// A listing's only option.
 #[derive(Debug, Args)]
@@ -175,13 +175,13 @@ pub struct LimitFlags {
     #[arg(long)]
     weight: Option<u64>,
     /// Job starts per period, fleet-wide, e.g. 10/s or 600/m (none: unlimited).
-    #[arg(long, value_parser = admission::parse_rate)]
-    rate: Option<admission::Rate>,
+    #[arg(long, value_parser = limits::parse_rate)]
+    rate: Option<limits::Rate>,
     /// Starts allowed at once above the steady rate (0: equal to the rate).
     #[arg(long)]
     burst: Option<u64>,
     /// Agent time per calendar month, e.g. 100h/month (none: no quota).
-    #[arg(long, value_parser = admission::parse_quota)]
+    #[arg(long, value_parser = limits::parse_quota)]
     quota: Option<Duration>,
     /// Price per agent-minute in dollars, e.g. 0.01.
     #[arg(long)]
@@ -239,7 +239,7 @@ fn checked(u: LimitsUpdate) -> Result<LimitsUpdate, super::CliError> {
     Ok(u)
 }
 
-fn rate_text(l: &admission::Limits) -> String {
+fn rate_text(l: &limits::TenantLimits) -> String {
     if l.rate == 0 {
         return "unlimited".into();
     }
@@ -287,7 +287,7 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
         TenantCommand::Show(a) => {
             validate_name("tenant", &a.tenant)?;
             let q = g.queue().await?;
-            let s = admission::settings(&q, Some(&a.tenant)).await?;
+            let s = crate::queue::limits::settings(&q, Some(&a.tenant)).await?;
             if a.json {
                 output::json(&s);
                 return Ok(());
@@ -343,7 +343,7 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
 
 pub(super) async fn tiers(g: &Global, a: ListArgs) -> CliResult {
     let q = g.queue().await?;
-    let tiers = admission::published_tiers(&q).await?;
+    let tiers = crate::queue::limits::published_tiers(&q).await?;
     if a.json {
         let v: Vec<serde_json::Value> = tiers
             .iter()

@@ -154,7 +154,7 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
     let tiers = g.settings()?.tiers;
-    match crate::admission::publish_tiers(&queue, &tiers).await {
+    match crate::queue::limits::publish_tiers(&queue, &tiers).await {
         // A full Redis must not stop workers: running them is how it drains.
         Err(QueueError::Full(why)) => {
             tracing::warn!(%why, "could not publish tiers (Redis is full); keeping the ones already there")
@@ -177,7 +177,7 @@ pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
     crate::metrics::set_tenant_labels(a.metrics_tenant_labels.clone());
     serve_metrics(
         a.metrics_addr.as_deref(),
-        crate::metrics::Readiness { queue, db },
+        crate::http::probes::Readiness { queue, db },
         shutdown.clone(),
     )
     .await?;
@@ -210,7 +210,7 @@ pub(super) async fn migrate(g: &Global) -> CliResult {
 /// otherwise); the default one only warns, so several workers can share a host.
 async fn serve_metrics(
     addr: Option<&str>,
-    ready: crate::metrics::Readiness,
+    ready: crate::http::probes::Readiness,
     stop: CancellationToken,
 ) -> Result<(), CliError> {
     let (text, explicit) = match addr {
@@ -223,7 +223,7 @@ async fn serve_metrics(
             "--metrics-addr {text:?} is not HOST:PORT, for example 0.0.0.0:9464 (or off)"
         ))
     })?;
-    match crate::metrics::serve(sock, ready, stop).await {
+    match crate::http::probes::serve(sock, ready, stop).await {
         Ok(bound) => {
             tracing::info!(addr = %bound, "metrics on http://{bound}/metrics (health: /healthz, /readyz)");
             Ok(())

@@ -32,11 +32,11 @@ pub(super) async fn serve(g: &Global, a: ServeArgs) -> CliResult {
         .map_err(|e| CliError::Runtime(e.into()))?;
     let stop = CancellationToken::new();
     super::cancel_on_signals(stop.clone())?;
-    let cfg = crate::api::ApiConfig {
+    let cfg = crate::http::api::ApiConfig {
         tenant_rate: a.rate_limit,
         ..Default::default()
     };
-    crate::api::serve(addr, queue, db, cfg, stop)
+    crate::http::api::serve(addr, queue, db, cfg, stop)
         .await
         .map_err(|e| CliError::Runtime(anyhow::anyhow!("cannot serve on {addr}: {e}")))
 }
@@ -67,7 +67,7 @@ pub(super) async fn key(g: &Global, c: KeyCommand) -> CliResult {
     match c {
         KeyCommand::Create { tenant, json } => {
             crate::queue::job::validate_name("tenant", &tenant)?;
-            let k = crate::api::keys::create(&db, &tenant)
+            let k = crate::http::api::keys::create(&db, &tenant)
                 .await
                 .map_err(|e| CliError::Runtime(e.into()))?;
             if json {
@@ -80,13 +80,13 @@ pub(super) async fn key(g: &Global, c: KeyCommand) -> CliResult {
                 );
             }
         }
-        KeyCommand::Revoke { key } => match crate::api::keys::revoke(&db, &key)
+        KeyCommand::Revoke { key } => match crate::http::api::keys::revoke(&db, &key)
             .await
             .map_err(|e| CliError::Runtime(e.into()))?
         {
             Some(t) => println!(
                 "revoked key {} of tenant {t}",
-                crate::api::keys::parse(&key).map_or(key.as_str(), |(p, _)| p)
+                crate::http::api::keys::parse(&key).map_or(key.as_str(), |(p, _)| p)
             ),
             None => {
                 return Err(CliError::Usage(format!(

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::stop::Stop;
 use super::{Caps, INTERRUPTED, Outcome, Report, TaskInput, TaskUsage};
-use crate::units::format_duration;
+use crate::model::units::format_duration;
 
 /// The boxed future a [`Handler`] returns.
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<HandlerOutput, HandlerError>> + Send>>;

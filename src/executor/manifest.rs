@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::units::{parse_duration, parse_size};
+use crate::model::units::{parse_duration, parse_size};
 
 /// Name of the manifest file inside a kind's folder.
 pub const MANIFEST_FILE: &str = "worker.toml";

@@ -54,7 +54,7 @@ pub(crate) fn parse_result(
         // A character takes at most 4 bytes, cleaned too (U+FFFD takes 3).
         format!(
             "task program printed a result that is not a JSON object: {}",
-            crate::text::clean(&shown, 4 * SHOWN_CHARS)
+            crate::model::text::clean(&shown, 4 * SHOWN_CHARS)
         )
     };
     let PlainJson(value) = serde_json::from_str(line).map_err(|_| garbage())?;
@@ -215,7 +215,7 @@ mod tests {
         fn task_output_never_panics(stdout in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
             if let Err(e) = parse_task_output(&stdout) {
                 proptest::prop_assert!(!e.contains('\n'), "{e:?}");
-                proptest::prop_assert!(crate::text::is_clean(&e, usize::MAX), "{e:?}");
+                proptest::prop_assert!(crate::model::text::is_clean(&e, usize::MAX), "{e:?}");
             }
         }
 

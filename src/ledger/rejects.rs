@@ -22,11 +22,11 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use fred::types::Value;
 use sqlx::PgPool;
 
 use super::{LedgerError, Record, insert};
-use crate::text::clean;
+pub use crate::model::record::RejectReason;
+use crate::model::text::clean;
 
 /// Bound on a cleaned name (job id, tenant, queue, kind, outcome, worker):
 /// valid ones are far shorter.
@@ -40,47 +40,17 @@ const REASON_MAX: usize = 2 << 10;
 /// PostgreSQL could not even be sent).
 const NOT_UTF8: &str = "outbox entry is not valid UTF-8";
 
-/// Why an outbox entry was set aside: the `reason` column of
-/// `usage_ledger_rejects` and the label of `agentq_ledger_rejects_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RejectReason {
-    /// Refused by PostgreSQL; a copy with its text cleaned is in the ledger.
-    Repaired,
-    /// Refused by PostgreSQL even cleaned: not in the ledger.
-    Unrepairable,
-    /// Not a usage record: not in the ledger.
-    Malformed,
-}
-
-impl RejectReason {
-    /// Every reason (metrics start each at zero).
-    pub const ALL: [RejectReason; 3] = [
-        RejectReason::Repaired,
-        RejectReason::Unrepairable,
-        RejectReason::Malformed,
-    ];
-
-    /// The name stored and used as the metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::Repaired => "repaired",
-            RejectReason::Unrepairable => "unrepairable",
-            RejectReason::Malformed => "malformed",
-        }
-    }
-}
-
 /// An outbox entry as received: its id and its stream fields (name, value,
 /// name, value, ...), kept to be stored byte for byte if it is set aside.
-pub(super) struct Raw {
+pub(crate) struct Raw {
     pub id: String,
-    pub fields: Vec<Value>,
+    pub fields: Vec<Vec<u8>>,
 }
 
 /// What the rejects table says about an entry's attempt, as far as the
 /// entry names it.
 #[derive(Default)]
-pub(super) struct Hint {
+pub(crate) struct Hint {
     job_id: Option<String>,
     attempt: Option<i32>,
     tenant: Option<String>,
@@ -106,13 +76,13 @@ impl Hint {
 }
 
 /// An entry that cannot be inserted as it was read.
-pub(super) struct Unfit {
+pub(crate) struct Unfit {
     pub raw: Raw,
     pub problem: Problem,
 }
 
 /// What is wrong with an [`Unfit`] entry.
-pub(super) enum Problem {
+pub(crate) enum Problem {
     /// A record, read with its invalid UTF-8 replaced: stored cleaned.
     NotUtf8(Record),
     /// Not a usage record.
@@ -120,8 +90,10 @@ pub(super) enum Problem {
 }
 
 /// The outbox stream a batch was read from.
-pub(super) struct Source<'a> {
+pub struct Source<'a> {
+    /// The stream key.
     pub stream: &'a str,
+    /// Its partition.
     pub partition: u32,
 }
 
@@ -298,7 +270,7 @@ async fn reject(
     reason: RejectReason,
     error: &str,
 ) -> Result<(), LedgerError> {
-    let fields: Vec<Vec<u8>> = raw.fields.iter().map(bytes).collect();
+    let fields: Vec<Vec<u8>> = raw.fields.clone();
     let added = sqlx::query(INSERT_REJECT)
         .bind(clean(from.stream, REASON_MAX))
         .bind(clean(&raw.id, NAME_MAX))
@@ -324,14 +296,6 @@ async fn reject(
         );
     }
     Ok(())
-}
-
-/// A stream field's bytes as received.
-fn bytes(v: &Value) -> Vec<u8> {
-    v.as_bytes()
-        .map(<[u8]>::to_vec)
-        .or_else(|| v.as_string().map(String::into_bytes))
-        .unwrap_or_default()
 }
 
 /// Report the records that landed: all of them in the usual case, else

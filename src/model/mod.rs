@@ -6,8 +6,13 @@
 //! property-tested and fuzzed (`fuzz/`).
 
 pub mod attempt;
+pub mod backoff;
+pub mod events;
 pub mod json;
+pub mod limits;
+pub mod names;
 pub mod payload;
+pub mod record;
 pub mod redact;
 pub mod text;
 pub mod units;

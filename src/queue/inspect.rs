@@ -9,7 +9,6 @@ use fred::prelude::*;
 use serde::Serialize;
 
 use super::{Queue, QueueError};
-use crate::admission;
 
 /// Per-queue counts, summed over partitions.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -75,16 +74,7 @@ pub async fn queue_names(q: &Queue) -> Result<Vec<String>, QueueError> {
     Ok(names.into_iter().collect())
 }
 
-/// Usage records waiting in the outbox for the ledger writer (all
-/// partitions). Growing while PostgreSQL is down; zero when caught up.
-pub async fn outbox_backlog(q: &Queue) -> Result<u64, QueueError> {
-    let mut n = 0;
-    for p in 0..q.partitions() {
-        let len: u64 = q.client().xlen(q.keys(p).key(&["outbox"])).await?;
-        n += len;
-    }
-    Ok(n)
-}
+pub use super::outbox::backlog as outbox_backlog;
 
 /// Depth of every queue.
 pub async fn queue_stats(q: &Queue) -> Result<Vec<QueueStats>, QueueError> {
@@ -120,7 +110,7 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
         let held: HashMap<String, String> = q.client().hgetall(keys.key(&["held"])).await?;
         let month = current_month(q).await?;
         let paused: Vec<String> = q.client().smembers(keys.key(&["paused"])).await?;
-        let defaults = admission::defaults(q, p).await?;
+        let defaults = crate::queue::limits::defaults(q, p).await?;
         let queues: Vec<String> = match queue {
             Some(name) => vec![name.to_string()],
             None => q.client().smembers(keys.key(&["queues"])).await?,
@@ -132,7 +122,7 @@ pub async fn tenant_stats(q: &Queue, queue: Option<&str>) -> Result<Vec<TenantSt
             per_queue.push((name.clone(), h));
         }
         for t in tenants {
-            let set = admission::tenant_settings(q, &t, &defaults).await?;
+            let set = crate::queue::limits::tenant_settings(q, &t, &defaults).await?;
             let mut s = TenantStats {
                 tenant: t.clone(),
                 tier: set.tier,

@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::QueueError;
-use crate::executor::{Outcome, TaskUsage};
+use crate::model::attempt::{Outcome, TaskUsage};
+use crate::model::events::QueueEvent;
 
 /// Highest and lowest `priority`; higher runs first within a tenant.
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -100..=100;
@@ -33,23 +34,9 @@ fn check_whole_ms(what: &str, d: Option<Duration>) -> Result<(), QueueError> {
     Ok(())
 }
 
-/// Check a tenant, queue or kind name: 1-64 of `[A-Za-z0-9_.-]`, starting
-/// with a letter or digit (the same rule the enqueue script applies).
+/// Check a tenant, queue or kind name (see [`crate::model::names`]).
 pub fn validate_name(what: &str, name: &str) -> Result<(), QueueError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        let shown: String = name.chars().take(80).collect();
-        Err(QueueError::Invalid(format!(
-            "{what} {shown:?} must be 1-64 characters of letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )))
-    }
+    Ok(crate::model::names::validate_name(what, name)?)
 }
 
 /// A job to enqueue.
@@ -222,6 +209,37 @@ pub struct Claimed {
     /// after this claim: workers split their slots across partitions in
     /// proportion to it.
     pub weight: f64,
+    /// What the claim reported (rate alerts); the caller records them.
+    pub events: Vec<QueueEvent>,
+}
+
+/// What a completion call did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Completed {
+    /// Where each attempt's job went, in the order sent.
+    pub statuses: Vec<CompleteStatus>,
+    /// What it reported (quota thresholds crossed).
+    pub events: Vec<QueueEvent>,
+}
+
+/// What a reaper pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// False when another worker held this interval's guard (nothing done).
+    pub ran: bool,
+    /// Expired attempts closed as lost and returned to ready.
+    pub reaped: u64,
+    /// What it reported.
+    pub events: Vec<QueueEvent>,
+}
+
+/// What a release (shutdown hand-back) did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Attempts handed back.
+    pub released: u64,
+    /// What it reported.
+    pub events: Vec<QueueEvent>,
 }
 
 /// How one attempt ended, as sent to the completion script.
@@ -295,6 +313,18 @@ pub enum CompleteStatus {
 }
 
 impl CompleteStatus {
+    /// The script's word for it (`succeeded`, `delayed`, `ready`, `dead`,
+    /// `refused`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompleteStatus::Succeeded => "succeeded",
+            CompleteStatus::Delayed => "delayed",
+            CompleteStatus::Ready => "ready",
+            CompleteStatus::Dead => "dead",
+            CompleteStatus::Refused => "refused",
+        }
+    }
+
     pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "succeeded" => CompleteStatus::Succeeded,

@@ -9,6 +9,8 @@ mod call;
 pub mod inspect;
 pub mod job;
 pub mod keys;
+pub mod limits;
+pub mod outbox;
 pub use crate::model::payload;
 mod scripts;
 
@@ -18,8 +20,11 @@ use std::time::Duration;
 
 use fred::prelude::*;
 
+pub use crate::model::events::QueueEvent;
 pub use call::Call;
-pub use job::{Claimed, ClaimedJob, CompleteStatus, Completion, Enqueued, JobSpec};
+pub use job::{
+    Claimed, ClaimedJob, CompleteStatus, Completed, Completion, Enqueued, JobSpec, Reaped, Released,
+};
 pub use keys::{Keys, partition_of, partition_of_job};
 pub use scripts::{ScriptName, script_source};
 
@@ -59,6 +64,12 @@ pub enum QueueError {
     /// Redis answered something agentq does not understand.
     #[error("unexpected reply from redis: {0}")]
     Protocol(String),
+}
+
+impl From<crate::model::names::InvalidInput> for QueueError {
+    fn from(e: crate::model::names::InvalidInput) -> Self {
+        QueueError::Invalid(e.0)
+    }
 }
 
 impl QueueError {
@@ -390,9 +401,6 @@ impl Queue {
             }
             for (n, &i) in idx.iter().enumerate() {
                 let created = flat[2 * n + 1] == "1";
-                if created {
-                    crate::metrics::enqueued(&specs[i].queue, &specs[i].tenant);
-                }
                 out[i] = Some(Enqueued {
                     id: flat[2 * n].clone(),
                     created,
@@ -428,7 +436,7 @@ impl Queue {
         let [first, events, weight, rest @ ..] = flat.as_slice() else {
             return Err(QueueError::Protocol("short claim reply".into()));
         };
-        report_events(events);
+        let events = QueueEvent::parse_all(events);
         let weight = weight.parse::<f64>().unwrap_or(0.0).max(0.0);
         let due_in = match first.parse::<u64>() {
             Ok(0) | Err(_) => None,
@@ -463,6 +471,7 @@ impl Queue {
             jobs,
             due_in,
             weight,
+            events,
         })
     }
 
@@ -474,7 +483,7 @@ impl Queue {
         p: u32,
         call: &Call,
         done: &[Completion],
-    ) -> Result<Vec<CompleteStatus>, QueueError> {
+    ) -> Result<Completed, QueueError> {
         let mut args = Vec::with_capacity(2 + done.len() * 15);
         args.push(call.worker().to_string());
         args.push(call.id().to_string());
@@ -485,14 +494,17 @@ impl Queue {
         let Some((events, statuses)) = flat.split_first() else {
             return Err(QueueError::Protocol("empty complete reply".into()));
         };
-        report_events(events);
-        statuses
+        let statuses = statuses
             .iter()
             .map(|s| {
                 CompleteStatus::parse(s)
                     .ok_or_else(|| QueueError::Protocol(format!("complete said {s:?}")))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Completed {
+            statuses,
+            events: QueueEvent::parse_all(events),
+        })
     }
 
     /// Extend leases of partition `p` by `(id, attempt)`; returns the
@@ -517,16 +529,14 @@ impl Queue {
 
     /// Run the reaper on partition `p` unless another worker ran it within
     /// `guard`. Returns how many expired attempts were reaped (None: skipped).
-    pub async fn reap(
-        &self,
-        p: u32,
-        guard: Duration,
-        max: usize,
-    ) -> Result<Option<u64>, QueueError> {
+    pub async fn reap(&self, p: u32, guard: Duration, max: usize) -> Result<Reaped, QueueError> {
         let args = vec![guard.as_millis().max(1).to_string(), max.to_string()];
         let (n, events) = count_and_events(self.call(ScriptName::Reap, p, args).await?)?;
-        report_events(&events);
-        Ok((n >= 0).then_some(n as u64))
+        Ok(Reaped {
+            ran: n >= 0,
+            reaped: n.max(0) as u64,
+            events: QueueEvent::parse_all(&events),
+        })
     }
 
     /// Hand running attempts back to ready at once: `(id, attempt, run_ms)`.
@@ -537,7 +547,7 @@ impl Queue {
         call: &Call,
         reason: &str,
         held: &[(String, u32, u64)],
-    ) -> Result<u64, QueueError> {
+    ) -> Result<Released, QueueError> {
         let mut args = vec![
             call.worker().to_string(),
             call.id().to_string(),
@@ -547,8 +557,10 @@ impl Queue {
             args.extend([id.clone(), token.to_string(), run_ms.to_string()]);
         }
         let (n, events) = count_and_events(self.call(ScriptName::Release, p, args).await?)?;
-        report_events(&events);
-        Ok(n.max(0) as u64)
+        Ok(Released {
+            released: n.max(0) as u64,
+            events: QueueEvent::parse_all(&events),
+        })
     }
 
     /// Pause (`on`) or resume a queue, or one tenant on it. Returns whether
@@ -741,10 +753,10 @@ impl Queue {
     /// defaults on every partition). A value of `None` resets that field.
     pub async fn set_limit_fields(
         &self,
-        target: crate::admission::Target<'_>,
+        target: crate::model::limits::Target<'_>,
         fields: &[(&str, Option<String>)],
     ) -> Result<(), QueueError> {
-        use crate::admission::Target;
+        use crate::model::limits::Target;
         let who = match target {
             Target::Tenant(t) => {
                 job::validate_name("tenant", t)?;
@@ -821,41 +833,6 @@ fn count_and_events(v: Value) -> Result<(i64, String), QueueError> {
         other => Err(QueueError::Protocol(format!(
             "expected {{count, events}}, got {other:?}"
         ))),
-    }
-}
-
-/// Log the events a script reported (space-separated `kind:tenant`), as
-/// structured warnings an operator can alert on.
-fn report_events(events: &str) {
-    for e in events.split_whitespace() {
-        let (kind, tenant) = e.split_once(':').unwrap_or((e, ""));
-        match kind {
-            "quota_80" => {
-                crate::metrics::quota_alert(tenant, "80");
-                tracing::warn!(
-                    event = kind,
-                    tenant,
-                    "tenant crossed 80% of its monthly quota"
-                )
-            }
-            "quota_100" => {
-                crate::metrics::quota_alert(tenant, "100");
-                tracing::warn!(
-                    event = kind,
-                    tenant,
-                    "tenant reached its monthly quota: its jobs wait until the quota is raised or the month ends"
-                )
-            }
-            "rate_2x" => {
-                crate::metrics::rate_alert(tenant);
-                tracing::warn!(
-                    event = kind,
-                    tenant,
-                    "tenant is starting jobs at twice its tier's expected rate"
-                )
-            }
-            _ => tracing::warn!(event = kind, tenant, "queue event"),
-        }
     }
 }
 

@@ -23,9 +23,11 @@ pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The end of `bytes` (task output) as trimmed, clean text of at most `max`
 /// bytes: invalid UTF-8 and control characters (but newline and tab) become
-/// U+FFFD (see [`crate::text::clean_tail`]).
+/// U+FFFD (see [`crate::model::text::clean_tail`]).
 pub(super) fn tail_text(bytes: &[u8], max: usize) -> String {
-    crate::text::clean_tail(bytes, max).trim().to_string()
+    crate::model::text::clean_tail(bytes, max)
+        .trim()
+        .to_string()
 }
 
 /// Reads `r` to the end (or until `stop`), keeping only the last `keep` bytes.

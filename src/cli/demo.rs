@@ -16,13 +16,13 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{LimitsUpdate, Rate, Target};
 use crate::cli::output;
 use crate::cli::{CliError, CliResult, Global};
 use crate::executor::{Handlers, Registry};
+use crate::model::limits::{LimitsUpdate, Rate, Target};
 use crate::queue::{JobSpec, Queue};
-use crate::servers::{PostgresSource, RedisSource};
 use crate::worker::{Worker, WorkerConfig};
+use agentq_servers::{PostgresSource, RedisSource};
 
 /// `agentq demo`.
 #[derive(Debug, Args)]
@@ -173,8 +173,8 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
 }
 
 async fn drive(a: &DemoArgs, queue: &Queue, pool: &PgPool, registry: Registry) -> CliResult {
-    let tiers = crate::admission::builtin_tiers();
-    crate::admission::publish_tiers(queue, &tiers).await?;
+    let tiers = crate::model::limits::builtin_tiers();
+    crate::queue::limits::publish_tiers(queue, &tiers).await?;
     for t in &TENANTS {
         let rate = Rate {
             starts: t.rate.unwrap_or(0),
@@ -444,7 +444,7 @@ async fn summary(pool: &PgPool, elapsed: Duration) -> CliResult {
                     r.succeeded, r.failed, r.timed_out, r.memory_exceeded
                 ),
                 format!("{:.1}", r.agent_ms as f64 / 1000.0),
-                crate::units::format_size(r.peak_rss.max(0) as u64),
+                crate::model::units::format_size(r.peak_rss.max(0) as u64),
                 format!("{:.2}s", r.longest_wait_ms as f64 / 1000.0),
                 format!("{peak}/{cap}"),
                 format!("${:.4}", r.cost_micros as f64 / 1e6),

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::admission::{self, LimitsUpdate, Tier};
+use crate::model::limits::{self, LimitsUpdate, Tier};
 
 /// Default Redis URL.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -81,29 +81,33 @@ impl TierConfig {
             max_timeout: self
                 .max_timeout
                 .map(|v| {
-                    crate::units::parse_duration(&v).map_err(|e| bad("max_timeout", e.to_string()))
+                    crate::model::units::parse_duration(&v)
+                        .map_err(|e| bad("max_timeout", e.to_string()))
                 })
                 .transpose()?,
             max_memory: self
                 .max_memory
-                .map(|v| crate::units::parse_size(&v).map_err(|e| bad("max_memory", e.to_string())))
+                .map(|v| {
+                    crate::model::units::parse_size(&v)
+                        .map_err(|e| bad("max_memory", e.to_string()))
+                })
                 .transpose()?,
             weight: self.weight,
             rate: self
                 .rate
-                .map(|v| admission::parse_rate(&v).map_err(|e| bad("rate", e)))
+                .map(|v| limits::parse_rate(&v).map_err(|e| bad("rate", e)))
                 .transpose()?,
             burst: self.burst,
             quota: self
                 .quota
-                .map(|v| admission::parse_quota(&v).map_err(|e| bad("quota", e)))
+                .map(|v| limits::parse_quota(&v).map_err(|e| bad("quota", e)))
                 .transpose()?,
             tier: None,
             price_per_minute: self.price_per_minute,
             price_per_1k_tokens: self.price_per_1k_tokens,
             expected_rate: self
                 .expected_rate
-                .map(|v| admission::parse_rate(&v).map_err(|e| bad("expected_rate", e)))
+                .map(|v| limits::parse_rate(&v).map_err(|e| bad("expected_rate", e)))
                 .transpose()?,
         };
         limits
@@ -182,7 +186,7 @@ impl Settings {
                 .into_iter()
                 .map(|(name, t)| t.into_tier(&name))
                 .collect::<Result<Vec<_>, _>>()?,
-            None => admission::builtin_tiers(),
+            None => limits::builtin_tiers(),
         };
         Ok(Settings {
             tiers,

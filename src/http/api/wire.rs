@@ -55,7 +55,7 @@ impl ApiJob {
         }
         let dur = |v: Option<String>, what: &str| {
             v.map(|s| {
-                let d = crate::units::parse_duration(&s)
+                let d = crate::model::units::parse_duration(&s)
                     .map_err(|e| ApiError::bad(at(format!("{what}: {e}"))))?;
                 check_ms(d).map_err(|m| ApiError::bad(at(format!("{what}: {s:?} {m}"))))
             })
@@ -64,7 +64,8 @@ impl ApiJob {
         let memory = self
             .memory
             .map(|s| {
-                crate::units::parse_size(&s).map_err(|e| ApiError::bad(at(format!("memory: {e}"))))
+                crate::model::units::parse_size(&s)
+                    .map_err(|e| ApiError::bad(at(format!("memory: {e}"))))
             })
             .transpose()?;
         let spec = JobSpec {

@@ -1,24 +1,24 @@
-//! Tenant limits and tiers: what the claim script enforces before a job starts.
+//! Tenant limits and tiers as values: what the claim script enforces before
+//! a job starts, their ranges, and the text forms operators write them in.
 //!
-//! Limits live in Redis in layers: the tenant's own settings
-//! (`B:tenant:<t>`), then its tier's (`B:tier:<name>`), then the partition
-//! defaults (`B:defaults`), then the built-in values below. A change made
-//! with `agentq tenant set` (or a tier published by a worker from its
-//! configuration) holds for the whole fleet from the next claim on, with no
-//! restart. The enforcement itself (concurrency cap, weights, pauses, start
-//! rate, monthly quota) is in `src/queue/scripts/`.
+//! Limits resolve in layers: the tenant's own settings, then its tier's,
+//! then the partition defaults, then [`BUILTIN`] (the scripts get their copy
+//! of it from here, see `src/queue/scripts.rs`). Reading and writing them in
+//! Redis is `crate::queue::limits`; enforcing them is `src/queue/scripts/`.
+//! Property: every [`LimitsUpdate`] that [`LimitsUpdate::validate`] accepts
+//! writes fields the scripts read back as the same values (whole
+//! milliseconds, integer micro-dollars).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use fred::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::queue::{Queue, QueueError};
+use super::names::{InvalidInput, validate_name};
 
 /// Effective limits of a tenant (field names as stored in Redis).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Limits {
+pub struct TenantLimits {
     /// Most jobs running at once, fleet-wide, across all queues.
     pub max_concurrency: u64,
     /// Longest timeout a job may request, ms.
@@ -44,7 +44,7 @@ pub struct Limits {
 }
 
 /// Built-in limits for tenants nobody configured (mirrors `lib.lua`).
-pub const BUILTIN: Limits = Limits {
+pub const BUILTIN: TenantLimits = TenantLimits {
     max_concurrency: 10,
     max_timeout_ms: 3_600_000,
     max_memory: 4 << 30,
@@ -58,9 +58,9 @@ pub const BUILTIN: Limits = Limits {
     expected_rate_per_min: 0,
 };
 
-impl Limits {
+impl TenantLimits {
     /// Resolve each field from the first layer that sets it, else built-in.
-    pub fn resolve(layers: &[&HashMap<String, String>]) -> Limits {
+    pub fn resolve(layers: &[&HashMap<String, String>]) -> TenantLimits {
         let get = |name: &str, builtin: u64| {
             layers
                 .iter()
@@ -68,7 +68,7 @@ impl Limits {
                 .map_or(builtin, |v| v.max(0.0) as u64)
         };
         let b = BUILTIN;
-        Limits {
+        TenantLimits {
             max_concurrency: get("max_concurrency", b.max_concurrency),
             max_timeout_ms: get("max_timeout_ms", b.max_timeout_ms),
             max_memory: get("max_memory", b.max_memory),
@@ -131,7 +131,7 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
         "m" | "min" | "minute" => Duration::from_secs(60),
         "h" | "hour" => Duration::from_secs(3600),
         "d" | "day" => Duration::from_secs(86400),
-        other => crate::units::parse_duration(other).map_err(|_| bad())?,
+        other => crate::model::units::parse_duration(other).map_err(|_| bad())?,
     };
     if starts == 0
         || starts > 1_000_000
@@ -162,7 +162,7 @@ pub fn parse_quota(s: &str) -> Result<Duration, String> {
         .strip_suffix("/month")
         .or_else(|| t.strip_suffix("/mo"))
         .unwrap_or(t);
-    let quota = crate::units::parse_duration(amount).map_err(|_| {
+    let quota = crate::model::units::parse_duration(amount).map_err(|_| {
         format!(
             "invalid quota {s:?}: use agent time per month, for example 100h/month or 30m (or none)"
         )
@@ -220,11 +220,9 @@ fn micros(dollars: f64) -> u64 {
 
 impl LimitsUpdate {
     /// Check every field's range; the error names the flag and the range.
-    pub fn validate(&self) -> Result<(), QueueError> {
+    pub fn validate(&self) -> Result<(), InvalidInput> {
         let out_of = |what: &str, range: &str| {
-            Err(QueueError::Invalid(format!(
-                "{what} is out of range: use {range}"
-            )))
+            Err(InvalidInput(format!("{what} is out of range: use {range}")))
         };
         if let Some(n) = self.max_concurrency
             && !MAX_CONCURRENCY_RANGE.contains(&n)
@@ -267,7 +265,7 @@ impl LimitsUpdate {
             }
         }
         if let Some(t) = &self.tier {
-            crate::queue::job::validate_name("tier", t)?;
+            validate_name("tier", t)?;
         }
         Ok(())
     }
@@ -311,17 +309,6 @@ impl LimitsUpdate {
             f.push(("tier", t.clone()));
         }
         f
-    }
-
-    /// Validate and write.
-    pub async fn apply(&self, queue: &Queue, target: Target<'_>) -> Result<(), QueueError> {
-        self.validate()?;
-        let fields: Vec<(&str, Option<String>)> = self
-            .fields()
-            .into_iter()
-            .map(|(k, v)| (k, Some(v)))
-            .collect();
-        queue.set_limit_fields(target, &fields).await
     }
 
     /// One-line summary of what this update sets, for the CLI.
@@ -402,96 +389,6 @@ pub fn builtin_tiers() -> Vec<Tier> {
             },
         },
     ]
-}
-
-/// Write tiers to Redis (every partition); tenants on them re-sync at once.
-pub async fn publish_tiers(queue: &Queue, tiers: &[Tier]) -> Result<(), QueueError> {
-    for t in tiers {
-        crate::queue::job::validate_name("tier", &t.name)?;
-        t.limits.apply(queue, Target::Tier(&t.name)).await?;
-    }
-    Ok(())
-}
-
-/// Tier names published in Redis, with their raw settings.
-pub async fn published_tiers(queue: &Queue) -> Result<Vec<(String, Limits)>, QueueError> {
-    let keys = queue.keys(0);
-    let mut names: Vec<String> = queue.client().smembers(keys.key(&["tiers"])).await?;
-    names.sort();
-    let defaults = defaults(queue, 0).await?;
-    let mut out = Vec::new();
-    for n in names {
-        let own: HashMap<String, String> = queue.client().hgetall(keys.key(&["tier", &n])).await?;
-        out.push((n, Limits::resolve(&[&own, &defaults])));
-    }
-    Ok(out)
-}
-
-/// A tenant's limits as configured and as in effect.
-#[derive(Clone, Debug, Serialize)]
-pub struct TenantSettings {
-    /// Tenant name.
-    pub tenant: String,
-    /// Tier, if set.
-    pub tier: Option<String>,
-    /// Limits in effect (own setting, else tier, else default, else built-in).
-    pub limits: Limits,
-    /// Fields the tenant sets itself (the rest come from its tier or defaults).
-    pub own: Vec<String>,
-}
-
-/// Read a tenant's settings (`tenant` None: the defaults of partition 0).
-pub async fn settings(queue: &Queue, tenant: Option<&str>) -> Result<TenantSettings, QueueError> {
-    let p = tenant.map_or(0, |t| queue.partition_of(t));
-    let defaults = defaults(queue, p).await?;
-    match tenant {
-        Some(t) => tenant_settings(queue, t, &defaults).await,
-        None => Ok(TenantSettings {
-            tenant: "(defaults)".into(),
-            tier: None,
-            limits: Limits::resolve(&[&defaults]),
-            own: sorted_keys(&defaults),
-        }),
-    }
-}
-
-/// The raw defaults hash of partition `p`.
-pub async fn defaults(queue: &Queue, p: u32) -> Result<HashMap<String, String>, QueueError> {
-    Ok(queue
-        .client()
-        .hgetall(queue.keys(p).key(&["defaults"]))
-        .await?)
-}
-
-fn sorted_keys(h: &HashMap<String, String>) -> Vec<String> {
-    let mut v: Vec<String> = h.keys().cloned().collect();
-    v.sort();
-    v
-}
-
-/// A tenant's settings given its partition's `defaults` (read once by
-/// callers that list many tenants).
-pub async fn tenant_settings(
-    queue: &Queue,
-    tenant: &str,
-    defaults: &HashMap<String, String>,
-) -> Result<TenantSettings, QueueError> {
-    let keys = queue.keys(queue.partition_of(tenant));
-    let own: HashMap<String, String> = queue
-        .client()
-        .hgetall(keys.key(&["tenant", tenant]))
-        .await?;
-    let tier = own.get("tier").cloned();
-    let tier_fields: HashMap<String, String> = match &tier {
-        Some(name) => queue.client().hgetall(keys.key(&["tier", name])).await?,
-        None => HashMap::new(),
-    };
-    Ok(TenantSettings {
-        tenant: tenant.to_string(),
-        tier,
-        limits: Limits::resolve(&[&own, &tier_fields, defaults]),
-        own: sorted_keys(&own),
-    })
 }
 
 #[cfg(test)]
@@ -598,7 +495,7 @@ mod tests {
             ("weight".to_string(), "4".to_string()),
         ]
         .into();
-        let l = Limits::resolve(&[&own, &tier]);
+        let l = TenantLimits::resolve(&[&own, &tier]);
         assert_eq!(
             (l.max_concurrency, l.weight, l.max_timeout_ms),
             (3, 4, BUILTIN.max_timeout_ms)

@@ -1,0 +1,55 @@
+//! Waking idle claim loops: every partition has a pub/sub channel
+//! (`B:wake`) on which scripts announce that a tenant became claimable; a
+//! message marks its partition and wakes the loop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use fred::prelude::*;
+use tokio::sync::Notify;
+
+use crate::queue::{Queue, QueueError};
+
+/// Subscribe to every partition's wake channel; each message marks its
+/// partition in `woken` and wakes the claim loop.
+pub(super) async fn subscribe_wake(
+    queue: &Queue,
+    wake: Arc<Notify>,
+    woken: Arc<Vec<AtomicBool>>,
+) -> Result<fred::clients::SubscriberClient, QueueError> {
+    let config = Config::from_url(&queue.config().redis_url)?;
+    let sub = Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build_subscriber_client()?;
+    sub.init().await?;
+    // Detached: it resubscribes after reconnects for as long as the client lives.
+    drop(sub.manage_subscriptions());
+    let channels: Vec<String> = (0..queue.partitions())
+        .map(|p| queue.keys(p).key(&["wake"]))
+        .collect();
+    let by_channel: std::collections::HashMap<String, usize> = channels
+        .iter()
+        .enumerate()
+        .map(|(p, c)| (c.clone(), p))
+        .collect();
+    sub.subscribe(channels).await?;
+    let mut rx = sub.message_rx();
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(m) => {
+                    if let Some(flag) = by_channel.get(&*m.channel) {
+                        woken[*flag].store(true, Ordering::Relaxed);
+                    }
+                    wake.notify_one()
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    woken.iter().for_each(|w| w.store(true, Ordering::Relaxed));
+                    wake.notify_one()
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(sub)
+}
