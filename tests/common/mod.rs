@@ -13,7 +13,9 @@
 //! - [`procs`]: `agentq` processes ([`Proc`], [`WorkerProc`]), signals,
 //!   their logs ([`LogTail`]) and their lease guards;
 //! - [`faults`]: what the fault suites check after killing things: leftover
-//!   working directories ([`WorkerTmp`]), one record per attempt, caps.
+//!   working directories ([`WorkerTmp`]), one record per attempt, caps;
+//! - [`ops`]: the operations-asset tests' files, YAML, metrics and runbook
+//!   (not re-exported: named `common::ops::X`).
 //!
 //! Everything is re-exported here, so tests name it `common::X`.
 // Each test binary uses part of this module: what it leaves unused is fine.
@@ -21,6 +23,7 @@
 
 pub mod db;
 pub mod faults;
+pub mod ops;
 pub mod procs;
 pub mod queue;
 
