@@ -9,6 +9,7 @@
 //! By concern:
 //! - [`queue`]: a test's own namespace ([`TestQueue`]), in-process workers,
 //!   polling ([`eventually`]) and what the queue holds;
+//! - [`claims`]: the claim and completion scripts driven directly;
 //! - [`db`]: a test's own PostgreSQL schema ([`TestDb`]) and ledger rows;
 //! - [`procs`]: `agentq` processes ([`Proc`], [`WorkerProc`]), signals,
 //!   their logs ([`LogTail`]) and their lease guards;
@@ -21,12 +22,14 @@
 // Each test binary uses part of this module: what it leaves unused is fine.
 #![allow(dead_code, unused_imports)]
 
+pub mod claims;
 pub mod db;
 pub mod faults;
 pub mod ops;
 pub mod procs;
 pub mod queue;
 
+pub use claims::*;
 pub use db::*;
 pub use faults::*;
 pub use procs::*;

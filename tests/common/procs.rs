@@ -84,20 +84,25 @@ impl TestQueue {
 
     /// Run the CLI on this namespace; returns (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = agentq()
-            .args(args)
-            .env("AGENTQ_REDIS_URL", self.queue.config().redis_url.clone())
-            .env("AGENTQ_NAMESPACE", &self.ns)
-            .env("AGENTQ_LOG", "off")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run agentq");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        run_to_end(
+            agentq()
+                .args(args)
+                .env("AGENTQ_REDIS_URL", self.queue.config().redis_url.clone())
+                .env("AGENTQ_NAMESPACE", &self.ns)
+                .env("AGENTQ_LOG", "off"),
         )
     }
+}
+
+/// Run `cmd` (an `agentq` command line) to its end with no stdin; returns
+/// (exit code, or -1 if killed by a signal; stdout; stderr).
+pub fn run_to_end(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.stdin(Stdio::null()).output().expect("run agentq");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// How to start a worker process beyond [`TestQueue::spawn_worker`]'s defaults.
@@ -183,6 +188,30 @@ impl std::ops::DerefMut for Proc {
     fn deref_mut(&mut self) -> &mut Child {
         &mut self.0
     }
+}
+
+/// True when `pid` no longer runs (gone, or a zombie waiting for its
+/// parent or init).
+pub fn is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+            .unwrap_or(false),
+    }
+}
+
+/// Wait (up to `limit`) until `pid` no longer runs; whether it stopped.
+pub async fn wait_dead(pid: i32, limit: Duration) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if is_dead(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// Wait (up to `limit`) for a child to exit; its exit code.

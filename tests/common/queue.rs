@@ -1,14 +1,15 @@
-//! A test's own queue namespace on the real Redis ([`TestQueue`]), workers
-//! run in process ([`RunningWorker`]), what the namespace holds (outbox,
-//! running counts, leases, job states), and polling with generous
-//! deadlines ([`eventually`]), never timing.
+//! A test's own queue namespace on the real Redis ([`TestQueue`]): jobs
+//! enqueued, tenants' limits, workers run in process ([`RunningWorker`]),
+//! what the namespace holds (outbox, running counts, leases, job states),
+//! and polling with generous deadlines ([`eventually`]), never timing.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use agentq::admission::{LimitsUpdate, Rate, Target};
 use agentq::executor::{Handlers, Registry};
-use agentq::queue::{Queue, QueueConfig};
+use agentq::queue::{JobSpec, Queue, QueueConfig};
 use agentq::worker::{Worker, WorkerConfig};
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
@@ -87,13 +88,49 @@ impl TestQueue {
             .expect("hgetall")
     }
 
+    /// Enqueue one job; its id.
+    pub async fn enqueue(&self, spec: &JobSpec) -> String {
+        self.queue.enqueue(spec).await.expect("enqueue").id
+    }
+
+    /// Enqueue `specs` in batches of 500; the ids in order.
+    pub async fn enqueue_all(&self, specs: &[JobSpec]) -> Vec<String> {
+        let mut ids = Vec::with_capacity(specs.len());
+        for chunk in specs.chunks(500) {
+            let done = self.queue.enqueue_batch(chunk).await.expect("enqueue");
+            ids.extend(done.into_iter().map(|e| e.id));
+        }
+        ids
+    }
+
     /// An in-process worker with the repository's task programs.
     pub fn start_worker(&self, cfg: WorkerConfig) -> RunningWorker {
         let registry = Registry::load(&workers_dir()).expect("load workers/");
+        self.start_worker_with(cfg, registry, None)
+    }
+
+    /// An in-process worker with the task programs of `registry` and the
+    /// built-in handlers, writing the ledger to `ledger` if given.
+    pub fn start_worker_with(
+        &self,
+        cfg: WorkerConfig,
+        registry: Registry,
+        ledger: Option<sqlx::PgPool>,
+    ) -> RunningWorker {
         let stop = CancellationToken::new();
-        let w = Worker::new(self.queue.clone(), cfg, registry, Handlers::with_builtins());
+        let mut w = Worker::new(self.queue.clone(), cfg, registry, Handlers::with_builtins());
+        if let Some(pool) = ledger {
+            w = w.with_ledger(pool);
+        }
         let handle = tokio::spawn(w.run(stop.clone()));
         RunningWorker { stop, handle }
+    }
+
+    /// An in-process worker with the repository's task programs that
+    /// writes the ledger to `pool`.
+    pub fn start_ledger_worker(&self, cfg: WorkerConfig, pool: &sqlx::PgPool) -> RunningWorker {
+        let registry = Registry::load(&workers_dir()).expect("registry");
+        self.start_worker_with(cfg, registry, Some(pool.clone()))
     }
 
     /// Outbox entries over every partition.
@@ -265,4 +302,52 @@ pub fn peak_overlap(intervals: &[(i64, i64)]) -> usize {
 /// Number of a field of an outbox record.
 pub fn num(r: &HashMap<String, String>, k: &str) -> i64 {
     r.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Apply `update` to `tenant`'s limits.
+pub async fn set_limits(q: &Queue, tenant: &str, update: LimitsUpdate) {
+    update
+        .apply(q, Target::Tenant(tenant))
+        .await
+        .expect("tenant set");
+}
+
+/// Set `tenant`'s concurrency cap.
+pub async fn set_cap(q: &Queue, tenant: &str, cap: u64) {
+    let update = LimitsUpdate {
+        max_concurrency: Some(cap),
+        ..Default::default()
+    };
+    set_limits(q, tenant, update).await;
+}
+
+/// Set `tenant`'s concurrency cap and fair-share weight.
+pub async fn set_cap_and_weight(q: &Queue, tenant: &str, cap: u64, weight: u64) {
+    let update = LimitsUpdate {
+        max_concurrency: Some(cap),
+        weight: Some(weight),
+        ..Default::default()
+    };
+    set_limits(q, tenant, update).await;
+}
+
+/// Set `tenant`'s job start rate: `starts` per second, with `burst`.
+pub async fn set_rate(q: &Queue, tenant: &str, starts: u64, burst: Option<u64>) {
+    let update = LimitsUpdate {
+        rate: Some(Rate {
+            starts,
+            period: Duration::from_secs(1),
+        }),
+        burst,
+        ..Default::default()
+    };
+    set_limits(q, tenant, update).await;
+}
+
+/// `n` jobs of `tenant` on `queue` of kind noop, payloads `{"i": 0..n}`.
+pub async fn fill(q: &Queue, tenant: &str, queue: &str, n: usize) {
+    let jobs: Vec<JobSpec> = (0..n)
+        .map(|i| JobSpec::new(tenant, queue, "noop").payload(&serde_json::json!({ "i": i })))
+        .collect();
+    q.enqueue_batch(&jobs).await.expect("enqueue");
 }
