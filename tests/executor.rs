@@ -4,23 +4,22 @@
 //! Timing assertions only have generous upper bounds so that a slow or busy
 //! machine does not make them flaky.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentq::executor::*;
+use common::wait_dead;
 use serde_json::json;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
 
-fn workers_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("workers")
-}
-
 fn registry() -> Registry {
-    Registry::load(&workers_dir()).expect("workers/ loads")
+    Registry::load(&common::workers_dir()).expect("workers/ loads")
 }
 
 fn input(kind: &str, payload: serde_json::Value) -> TaskInput {
@@ -73,27 +72,6 @@ async fn run_adhoc(
     let tmp = tempfile::tempdir().unwrap();
     let m = adhoc(tmp.path(), "adhoc", toml, script);
     run_process(&m, &input("adhoc", payload), lim, CancellationToken::new()).await
-}
-
-/// True when `pid` no longer runs (gone, or a zombie waiting for init).
-fn is_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-    }
-}
-
-async fn wait_dead(pid: i32) -> bool {
-    for _ in 0..100 {
-        if is_dead(pid) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 #[tokio::test]
@@ -360,7 +338,10 @@ async fn grandchild_that_outlives_the_parent_is_killed() {
         .as_ref()
         .and_then(|o| o.as_i64())
         .expect("pid output") as i32;
-    assert!(wait_dead(pid).await, "grandchild {pid} still running");
+    assert!(
+        wait_dead(pid, Duration::from_secs(5)).await,
+        "grandchild {pid} still running"
+    );
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
@@ -566,7 +547,10 @@ async fn dropping_the_future_kills_the_group() {
         .trim()
         .parse()
         .unwrap();
-    assert!(wait_dead(pid).await, "{pid} still running");
+    assert!(
+        wait_dead(pid, Duration::from_secs(5)).await,
+        "{pid} still running"
+    );
 }
 
 #[tokio::test]

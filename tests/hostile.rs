@@ -111,28 +111,6 @@ fn remove_cgroup_parent(parent: &str) {
     }
 }
 
-/// True when `pid` no longer runs (gone, or a zombie).
-fn is_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-    }
-}
-
-async fn wait_dead(pid: i32, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if is_dead(pid) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 /// Pids whose command line mentions `needle`.
 fn processes_running(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
@@ -602,13 +580,13 @@ async fn hostile_jobs_get_their_own_outcomes_and_the_rest_goes_on() {
         let mut spec = agentq::queue::job::JobSpec::new("evil", "default", *k);
         spec.payload = payload.to_string();
         spec.max_attempts = Some(1);
-        ids.push(tq.queue.enqueue(&spec).await.expect("enqueue").id);
+        ids.push(tq.enqueue(&spec).await);
     }
     let mut good = Vec::new();
     for i in 0..6 {
         let mut spec = agentq::queue::job::JobSpec::new("good", "default", "echo");
         spec.payload = json!({"i": i}).to_string();
-        good.push(tq.queue.enqueue(&spec).await.expect("enqueue").id);
+        good.push(tq.enqueue(&spec).await);
     }
     for (id, (k, _, outcome, needle)) in ids.iter().zip(&hostile) {
         let info = job_in_state(&tq, id, &["succeeded", "dead"]).await;
