@@ -112,7 +112,7 @@ async fn priorities_order_a_tenants_jobs() {
     for p in [0, 10, -5, 100] {
         let mut s = JobSpec::new("t", "q", "noop");
         s.priority = p;
-        ids.insert(tq.queue.enqueue(&s).await.expect("enqueue").id, p);
+        ids.insert(tq.enqueue(&s).await, p);
     }
     let order: Vec<i32> = claim(&tq, 4).await.iter().map(|j| ids[&j.id]).collect();
     assert_eq!(order, vec![100, 10, 0, -5]);
@@ -245,7 +245,7 @@ async fn failures_retry_with_backoff_then_die() {
     let tq = TestQueue::new("retry").await;
     let mut s = JobSpec::new("t", "q", "noop");
     s.max_attempts = Some(2);
-    let id = tq.queue.enqueue(&s).await.expect("enqueue").id;
+    let id = tq.enqueue(&s).await;
     let j = claim(&tq, 1).await.remove(0);
     let mut c = done(&j, Outcome::Failed);
     c.backoff_ms = 60_000;
@@ -450,17 +450,7 @@ async fn quota_holds_a_tenant_within_one_job_and_raising_it_releases() {
 #[tokio::test]
 async fn rate_limit_admits_the_burst_then_holds() {
     let tq = TestQueue::new("rate").await;
-    LimitsUpdate {
-        rate: Some(agentq::admission::Rate {
-            starts: 2,
-            period: Duration::from_secs(1),
-        }),
-        burst: Some(2),
-        ..Default::default()
-    }
-    .apply(&tq.queue, agentq::admission::Target::Tenant("r"))
-    .await
-    .expect("set");
+    common::set_rate(&tq.queue, "r", 2, Some(2)).await;
     fill(&tq.queue, "r", "q", 10).await;
     let c = tq
         .queue
