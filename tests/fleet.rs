@@ -153,12 +153,7 @@ async fn a_job_whose_worker_is_killed_runs_again_after_its_lease() {
     let info = common::job_in_state(&tq, &id, &["succeeded"]).await;
     kill9(&mut second);
     assert_eq!(info.attempts, 2);
-    let outcomes: Vec<String> = tq
-        .outbox()
-        .await
-        .iter()
-        .map(|r| r["outcome"].clone())
-        .collect();
+    let outcomes = tq.outbox_outcomes().await;
     assert_eq!(outcomes, vec!["lost", "succeeded"]);
     tq.cleanup().await;
 }

@@ -226,12 +226,7 @@ async fn expired_lease_is_reaped_and_late_completion_refused() {
     assert_eq!(late, vec![CompleteStatus::Refused]);
     let ok = complete(&tq.queue, &[done(&second[0], Outcome::Succeeded)]).await;
     assert_eq!(ok, vec![CompleteStatus::Succeeded]);
-    let outcomes: Vec<String> = tq
-        .outbox()
-        .await
-        .iter()
-        .map(|r| r["outcome"].clone())
-        .collect();
+    let outcomes = tq.outbox_outcomes().await;
     assert_eq!(
         outcomes,
         vec!["lost", "succeeded"],

@@ -30,6 +30,14 @@ impl WorkerTmp {
         self.0.path()
     }
 
+    /// Worker processes started with this directory as their `TMPDIR`.
+    pub fn worker_proc(&self) -> WorkerProc {
+        WorkerProc {
+            tmpdir: Some(self.path().to_path_buf()),
+            ..Default::default()
+        }
+    }
+
     /// Names of everything agentq made here (`agentq-*`), with the
     /// attempt directories inside worker directories.
     pub fn agentq_entries(&self) -> Vec<String> {
@@ -73,10 +81,7 @@ impl WorkerTmp {
     /// until its startup sweep has removed every dead worker's directory,
     /// stops it, and panics if anything of agentq is left.
     pub async fn sweep_and_assert_clean(&self, tq: &TestQueue) {
-        let how = WorkerProc {
-            tmpdir: Some(self.path().to_path_buf()),
-            ..Default::default()
-        };
+        let how = self.worker_proc();
         assert!(
             !self.leaks().is_empty(),
             "the killed workers left their directories in {}: {:?}",

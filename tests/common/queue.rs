@@ -26,7 +26,9 @@ pub fn namespace(test: &str) -> String {
     format!("t-{test}-{:08x}", rand::random::<u32>())
 }
 
-/// A test's own queue namespace; `cleanup` deletes it.
+/// A test's own queue namespace; `cleanup` deletes it. A clone is another
+/// handle on the same namespace (for a task or a thread).
+#[derive(Clone)]
 pub struct TestQueue {
     pub queue: Queue,
     pub ns: String,
@@ -76,6 +78,15 @@ impl TestQueue {
             .expect("xrange");
         v.into_iter()
             .map(|(_, f)| agentq::ledger::outbox_fields(f))
+            .collect()
+    }
+
+    /// The outcome of every outbox record of partition 0, in order.
+    pub async fn outbox_outcomes(&self) -> Vec<String> {
+        self.outbox()
+            .await
+            .iter()
+            .map(|r| r["outcome"].clone())
             .collect()
     }
 
