@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use agentq::admission::{LimitsUpdate, Rate, Target};
-use agentq::executor::{Outcome, TaskUsage};
+use agentq::executor::Outcome;
 use agentq::queue::{Completion, JobSpec};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
@@ -62,38 +62,13 @@ fn quota_and_rate_alerts_fire_once_at_their_thresholds() {
             tq.queue.enqueue_batch(&jobs).await.expect("enqueue");
             // 4 x 300ms: 300, 600, 900 (past 80%), 1200 (past 100%), then held.
             for _ in 0..6 {
-                let batch = tq
-                    .queue
-                    .claim(
-                        0,
-                        &agentq::queue::Call::new("w"),
-                        1,
-                        Duration::from_secs(30),
-                        &["q".to_string()],
-                    )
-                    .await
-                    .expect("claim")
-                    .jobs;
+                let batch = common::claim(&tq.queue, &["q"], 1, Duration::from_secs(30)).await;
                 for j in batch {
                     let c = Completion {
-                        id: j.id.clone(),
-                        attempt: j.attempt,
-                        outcome: Outcome::Succeeded,
-                        permanent: false,
-                        error: String::new(),
-                        result: None,
-                        exit_code: Some(0),
-                        signal: None,
                         run_ms: 300,
-                        cpu_ms: 0,
-                        peak_rss: 0,
-                        usage: TaskUsage::default(),
-                        backoff_ms: 0,
+                        ..common::done(&j, Outcome::Succeeded)
                     };
-                    tq.queue
-                        .complete(0, &agentq::queue::Call::new("w"), &[c])
-                        .await
-                        .expect("complete");
+                    common::complete(&tq.queue, &[c]).await;
                 }
             }
             tq.cleanup().await;

@@ -40,14 +40,7 @@ async fn apalis_handlers_run_on_agentq_with_caps_fencing_and_ledger() {
     let mut failing = JobSpec::new("t", "q", "any").payload(&json!({"fail": true}));
     failing.max_attempts = Some(1);
     jobs.push(failing);
-    let ids: Vec<String> = tq
-        .queue
-        .enqueue_batch(&jobs)
-        .await
-        .expect("enqueue")
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids: Vec<String> = tq.enqueue_all(&jobs).await;
 
     let backend = AgentqBackend::<Value>::new(tq.queue.clone(), vec!["q".into()], "apalis-test")
         .lease(Duration::from_secs(5));
@@ -102,7 +95,7 @@ async fn a_payload_the_handler_cannot_decode_goes_dead_with_a_clear_error() {
     let tq = TestQueue::new("apalis-decode").await;
     let mut bad = JobSpec::new("t", "q", "any").payload(&json!({"n": "not a number"}));
     bad.max_attempts = Some(3);
-    let id = tq.queue.enqueue(&bad).await.expect("enqueue").id;
+    let id = tq.enqueue(&bad).await;
     let backend = AgentqBackend::<Typed>::new(tq.queue.clone(), vec!["q".into()], "apalis-typed");
     let worker = WorkerBuilder::new("apalis-typed")
         .backend(backend)

@@ -6,15 +6,16 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::process::{Child, Command, Stdio};
+use std::collections::{BTreeSet, HashMap};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentq::admission::{LimitsUpdate, Target};
 use agentq::queue::inspect::{job_info, queue_stats};
 use agentq::queue::{JobSpec, Queue, QueueConfig, partition_of};
 use agentq::servers::PrivateRedisCluster;
-use common::{TestDb, bin, database_url, eventually, workers_dir};
+use common::{
+    LedgerRow, Proc, TestDb, TestQueue, database_url, eventually, ledger_rows, workers_dir,
+};
 use fred::prelude::*;
 use serde_json::json;
 
@@ -106,47 +107,47 @@ struct Fleet<'a> {
 }
 
 impl Fleet<'_> {
-    /// An `agentq worker` process with id `id`, writing the ledger.
-    fn spawn(&self, id: &str) -> Child {
-        Command::new(bin())
-            .args(["worker", "--queues", "q", "--concurrency", "4"])
-            .args(["--lease", "1s", "--backoff-base", "50ms"])
-            .args(["--metrics-addr", "off", "--id", id])
-            .env("AGENTQ_REDIS_URL", &self.url)
-            .env("AGENTQ_NAMESPACE", self.ns)
-            .env("AGENTQ_PARTITIONS", PARTITIONS.to_string())
-            .env("AGENTQ_DATABASE_URL", &self.db_url)
-            .env("AGENTQ_WORKERS_DIR", workers_dir())
-            .env("AGENTQ_LOG", "agentq=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn agentq worker")
+    /// An `agentq worker` process with id `id`, writing the ledger. It dies
+    /// with the test ([`common::die_with_test`]).
+    fn spawn(&self, id: &str) -> Proc {
+        Proc(
+            common::agentq()
+                .args(["worker", "--queues", "q", "--concurrency", "4"])
+                .args(["--lease", "1s", "--backoff-base", "50ms"])
+                .args(["--metrics-addr", "off", "--id", id])
+                .env("AGENTQ_REDIS_URL", &self.url)
+                .env("AGENTQ_NAMESPACE", self.ns)
+                .env("AGENTQ_PARTITIONS", PARTITIONS.to_string())
+                .env("AGENTQ_DATABASE_URL", &self.db_url)
+                .env("AGENTQ_WORKERS_DIR", workers_dir())
+                .env("AGENTQ_LOG", "agentq=warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn agentq worker"),
+        )
     }
 
     /// Run the CLI against the cluster; returns (exit code, stdout, stderr).
     fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(bin())
-            .args(args)
-            .env("AGENTQ_REDIS_URL", &self.url)
-            .env("AGENTQ_NAMESPACE", self.ns)
-            .env("AGENTQ_PARTITIONS", PARTITIONS.to_string())
-            .env("AGENTQ_DATABASE_URL", &self.db_url)
-            .env("AGENTQ_LOG", "off")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run agentq");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        common::run_to_end(
+            common::agentq()
+                .args(args)
+                .env("AGENTQ_REDIS_URL", &self.url)
+                .env("AGENTQ_NAMESPACE", self.ns)
+                .env("AGENTQ_PARTITIONS", PARTITIONS.to_string())
+                .env("AGENTQ_DATABASE_URL", &self.db_url)
+                .env("AGENTQ_LOG", "off"),
         )
     }
-}
 
-fn kill9(c: &mut Child) {
-    let _ = c.kill(); // SIGKILL
-    let _ = c.wait();
+    /// Run the CLI against the cluster, panicking unless it exits 0; its
+    /// stdout.
+    fn run(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "agentq {args:?}: {err}");
+        out
+    }
 }
 
 /// A job this worker is running right now (its lease names the worker).
@@ -179,125 +180,83 @@ async fn running_on(queue: &Queue, worker: &str) -> Option<String> {
     None
 }
 
-/// One ledger row: (job, attempt, tenant, outcome, started ms, finished ms).
-type Row = (String, i32, String, String, i64, i64);
-
-async fn ledger_rows(db: &TestDb) -> Vec<Row> {
-    sqlx::query_as(
-        "SELECT job_id, attempt, tenant, outcome, \
-                (extract(epoch FROM started_at) * 1000)::bigint, \
-                (extract(epoch FROM finished_at) * 1000)::bigint \
-         FROM usage_ledger ORDER BY job_id, attempt",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .expect("select ledger")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workers_survive_sigkill_on_a_three_shard_cluster() {
-    let cluster = start_cluster().await;
-    let (queue, ns) = spread_queue(&cluster, "cluster").await;
-    let db = TestDb::new("cluster").await;
-    let fleet = Fleet {
-        url: cluster.url(),
-        ns: &ns,
-        db_url: format!("{}?options[search_path]={}", database_url(), db.schema),
-    };
-
-    // Four tenants per partition: one heavy (cap 2, 12 jobs), three light
-    // (cap 1, 3 jobs each), so caps bind once the light tenants are done.
-    let tenants = tenants_per_partition(4);
+/// Four tenants per partition: one heavy (cap 2, 12 jobs of 300 ms), three
+/// light (cap 1, 3 jobs each), so caps bind once the light tenants are
+/// done. Returns each tenant's cap and the job ids.
+async fn enqueue_capped_tenants(tq: &TestQueue) -> (HashMap<String, usize>, Vec<String>) {
     let mut caps: HashMap<String, usize> = HashMap::new();
     let mut jobs = Vec::new();
-    for (i, (t, _)) in tenants.iter().enumerate() {
+    for (i, (t, _)) in tenants_per_partition(4).iter().enumerate() {
         let (cap, n) = if i % 4 == 0 { (2, 12) } else { (1, 3) };
         caps.insert(t.clone(), cap);
-        LimitsUpdate {
-            max_concurrency: Some(cap as u64),
-            ..Default::default()
-        }
-        .apply(&queue, Target::Tenant(t))
-        .await
-        .expect("set cap");
+        common::set_cap(&tq.queue, t, cap as u64).await;
         for _ in 0..n {
             let mut s = JobSpec::new(t, "q", "sleep").payload(&json!({"ms": 300}));
             s.max_attempts = Some(20);
             jobs.push(s);
         }
     }
-    let ids: Vec<String> = queue
-        .enqueue_batch(&jobs)
-        .await
-        .expect("enqueue over every partition")
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids = tq.enqueue_all(&jobs).await;
     assert_eq!(ids.len(), 6 * (12 + 3 * 3));
+    (caps, ids)
+}
 
+/// Starts workers w0, w1, w2, then SIGKILLs each once while it holds a
+/// running job and restarts it (as `<name>-again`). Returns the workers.
+async fn kill_each_worker_once_while_running(fleet: &Fleet<'_>, queue: &Queue) -> Vec<Proc> {
     let names = ["w0", "w1", "w2"];
-    let mut workers: Vec<Child> = names.iter().map(|id| fleet.spawn(id)).collect();
-    // Kill each worker once while it holds a running job, and restart it.
+    let mut workers: Vec<Proc> = names.iter().map(|id| fleet.spawn(id)).collect();
     for (i, name) in names.iter().enumerate() {
         eventually(
             Duration::from_secs(60),
             &format!("worker {name} runs a job"),
-            || running_on(&queue, name),
+            || running_on(queue, name),
         )
         .await;
-        kill9(&mut workers[i]);
+        common::kill9(&mut workers[i]);
         workers[i] = fleet.spawn(&format!("{name}-again"));
     }
-    common::drained(
-        &common::TestQueue {
-            queue: queue.clone(),
-            ns: ns.clone(),
-        },
-        Duration::from_secs(120),
-    )
-    .await;
+    workers
+}
 
-    // Every job succeeded, and the ledger holds exactly attempts 1..=n of each.
-    let mut attempts: BTreeMap<String, u64> = BTreeMap::new();
-    for id in &ids {
-        let info = job_info(&queue, id).await.expect("inspect");
+/// Every job succeeded, and the ledger holds exactly attempts 1..=n of
+/// each, some of them cut short by the kills (billed as lost). The rows.
+async fn assert_every_attempt_in_the_ledger_once(
+    tq: &TestQueue,
+    db: &TestDb,
+    ids: &[String],
+) -> Vec<LedgerRow> {
+    let mut attempts = Vec::new();
+    for id in ids {
+        let info = job_info(&tq.queue, id).await.expect("inspect");
         assert_eq!(info.state, "succeeded", "{info:?}");
-        attempts.insert(id.clone(), info.attempts);
+        attempts.push(info.attempts);
     }
-    let total: u64 = attempts.values().sum();
+    let total: u64 = attempts.iter().sum();
     let rows = eventually(
         Duration::from_secs(90),
         "the ledger holds every attempt",
         || async {
-            let rows = ledger_rows(&db).await;
+            let rows = ledger_rows(&db.pool).await?;
             (rows.len() as u64 >= total).then_some(rows)
         },
     )
     .await;
-    let mut seen: BTreeMap<String, Vec<i32>> = BTreeMap::new();
-    for (job, attempt, ..) in &rows {
-        seen.entry(job.clone()).or_default().push(*attempt);
-    }
-    for (id, n) in &attempts {
-        let want: Vec<i32> = (1..=*n as i32).collect();
-        assert_eq!(seen.get(id), Some(&want), "ledger rows of job {id}");
-    }
-    assert_eq!(seen.len(), ids.len(), "no ledger rows for unknown jobs");
+    common::assert_one_record_per_attempt(&common::row_attempts(&rows), ids, &attempts);
     assert!(
-        rows.iter().any(|r| r.3 == "lost"),
+        rows.iter().any(|r| r.outcome == "lost"),
         "the SIGKILLs cut running attempts (billed as lost)"
     );
+    rows
+}
 
-    // Caps held fleet-wide: slot intervals from the ledger never overlap
-    // more than the tenant's cap, and the heavy tenants' cap of 2 was reached.
+/// Caps held fleet-wide: slot intervals from the ledger never overlap more
+/// than the tenant's cap, and some heavy tenant's cap of 2 was reached.
+fn assert_caps_held_fleet_wide(rows: &[LedgerRow], caps: &HashMap<String, usize>) {
+    let peaks = common::peak_overlap_by_tenant(rows);
     let mut reached = 0;
-    for (t, cap) in &caps {
-        let iv: Vec<(i64, i64)> = rows
-            .iter()
-            .filter(|r| &r.2 == t)
-            .map(|r| (r.4, r.5))
-            .collect();
-        let peak = common::peak_overlap(&iv);
+    for (t, cap) in caps {
+        let peak = peaks.get(t).copied().unwrap_or(0);
         assert!(
             peak <= *cap,
             "tenant {t}: {peak} attempts at once, cap {cap}"
@@ -307,9 +266,11 @@ async fn workers_survive_sigkill_on_a_three_shard_cluster() {
         }
     }
     assert!(reached > 0, "no heavy tenant ever ran two jobs at once");
+}
 
-    // The keys really live on all three shards, each partition on the shard
-    // that owns its hash tag's slot.
+/// The keys really live on all three shards, each partition on the shard
+/// that owns its hash tag's slot.
+fn assert_partitions_on_their_shards(queue: &Queue, cluster: &PrivateRedisCluster, ns: &str) {
     let owners = queue.partition_shards().expect("clustered");
     for port in cluster.ports() {
         let want: BTreeSet<u32> = owners
@@ -318,12 +279,12 @@ async fn workers_survive_sigkill_on_a_three_shard_cluster() {
             .map(|(p, _)| *p)
             .collect();
         assert!(!want.is_empty(), "shard {port} owns a partition");
-        assert_eq!(partitions_on_node(port, &ns), want, "partitions on {port}");
+        assert_eq!(partitions_on_node(port, ns), want, "partitions on {port}");
     }
+}
 
-    assert_routed_right(&cluster);
-
-    // Operator reads sum over every shard.
+/// Operator reads sum over every shard: queues, tenants, inspect.
+fn assert_operator_reads_sum_over_shards(fleet: &Fleet, tenants: usize, last_id: &str) {
     let (code, out, err) = fleet.cli(&["queues", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
@@ -332,16 +293,21 @@ async fn workers_survive_sigkill_on_a_three_shard_cluster() {
     let (code, out, err) = fleet.cli(&["tenants", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    assert_eq!(v.as_array().map(Vec::len), Some(tenants.len()), "{out}");
-    let (code, out, err) = fleet.cli(&["inspect", &ids[ids.len() - 1], "--json"]);
+    assert_eq!(v.as_array().map(Vec::len), Some(tenants), "{out}");
+    let (code, out, err) = fleet.cli(&["inspect", last_id, "--json"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("succeeded"), "{out}");
+}
 
-    for w in &mut workers {
-        kill9(w);
-    }
+/// Nothing runs any more, and deleting the namespace leaves no key on any
+/// shard.
+async fn assert_namespace_deleted_everywhere(
+    queue: &Queue,
+    cluster: &PrivateRedisCluster,
+    ns: &str,
+) {
     assert!(
-        queue_stats(&queue)
+        queue_stats(queue)
             .await
             .expect("stats")
             .iter()
@@ -350,48 +316,66 @@ async fn workers_survive_sigkill_on_a_three_shard_cluster() {
     queue.delete_namespace().await.expect("delete namespace");
     for port in cluster.ports() {
         assert!(
-            partitions_on_node(port, &ns).is_empty(),
+            partitions_on_node(port, ns).is_empty(),
             "keys left on {port} after delete_namespace"
         );
     }
-    db.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_script_runs_on_a_cluster_and_urls_are_checked() {
+async fn workers_survive_sigkill_on_a_three_shard_cluster() {
     let cluster = start_cluster().await;
-    let (queue, ns) = spread_queue(&cluster, "cluster-ops").await;
+    let (queue, ns) = spread_queue(&cluster, "cluster").await;
+    let tq = TestQueue {
+        queue: queue.clone(),
+        ns: ns.clone(),
+    };
+    let db = TestDb::new("cluster").await;
     let fleet = Fleet {
         url: cluster.url(),
         ns: &ns,
-        db_url: database_url(),
+        db_url: db.url(),
     };
-    let tenants = tenants_per_partition(1);
-    let run = |args: &[&str]| {
-        let (code, out, err) = fleet.cli(args);
-        assert_eq!(code, 0, "agentq {args:?}: {err}");
-        out
-    };
-    // Limits: defaults and a tier go to every partition, a tenant to its own.
-    run(&["tenant", "defaults", "--max-concurrency", "5"]);
-    run(&["tenant", "set", &tenants[0].0, "--max-concurrency", "2"]);
-    for (t, _) in &tenants {
-        let id = run(&[
-            "enqueue",
-            "--queue",
-            "q",
-            "--tenant",
-            t,
-            "--kind",
-            "fail",
-            "--payload",
-            r#"{"code":65}"#,
-        ])
-        .trim()
-        .to_string();
+
+    let (caps, ids) = enqueue_capped_tenants(&tq).await;
+    let workers = kill_each_worker_once_while_running(&fleet, &queue).await;
+    common::drained(&tq, Duration::from_secs(120)).await;
+
+    let rows = assert_every_attempt_in_the_ledger_once(&tq, &db, &ids).await;
+    assert_caps_held_fleet_wide(&rows, &caps);
+    assert_partitions_on_their_shards(&queue, &cluster, &ns);
+    assert_routed_right(&cluster);
+    assert_operator_reads_sum_over_shards(&fleet, caps.len(), &ids[ids.len() - 1]);
+
+    drop(workers); // SIGKILL
+    assert_namespace_deleted_everywhere(&queue, &cluster, &ns).await;
+    db.cleanup().await;
+}
+
+/// Limits (defaults to every partition, a tenant to its own), one job per
+/// tenant that fails permanently (exit 65), a job delayed by an hour, and
+/// pause and resume of a tenant and of the queue. The delayed job's id.
+fn set_limits_enqueue_pause_and_resume(fleet: &Fleet, tenants: &[(String, u32)]) -> String {
+    fleet.run(&["tenant", "defaults", "--max-concurrency", "5"]);
+    fleet.run(&["tenant", "set", &tenants[0].0, "--max-concurrency", "2"]);
+    for (t, _) in tenants {
+        let id = fleet
+            .run(&[
+                "enqueue",
+                "--queue",
+                "q",
+                "--tenant",
+                t,
+                "--kind",
+                "fail",
+                "--payload",
+                r#"{"code":65}"#,
+            ])
+            .trim()
+            .to_string();
         assert!(!id.is_empty());
     }
-    let late = run(&[
+    let late = fleet.run(&[
         "enqueue",
         "--queue",
         "q",
@@ -402,76 +386,55 @@ async fn every_script_runs_on_a_cluster_and_urls_are_checked() {
         "--delay",
         "1h",
     ]);
-    run(&["pause", "q", "--tenant", &tenants[2].0]);
-    run(&["resume", "q", "--tenant", &tenants[2].0]);
-    run(&["pause", "q"]);
-    run(&["resume", "q"]);
-    // Claim and complete: exit 65 is permanent, so every job is dead at once.
-    let mut spec_worker = common::fast_worker(&["q"], 4);
-    spec_worker.id = "ops".into();
-    let registry = agentq::executor::Registry::load(&workers_dir()).expect("workers/");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let w = agentq::worker::Worker::new(
-        queue.clone(),
-        spec_worker,
-        registry,
-        agentq::executor::Handlers::with_builtins(),
-    );
-    let handle = tokio::spawn(w.run(stop.clone()));
-    eventually(Duration::from_secs(60), "every fail job dead", || async {
-        let s = queue_stats(&queue).await.ok()?;
-        (s.iter().map(|q| q.dead).sum::<i64>() == tenants.len() as i64).then_some(())
+    fleet.run(&["pause", "q", "--tenant", &tenants[2].0]);
+    fleet.run(&["resume", "q", "--tenant", &tenants[2].0]);
+    fleet.run(&["pause", "q"]);
+    fleet.run(&["resume", "q"]);
+    late
+}
+
+/// Wait until `n` jobs are dead, over every partition.
+async fn dead_jobs(queue: &Queue, n: usize, what: &str) {
+    eventually(Duration::from_secs(60), what, || async {
+        let s = queue_stats(queue).await.ok()?;
+        (s.iter().map(|q| q.dead).sum::<i64>() == n as i64).then_some(())
     })
     .await;
-    // Dead retry (dead.lua) on every partition, then purge.
-    let listed = run(&["dead", "q", "list", "--json"]);
-    for (t, _) in &tenants {
+}
+
+/// Dead list and retry (dead.lua) on every partition; once the retried
+/// jobs are dead again, purge.
+async fn retry_and_purge_dead_jobs(fleet: &Fleet<'_>, queue: &Queue, tenants: &[(String, u32)]) {
+    let listed = fleet.run(&["dead", "q", "list", "--json"]);
+    for (t, _) in tenants {
         assert!(listed.contains(t.as_str()), "{t} in {listed}");
     }
-    let said = run(&["dead", "q", "retry"]);
+    let said = fleet.run(&["dead", "q", "retry"]);
     assert!(said.contains(&format!(" {} jobs", tenants.len())), "{said}");
-    eventually(
-        Duration::from_secs(60),
-        "retried jobs dead again",
-        || async {
-            let s = queue_stats(&queue).await.ok()?;
-            (s.iter().map(|q| q.dead).sum::<i64>() == tenants.len() as i64).then_some(())
-        },
-    )
-    .await;
-    run(&["dead", "q", "purge"]);
-    // Cancel (cancel.lua) and drain --purge (purge.lua).
-    let listed = run(&["jobs", "--queue", "q", "--state", "delayed", "--json"]);
+    dead_jobs(queue, tenants.len(), "retried jobs dead again").await;
+    fleet.run(&["dead", "q", "purge"]);
+}
+
+/// Cancel (cancel.lua) the delayed job `late`, delay another for `tenant`,
+/// and drain --purge (purge.lua).
+async fn cancel_then_drain_and_purge(fleet: &Fleet<'_>, queue: &Queue, late: &str, tenant: &str) {
+    let listed = fleet.run(&["jobs", "--queue", "q", "--state", "delayed", "--json"]);
     assert!(listed.contains(late.trim()), "{listed}");
     assert_eq!(queue.cancel(late.trim()).await.expect("cancel"), "delayed");
-    run(&[
-        "enqueue",
-        "--queue",
-        "q",
-        "--tenant",
-        &tenants[4].0,
-        "--kind",
-        "noop",
-        "--delay",
-        "1h",
+    fleet.run(&[
+        "enqueue", "--queue", "q", "--tenant", tenant, "--kind", "noop", "--delay", "1h",
     ]);
-    run(&["drain", "q", "--purge", "--timeout", "30s"]);
-    stop.cancel();
-    handle.await.expect("join").expect("worker");
-    let s = queue_stats(&queue).await.expect("stats");
-    assert!(
-        s.iter()
-            .all(|q| q.ready + q.delayed + q.running + q.dead == 0),
-        "{s:?}"
-    );
+    fleet.run(&["drain", "q", "--purge", "--timeout", "30s"]);
+}
 
-    // A plain redis:// URL at a cluster node is refused with the fix.
+/// A plain redis:// URL at a cluster node is refused with the fix, and
+/// redis-cluster:// at a plain server says to use redis://.
+async fn assert_urls_are_checked(cluster: &PrivateRedisCluster, ns: &str) {
     let mut cfg = QueueConfig::new(format!("redis://127.0.0.1:{}", cluster.ports()[0]));
-    cfg.namespace = ns.clone();
+    cfg.namespace = ns.to_string();
     let err = Queue::connect(cfg).await.err().expect("refused");
     assert!(err.is_input(), "{err}");
     assert!(err.to_string().contains("redis-cluster://"), "{err}");
-    // And redis-cluster:// at a plain server says to use redis://.
     let plain = tokio::task::spawn_blocking(|| agentq::servers::PrivateRedis::start(&[]))
         .await
         .expect("join")
@@ -487,7 +450,40 @@ async fn every_script_runs_on_a_cluster_and_urls_are_checked() {
         "{err} after {:?}",
         started.elapsed()
     );
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_script_runs_on_a_cluster_and_urls_are_checked() {
+    let cluster = start_cluster().await;
+    let (queue, ns) = spread_queue(&cluster, "cluster-ops").await;
+    let tq = TestQueue {
+        queue: queue.clone(),
+        ns: ns.clone(),
+    };
+    let fleet = Fleet {
+        url: cluster.url(),
+        ns: &ns,
+        db_url: database_url(),
+    };
+    let tenants = tenants_per_partition(1);
+
+    let late = set_limits_enqueue_pause_and_resume(&fleet, &tenants);
+    // Claim and complete: exit 65 is permanent, so every job is dead at once.
+    let mut cfg = common::fast_worker(&["q"], 4);
+    cfg.id = "ops".into();
+    let worker = tq.start_worker(cfg);
+    dead_jobs(&queue, tenants.len(), "every fail job dead").await;
+    retry_and_purge_dead_jobs(&fleet, &queue, &tenants).await;
+    cancel_then_drain_and_purge(&fleet, &queue, &late, &tenants[4].0).await;
+    worker.stop().await;
+    let s = queue_stats(&queue).await.expect("stats");
+    assert!(
+        s.iter()
+            .all(|q| q.ready + q.delayed + q.running + q.dead == 0),
+        "{s:?}"
+    );
+
+    assert_urls_are_checked(&cluster, &ns).await;
     assert_routed_right(&cluster);
     queue.delete_namespace().await.expect("delete namespace");
 }

@@ -21,11 +21,8 @@ async fn drain_waits_for_running_jobs_then_purges_waiting_ones() {
     let tq = TestQueue::new("drain").await;
     let w = tq.start_worker(fast_worker(&["q"], 2));
     let long = tq
-        .queue
         .enqueue(&JobSpec::new("a", "q", "sleep").payload(&json!({"ms": 1500})))
-        .await
-        .expect("enqueue")
-        .id;
+        .await;
     common::job_in_state(&tq, &long, &["running"]).await;
     // Too short a timeout: exit 1, naming what still runs; the queue stays paused.
     let (code, out, err) = tq.cli(&["drain", "q", "--timeout", "100ms"]);
@@ -54,12 +51,7 @@ async fn drain_waits_for_running_jobs_then_purges_waiting_ones() {
     assert_eq!((s.ready, s.delayed, s.running, s.paused), (0, 0, 0, true));
     // Resume undoes the drain.
     assert_eq!(tq.cli(&["resume", "q"]).0, 0);
-    let after = tq
-        .queue
-        .enqueue(&JobSpec::new("a", "q", "echo"))
-        .await
-        .expect("enqueue")
-        .id;
+    let after = tq.enqueue(&JobSpec::new("a", "q", "echo")).await;
     common::job_in_state(&tq, &after, &["succeeded"]).await;
     w.stop().await;
     tq.cleanup().await;
@@ -74,7 +66,7 @@ async fn dead_jobs_are_listed_retried_and_purged() {
         let mut s = JobSpec::new(t, "q", "fail")
             .payload(&json!({"code": 65, "message": "bad input row 7"}));
         s.max_attempts = Some(1);
-        ids.push(tq.queue.enqueue(&s).await.expect("enqueue").id);
+        ids.push(tq.enqueue(&s).await);
     }
     for id in &ids {
         common::job_in_state(&tq, id, &["dead"]).await;

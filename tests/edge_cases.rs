@@ -7,36 +7,15 @@ mod common;
 
 use std::time::Duration;
 
-use agentq::executor::{Outcome, TaskUsage};
-use agentq::queue::{Call, ClaimedJob, CompleteStatus, Completion, JobSpec, Queue};
-use common::{TestDb, TestQueue};
+use agentq::executor::Outcome;
+use agentq::queue::{ClaimedJob, CompleteStatus, Completion, JobSpec, Queue};
+use common::{TestDb, TestQueue, complete, done};
 use fred::prelude::*;
 
 const LEASE: Duration = Duration::from_secs(60);
 
-fn done(j: &ClaimedJob, outcome: Outcome) -> Completion {
-    Completion {
-        id: j.id.clone(),
-        attempt: j.attempt,
-        outcome,
-        permanent: false,
-        error: String::new(),
-        result: None,
-        exit_code: Some(0),
-        signal: None,
-        run_ms: 5,
-        cpu_ms: 0,
-        peak_rss: 0,
-        usage: TaskUsage::default(),
-        backoff_ms: 0,
-    }
-}
-
 async fn claim(q: &Queue, n: usize) -> Vec<ClaimedJob> {
-    q.claim(0, &Call::new("w-edge"), n, LEASE, &["q".to_string()])
-        .await
-        .expect("claim")
-        .jobs
+    common::claim(q, &["q"], n, LEASE).await
 }
 
 async fn sched_score(q: &Queue, tenant: &str) -> Option<f64> {
@@ -55,10 +34,7 @@ async fn an_attempt_named_twice_in_one_completion_is_applied_once() {
         .expect("enqueue");
     let j = claim(q, 1).await.pop().expect("claimed");
     let c = done(&j, Outcome::Succeeded);
-    let statuses = q
-        .complete(0, &Call::new("w-edge"), &[c.clone(), c])
-        .await
-        .expect("complete");
+    let statuses = complete(q, &[c.clone(), c]).await;
     assert_eq!(
         statuses,
         vec![CompleteStatus::Succeeded, CompleteStatus::Succeeded]
@@ -114,9 +90,7 @@ async fn make_dead(q: &Queue, tenant: &str, n: usize) {
         q.enqueue_batch(&specs).await.expect("enqueue");
         let jobs = claim(q, chunk.len()).await;
         let acks: Vec<Completion> = jobs.iter().map(|j| done(j, Outcome::Failed)).collect();
-        q.complete(0, &Call::new("w-edge"), &acks)
-            .await
-            .expect("complete");
+        complete(q, &acks).await;
     }
 }
 
@@ -124,13 +98,7 @@ async fn make_dead(q: &Queue, tenant: &str, n: usize) {
 async fn a_tenants_dead_jobs_are_found_behind_any_number_of_older_ones() {
     let tq = TestQueue::new("dead-tenant").await;
     let q = &tq.queue;
-    agentq::admission::LimitsUpdate {
-        max_concurrency: Some(100_000),
-        ..Default::default()
-    }
-    .apply(q, agentq::admission::Target::Tenant("noisy"))
-    .await
-    .expect("tenant set");
+    common::set_cap(q, "noisy", 100_000).await;
     make_dead(q, "noisy", 10_500).await;
     make_dead(q, "mine", 3).await;
     let retried = q

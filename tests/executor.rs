@@ -4,23 +4,23 @@
 //! Timing assertions only have generous upper bounds so that a slow or busy
 //! machine does not make them flaky.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentq::executor::*;
+use common::wait_dead;
 use serde_json::json;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
 
-fn workers_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("workers")
-}
-
 fn registry() -> Registry {
-    Registry::load(&workers_dir()).expect("workers/ loads")
+    Registry::load(&common::workers_dir()).expect("workers/ loads")
 }
 
 fn input(kind: &str, payload: serde_json::Value) -> TaskInput {
@@ -75,25 +75,39 @@ async fn run_adhoc(
     run_process(&m, &input("adhoc", payload), lim, CancellationToken::new()).await
 }
 
-/// True when `pid` no longer runs (gone, or a zombie waiting for init).
-fn is_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-    }
+/// Runs `script` as an ad-hoc task program (`command = ["./run"]`) with an
+/// empty payload, under a 30 s timeout and no memory cap.
+async fn run_script(script: &str) -> Report {
+    run_adhoc(
+        "command = [\"./run\"]",
+        Some(script),
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await
 }
 
-async fn wait_dead(pid: i32) -> bool {
-    for _ in 0..100 {
-        if is_dead(pid) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+/// Runs `command` (a manifest's `command = [...]`, no script) as an ad-hoc
+/// task program with an empty payload, under a 30 s timeout and no memory
+/// cap.
+async fn run_command(command: &str) -> Report {
+    run_adhoc(
+        command,
+        None,
+        json!({}),
+        &limits(Duration::from_secs(30), None),
+    )
+    .await
+}
+
+/// Runs handler `h` on a job of `kind` with `payload`, never cancelled.
+async fn handle(
+    h: &Arc<dyn Handler>,
+    kind: &str,
+    payload: serde_json::Value,
+    lim: &Limits,
+) -> Report {
+    run_handler(&**h, input(kind, payload), lim, CancellationToken::new()).await
 }
 
 #[tokio::test]
@@ -172,13 +186,7 @@ async fn other_exit_codes_are_retryable() {
 
 #[tokio::test]
 async fn garbage_result_line_is_a_clear_failure() {
-    let r = run_adhoc(
-        "command = [\"./run\"]",
-        Some("#!/bin/sh\necho '{\"output\": 1}'\necho 'hello, not json'\n"),
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_script("#!/bin/sh\necho '{\"output\": 1}'\necho 'hello, not json'\n").await;
     assert_eq!(r.outcome, Outcome::Failed);
     assert!(!r.permanent);
     assert_eq!(r.exit_code, Some(0));
@@ -191,26 +199,14 @@ async fn garbage_result_line_is_a_clear_failure() {
 
 #[tokio::test]
 async fn negative_usage_is_garbage() {
-    let r = run_adhoc(
-        "command = [\"./run\"]",
-        Some("#!/bin/sh\necho '{\"usage\": {\"api_calls\": -2}}'\n"),
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_script("#!/bin/sh\necho '{\"usage\": {\"api_calls\": -2}}'\n").await;
     assert_eq!(r.outcome, Outcome::Failed);
     assert!(r.error.unwrap().contains("usage.api_calls"));
 }
 
 #[tokio::test]
 async fn empty_stdout_is_success_without_output() {
-    let r = run_adhoc(
-        "command = [\"./run\"]",
-        Some("#!/bin/sh\nexit 0\n"),
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_script("#!/bin/sh\nexit 0\n").await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
     assert_eq!(r.output, None);
 }
@@ -347,11 +343,8 @@ async fn memory_within_cap_succeeds_and_peak_rss_is_measured() {
 #[tokio::test]
 async fn grandchild_that_outlives_the_parent_is_killed() {
     let started = Instant::now();
-    let r = run_adhoc(
+    let r = run_command(
         r#"command = ['/bin/sh', '-c', '/bin/sleep 60 & printf "{\"output\": %s}\n" $!']"#,
-        None,
-        json!({}),
-        &limits(Duration::from_secs(30), None),
     )
     .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -360,31 +353,22 @@ async fn grandchild_that_outlives_the_parent_is_killed() {
         .as_ref()
         .and_then(|o| o.as_i64())
         .expect("pid output") as i32;
-    assert!(wait_dead(pid).await, "grandchild {pid} still running");
+    assert!(
+        wait_dead(pid, Duration::from_secs(5)).await,
+        "grandchild {pid} still running"
+    );
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
 #[tokio::test]
 async fn environment_is_clean() {
     // No variables at all: /usr/bin/env prints nothing -> empty result.
-    let r = run_adhoc(
-        "command = [\"/usr/bin/env\"]\nenv = []",
-        None,
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_command("command = [\"/usr/bin/env\"]\nenv = []").await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
     assert_eq!(r.output, None);
 
     // Only the listed variables that are set in the worker are passed.
-    let r = run_adhoc(
-        "command = [\"/usr/bin/python3\", \"-c\", \"import os, json; print(json.dumps({'output': sorted(os.environ)}))\"]\nenv = [\"PATH\", \"AGENTQ_SURELY_UNSET_VAR\"]",
-        None,
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_command("command = [\"/usr/bin/python3\", \"-c\", \"import os, json; print(json.dumps({'output': sorted(os.environ)}))\"]\nenv = [\"PATH\", \"AGENTQ_SURELY_UNSET_VAR\"]").await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
     let names: Vec<String> = serde_json::from_value(r.output.unwrap()).unwrap();
     assert!(names.contains(&"PATH".to_string()), "{names:?}");
@@ -436,13 +420,7 @@ async fn no_descriptors_are_inherited() {
     // A pipe without O_CLOEXEC in the worker must not reach the child.
     let mut fds = [0i32; 2];
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let r = run_adhoc(
-        "command = [\"/usr/bin/python3\", \"-c\", \"import os, json; print(json.dumps({'output': sorted(int(f) for f in os.listdir('/proc/self/fd'))}))\"]",
-        None,
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_command("command = [\"/usr/bin/python3\", \"-c\", \"import os, json; print(json.dumps({'output': sorted(int(f) for f in os.listdir('/proc/self/fd'))}))\"]").await;
     unsafe {
         libc::close(fds[0]);
         libc::close(fds[1]);
@@ -459,26 +437,14 @@ async fn no_descriptors_are_inherited() {
 
 #[tokio::test]
 async fn missing_program_is_a_permanent_failure_naming_it() {
-    let r = run_adhoc(
-        "command = [\"./does-not-exist\"]",
-        None,
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_command("command = [\"./does-not-exist\"]").await;
     assert_eq!(r.outcome, Outcome::Failed);
     assert!(r.permanent);
     let e = r.error.unwrap();
     assert!(e.contains("does-not-exist"), "{e}");
     assert!(e.contains("No such file"), "{e}");
 
-    let r = run_adhoc(
-        "command = [\"agentq-no-such-program\"]",
-        None,
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_command("command = [\"agentq-no-such-program\"]").await;
     assert!(r.permanent);
     assert!(r.error.unwrap().contains("agentq-no-such-program"));
 
@@ -566,7 +532,10 @@ async fn dropping_the_future_kills_the_group() {
         .trim()
         .parse()
         .unwrap();
-    assert!(wait_dead(pid).await, "{pid} still running");
+    assert!(
+        wait_dead(pid, Duration::from_secs(5)).await,
+        "{pid} still running"
+    );
 }
 
 #[tokio::test]
@@ -589,13 +558,7 @@ async fn cpu_time_is_measured() {
 
 #[tokio::test]
 async fn signal_death_is_retryable() {
-    let r = run_adhoc(
-        "command = [\"/bin/sh\", \"-c\", \"kill -SEGV $$\"]",
-        None,
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_command("command = [\"/bin/sh\", \"-c\", \"kill -SEGV $$\"]").await;
     assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
     assert!(!r.permanent);
     assert_eq!(r.signal, Some(libc::SIGSEGV));
@@ -634,13 +597,7 @@ async fn concurrent_attempts_do_not_interfere() {
 async fn handler_noop_succeeds() {
     let hs = Handlers::with_builtins();
     let h = hs.get("noop").unwrap();
-    let r = run_handler(
-        &*h,
-        input("noop", json!({})),
-        &limits(Duration::from_secs(5), None),
-        CancellationToken::new(),
-    )
-    .await;
+    let r = handle(&h, "noop", json!({}), &limits(Duration::from_secs(5), None)).await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
     assert_eq!(r.output, None);
     assert_eq!(r.error, None);
@@ -653,11 +610,11 @@ async fn handler_timeout() {
         Ok(HandlerOutput::default())
     });
     let started = Instant::now();
-    let r = run_handler(
-        &*h,
-        input("slow", json!({})),
+    let r = handle(
+        &h,
+        "slow",
+        json!({}),
         &limits(Duration::from_millis(200), None),
-        CancellationToken::new(),
     )
     .await;
     assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
@@ -674,11 +631,11 @@ async fn handler_panic_is_caught() {
         }
         Ok(HandlerOutput::default())
     });
-    let r = run_handler(
-        &*h,
-        input("panics", json!({})),
+    let r = handle(
+        &h,
+        "panics",
+        json!({}),
         &limits(Duration::from_secs(5), None),
-        CancellationToken::new(),
     )
     .await;
     assert_eq!(r.outcome, Outcome::Failed);
@@ -708,23 +665,11 @@ async fn handler_output_errors_and_cancel() {
     );
     let h = hs.get("double").unwrap();
     let lim = limits(Duration::from_secs(5), None);
-    let r = run_handler(
-        &*h,
-        input("double", json!({"n": 21})),
-        &lim,
-        CancellationToken::new(),
-    )
-    .await;
+    let r = handle(&h, "double", json!({"n": 21}), &lim).await;
     assert_eq!(r.outcome, Outcome::Succeeded);
     assert_eq!(r.output, Some(json!(42)));
     assert_eq!(r.usage.api_calls, 1);
-    let r = run_handler(
-        &*h,
-        input("double", json!({})),
-        &lim,
-        CancellationToken::new(),
-    )
-    .await;
+    let r = handle(&h, "double", json!({}), &lim).await;
     assert_eq!(r.outcome, Outcome::Failed);
     assert!(r.permanent);
     assert_eq!(r.error.as_deref(), Some("n missing"));
@@ -776,13 +721,7 @@ fn assert_clean(e: &str) {
 #[tokio::test]
 async fn dirty_stderr_becomes_clean_error_text() {
     let script = dirty_program(1);
-    let r = run_adhoc(
-        "command = [\"./run\"]",
-        Some(&script),
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_script(&script).await;
     assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
     assert_eq!(r.exit_code, Some(1));
     let e = r.error.unwrap();
@@ -796,13 +735,7 @@ async fn dirty_stderr_becomes_clean_error_text() {
 #[tokio::test]
 async fn dirty_result_line_becomes_clean_error_text() {
     let script = dirty_program(0);
-    let r = run_adhoc(
-        "command = [\"./run\"]",
-        Some(&script),
-        json!({}),
-        &limits(Duration::from_secs(30), None),
-    )
-    .await;
+    let r = run_script(&script).await;
     assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
     assert_eq!(r.exit_code, Some(0));
     let e = r.error.unwrap();
@@ -822,13 +755,7 @@ async fn dirty_handler_errors_become_clean_error_text() {
     let lim = limits(Duration::from_secs(5), None);
     let dirty = "bad\0input \u{1b}[2J\u{7} here\r\n";
     let h = handler_fn(move |_i| async move { Err(HandlerError::permanent(dirty)) });
-    let r = run_handler(
-        &*h,
-        input("dirty", json!({})),
-        &lim,
-        CancellationToken::new(),
-    )
-    .await;
+    let r = handle(&h, "dirty", json!({}), &lim).await;
     let e = r.error.unwrap();
     assert_clean(&e);
     assert!(
@@ -838,13 +765,7 @@ async fn dirty_handler_errors_become_clean_error_text() {
     assert!(r.permanent);
 
     let huge = handler_fn(|_i| async { Err(HandlerError::retryable("x\0".repeat(1 << 20))) });
-    let r = run_handler(
-        &*huge,
-        input("huge", json!({})),
-        &lim,
-        CancellationToken::new(),
-    )
-    .await;
+    let r = handle(&huge, "huge", json!({}), &lim).await;
     assert_clean(&r.error.unwrap());
 
     let panics = handler_fn(|_i| async {
@@ -853,13 +774,7 @@ async fn dirty_handler_errors_become_clean_error_text() {
         }
         Ok(HandlerOutput::default())
     });
-    let r = run_handler(
-        &*panics,
-        input("panics", json!({})),
-        &lim,
-        CancellationToken::new(),
-    )
-    .await;
+    let r = handle(&panics, "panics", json!({}), &lim).await;
     let e = r.error.unwrap();
     assert_clean(&e);
     assert!(

@@ -14,39 +14,15 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use agentq::admission::{LimitsUpdate, Target};
-use agentq::executor::{Outcome, TaskUsage};
-use agentq::queue::{ClaimedJob, Completion, JobSpec, Queue, QueueConfig};
-use common::{TestQueue, eventually};
-use serde_json::json;
+use agentq::executor::Outcome;
+use agentq::queue::{ClaimedJob, Completion, Queue, QueueConfig};
+use common::{TestQueue, complete, done, eventually, fill, set_cap_and_weight};
 
 const LEASE: Duration = Duration::from_secs(60);
 
-fn done(j: &ClaimedJob) -> Completion {
-    Completion {
-        id: j.id.clone(),
-        attempt: j.attempt,
-        outcome: Outcome::Succeeded,
-        permanent: false,
-        error: String::new(),
-        result: None,
-        exit_code: Some(0),
-        signal: None,
-        run_ms: 1,
-        cpu_ms: 0,
-        peak_rss: 0,
-        usage: TaskUsage::default(),
-        backoff_ms: 0,
-    }
-}
-
 /// One claim of up to `n` jobs from `queues` (a pool serving those queues).
 async fn claim(q: &Queue, queues: &[&str], n: usize) -> Vec<ClaimedJob> {
-    let queues: Vec<String> = queues.iter().map(|s| s.to_string()).collect();
-    q.claim(0, &agentq::queue::Call::new("w-fair"), n, LEASE, &queues)
-        .await
-        .expect("claim")
-        .jobs
+    common::claim(q, queues, n, LEASE).await
 }
 
 /// Picks one job at a time from `queues`, completing each at once, until
@@ -56,32 +32,12 @@ async fn picks_until(q: &Queue, queues: &[&str], tenant: &str, limit: usize) -> 
     for n in 1..=limit {
         let got = claim(q, queues, 1).await;
         let j = got.first().expect("work left");
-        q.complete(0, &agentq::queue::Call::new("w"), &[done(j)])
-            .await
-            .expect("complete");
+        complete(q, &[done(j, Outcome::Succeeded)]).await;
         if j.tenant == tenant {
             return Some(n);
         }
     }
     None
-}
-
-async fn set(q: &Queue, tenant: &str, cap: u64, weight: u64) {
-    LimitsUpdate {
-        max_concurrency: Some(cap),
-        weight: Some(weight),
-        ..Default::default()
-    }
-    .apply(q, Target::Tenant(tenant))
-    .await
-    .expect("tenant set");
-}
-
-async fn fill(q: &Queue, tenant: &str, queue: &str, n: usize) {
-    let jobs: Vec<JobSpec> = (0..n)
-        .map(|i| JobSpec::new(tenant, queue, "noop").payload(&json!({ "i": i })))
-        .collect();
-    q.enqueue_batch(&jobs).await.expect("enqueue");
 }
 
 /// Serves `picks` jobs from `queues` one batch at a time, completing them.
@@ -95,10 +51,8 @@ async fn serve(q: &Queue, queues: &[&str], picks: usize) -> HashMap<String, usiz
         for j in &got {
             *by.entry(j.tenant.clone()).or_default() += 1;
         }
-        let acks: Vec<Completion> = got.iter().map(done).collect();
-        q.complete(0, &agentq::queue::Call::new("w"), &acks)
-            .await
-            .expect("complete");
+        let acks: Vec<Completion> = got.iter().map(|j| done(j, Outcome::Succeeded)).collect();
+        complete(q, &acks).await;
     }
     by
 }
@@ -112,9 +66,9 @@ async fn a_newcomer_on_a_quiet_queue_does_not_wait_for_a_busy_queue() {
     let tq = TestQueue::new("fair-quiet").await;
     let q = &tq.queue;
     for t in ["b1", "b2", "b3", "qa", "qb", "new"] {
-        set(q, t, 1000, 1).await;
+        set_cap_and_weight(q, t, 1000, 1).await;
     }
-    set(q, "capped", 1, 1).await;
+    set_cap_and_weight(q, "capped", 1, 1).await;
     for t in ["b1", "b2", "b3"] {
         fill(q, t, "busy", 300).await;
     }
@@ -132,11 +86,9 @@ async fn a_newcomer_on_a_quiet_queue_does_not_wait_for_a_busy_queue() {
     let acks: Vec<Completion> = first
         .iter()
         .filter(|j| j.tenant != "capped")
-        .map(done)
+        .map(|j| done(j, Outcome::Succeeded))
         .collect();
-    q.complete(0, &agentq::queue::Call::new("w"), &acks)
-        .await
-        .expect("complete");
+    complete(q, &acks).await;
     // Meanwhile the busy pool serves hundreds of jobs.
     serve(q, &["busy"], 600).await;
 
@@ -148,9 +100,7 @@ async fn a_newcomer_on_a_quiet_queue_does_not_wait_for_a_busy_queue() {
         "newcomer picked after {n:?} quiet picks, want within ceil(W/w) = 3"
     );
     // Back from its cap: W = 4 (qa, qb, new, capped).
-    q.complete(0, &agentq::queue::Call::new("w"), &[done(&held)])
-        .await
-        .expect("complete");
+    complete(q, &[done(&held, Outcome::Succeeded)]).await;
     let n = picks_until(q, &["quiet"], "capped", 50).await;
     assert!(
         n.is_some_and(|n| n <= 4),
@@ -166,7 +116,7 @@ async fn a_tenant_on_two_queues_of_one_pool_gets_one_share() {
     let tq = TestQueue::new("fair-spread").await;
     let q = &tq.queue;
     for t in ["spread", "single"] {
-        set(q, t, 1000, 1).await;
+        set_cap_and_weight(q, t, 1000, 1).await;
     }
     fill(q, "spread", "q1", 200).await;
     fill(q, "spread", "q2", 200).await;
@@ -188,7 +138,7 @@ async fn a_resumed_queue_earns_no_credit_for_its_pause() {
     let tq = TestQueue::new("fair-pause").await;
     let q = &tq.queue;
     for t in ["a", "b"] {
-        set(q, t, 1000, 1).await;
+        set_cap_and_weight(q, t, 1000, 1).await;
     }
     fill(q, "a", "q1", 200).await;
     fill(q, "b", "q2", 200).await;
@@ -206,7 +156,7 @@ async fn a_resumed_queue_earns_no_credit_for_its_pause() {
     // A tenant paused alone comes back at the queue's virtual time: not
     // ahead (no credit) and not behind everyone.
     for t in ["c", "d", "e"] {
-        set(q, t, 1000, 1).await;
+        set_cap_and_weight(q, t, 1000, 1).await;
         fill(q, t, "q3", 100).await;
     }
     q.set_paused("q3", Some("c"), true).await.expect("pause c");
@@ -254,7 +204,7 @@ async fn slots_follow_weights_across_four_partitions() {
         }
     }
     for (t, w) in &weights {
-        set(&q, t, 1000, *w).await;
+        set_cap_and_weight(&q, t, 1000, *w).await;
         fill(&q, t, "q", 400).await;
     }
     let total_weight: u64 = weights.values().sum();

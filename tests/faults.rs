@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentq::admission::{LimitsUpdate, Target};
 use agentq::queue::inspect::queue_stats;
 use agentq::queue::{JobSpec, QueueError};
 use agentq::servers::{PrivatePostgres, PrivateRedis};
@@ -43,26 +42,10 @@ enum Meant {
     TimeOut,
 }
 
-/// Enqueue `specs` in chunks; the ids in order.
-async fn enqueue_all(tq: &TestQueue, specs: &[JobSpec]) -> Vec<String> {
-    let mut ids = Vec::with_capacity(specs.len());
-    for chunk in specs.chunks(500) {
-        let done = tq.queue.enqueue_batch(chunk).await.expect("enqueue");
-        ids.extend(done.into_iter().map(|e| e.id));
-    }
-    ids
-}
-
 /// Set each tenant's concurrency cap.
 async fn set_caps(tq: &TestQueue, caps: &HashMap<String, u64>) {
     for (t, &cap) in caps {
-        LimitsUpdate {
-            max_concurrency: Some(cap),
-            ..Default::default()
-        }
-        .apply(&tq.queue, Target::Tenant(t))
-        .await
-        .expect("set cap");
+        common::set_cap(&tq.queue, t, cap).await;
     }
 }
 
@@ -92,28 +75,26 @@ impl Fleet {
     }
 
     /// SIGKILL a random worker every `every` (jittered), restarting it at
-    /// once, until `stop` fires.
+    /// once, until the returned [`Killer`] is stopped.
     fn kill_randomly(
         &self,
         tq: &TestQueue,
         every: Duration,
         args: &[&str],
         how: &WorkerProc,
-        stop: CancellationToken,
-    ) -> tokio::task::JoinHandle<()> {
+    ) -> Killer {
         let (procs, kills) = (self.procs.clone(), self.kills.clone());
-        let tq = TestQueue {
-            queue: tq.queue.clone(),
-            ns: tq.ns.clone(),
-        };
+        let tq = tq.clone();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let how = how.clone();
-        tokio::spawn(async move {
+        let stop = CancellationToken::new();
+        let cancelled = stop.clone();
+        let task = tokio::spawn(async move {
             loop {
                 let ms = every.as_millis() as u64;
                 let wait = Duration::from_millis(rand::random_range(ms / 2..=ms * 3 / 2));
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = cancelled.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
                 let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -123,7 +104,8 @@ impl Fleet {
                 ps[i] = Proc(tq.spawn_worker_with(&argv, &how));
                 *kills.lock().unwrap_or_else(|p| p.into_inner()) += 1;
             }
-        })
+        });
+        Killer { stop, task }
     }
 
     fn kills(&self) -> u32 {
@@ -138,6 +120,20 @@ impl Fleet {
 
     fn kill_all(&self) {
         self.procs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// The task that SIGKILLs a [`Fleet`]'s workers.
+struct Killer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Killer {
+    /// No more kills; returns once the task has ended.
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("killer");
     }
 }
 
@@ -244,62 +240,65 @@ fn assert_own_end(id: &str, meant: Meant, state: &str, last_error: &str, rows: &
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_crashes_lose_no_job_and_keep_every_cap() {
-    let started = std::time::Instant::now();
-    let tq = TestQueue::new("faults-crash").await;
-    let db = TestDb::new("faults_crash").await;
-    let caps: HashMap<String, u64> = (0..TENANTS)
+/// Each tenant's cap in the crash workload: 2 or 3, summing to 50.
+fn crash_caps() -> HashMap<String, u64> {
+    (0..TENANTS)
         .map(|t| (format!("t{t:02}"), 2 + (t % 2) as u64))
-        .collect();
-    set_caps(&tq, &caps).await;
-    let (specs, meant): (Vec<JobSpec>, Vec<Meant>) = (0..JOBS).map(crash_job).unzip();
-    let ids = enqueue_all(&tq, &specs).await;
+        .collect()
+}
 
-    // 3 x 16 slots against caps summing to 50: the caps, not the slots, bind.
-    let args = [
-        "--queues",
-        "q",
-        "--concurrency",
-        "16",
-        "--lease",
-        "2s",
-        "--backoff-base",
-        "50ms",
-        "--kill-grace",
-        "200ms",
-    ];
-    let tmp = WorkerTmp::new();
-    let how = WorkerProc {
-        database_url: Some(db.url()),
-        tmpdir: Some(tmp.path().to_path_buf()),
-        ..Default::default()
-    };
-    let fleet = Fleet::start(&tq, 3, &args, &how);
-    let stop = CancellationToken::new();
-    let killer = fleet.kill_randomly(&tq, Duration::from_secs(2), &args, &how, stop.clone());
-    drained(&tq, PATIENCE).await;
-    stop.cancel();
-    killer.await.expect("killer");
-    let ran_for = started.elapsed();
+/// 3 x 16 slots against caps summing to 50: the caps, not the slots, bind.
+const CRASH_ARGS: [&str; 10] = [
+    "--queues",
+    "q",
+    "--concurrency",
+    "16",
+    "--lease",
+    "2s",
+    "--backoff-base",
+    "50ms",
+    "--kill-grace",
+    "200ms",
+];
 
-    // The writers (still running) move every record to PostgreSQL.
-    let states = tq.job_states(&ids).await;
+/// Once the namespace is drained, the writers (still running) move every
+/// record to PostgreSQL: waits until the ledger holds every attempt of the
+/// jobs whose (state, attempts, last error) are `states`. The attempt
+/// counts and the ledger rows.
+async fn ledger_has_every_attempt(
+    tq: &TestQueue,
+    pool: &sqlx::PgPool,
+    states: &[(String, u64, String)],
+) -> (Vec<u64>, Vec<LedgerRow>) {
     let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
     let total: u64 = attempts.iter().sum();
-    let rows = ledger_caught_up(&tq, &db.pool, total).await;
-    fleet.kill_all();
+    let rows = ledger_caught_up(tq, pool, total).await;
+    (attempts, rows)
+}
 
-    common::assert_one_record_per_attempt(&common::row_attempts(&rows), &ids, &attempts);
+/// Panic unless each job ended as it was built to ([`assert_own_end`]),
+/// judged by its state, last error and its own ledger rows.
+fn assert_each_job_ended_as_meant(
+    ids: &[String],
+    meant: &[Meant],
+    states: &[(String, u64, String)],
+    rows: &[LedgerRow],
+) {
     let mut by_job: HashMap<&str, Vec<&LedgerRow>> = HashMap::new();
-    for r in &rows {
+    for r in rows {
         by_job.entry(r.job_id.as_str()).or_default().push(r);
     }
-    for ((id, m), (state, _, err)) in ids.iter().zip(&meant).zip(&states) {
+    for ((id, m), (state, _, err)) in ids.iter().zip(meant).zip(states) {
         assert_own_end(id, *m, state, err, &by_job[id.as_str()]);
     }
-    let peaks = common::peak_overlap_by_tenant(&rows);
-    for (t, &cap) in &caps {
+}
+
+/// Panic unless no tenant ever had more attempts holding slots at once
+/// than its cap, and at least half the tenants reached theirs. How many
+/// did.
+fn assert_every_cap_held_and_binding(rows: &[LedgerRow], caps: &HashMap<String, u64>) -> usize {
+    let peaks = common::peak_overlap_by_tenant(rows);
+    for (t, &cap) in caps {
         assert!(
             peaks[t] <= cap as usize,
             "tenant {t}: {} attempts held slots at once, cap {cap}",
@@ -314,12 +313,50 @@ async fn worker_crashes_lose_no_job_and_keep_every_cap() {
         at_cap >= TENANTS / 2,
         "caps bind: {at_cap} tenants reached theirs ({peaks:?})"
     );
+    at_cap
+}
+
+/// Panic unless some ledger rows are attempts the kills cut short (lost);
+/// how many.
+fn assert_kills_cut_attempts_short(rows: &[LedgerRow]) -> usize {
     let lost = rows.iter().filter(|r| r.outcome == "lost").count();
     assert!(lost > 0, "the kills cut attempts short");
+    lost
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_crashes_lose_no_job_and_keep_every_cap() {
+    let started = std::time::Instant::now();
+    let tq = TestQueue::new("faults-crash").await;
+    let db = TestDb::new("faults_crash").await;
+    let caps = crash_caps();
+    set_caps(&tq, &caps).await;
+    let (specs, meant): (Vec<JobSpec>, Vec<Meant>) = (0..JOBS).map(crash_job).unzip();
+    let ids = tq.enqueue_all(&specs).await;
+
+    let tmp = WorkerTmp::new();
+    let how = WorkerProc {
+        database_url: Some(db.url()),
+        ..tmp.worker_proc()
+    };
+    let fleet = Fleet::start(&tq, 3, &CRASH_ARGS, &how);
+    let killer = fleet.kill_randomly(&tq, Duration::from_secs(2), &CRASH_ARGS, &how);
+    drained(&tq, PATIENCE).await;
+    killer.stop().await;
+    let ran_for = started.elapsed();
+    let states = tq.job_states(&ids).await;
+    let (attempts, rows) = ledger_has_every_attempt(&tq, &db.pool, &states).await;
+    fleet.kill_all();
+
+    common::assert_one_record_per_attempt(&common::row_attempts(&rows), &ids, &attempts);
+    assert_each_job_ended_as_meant(&ids, &meant, &states, &rows);
+    let at_cap = assert_every_cap_held_and_binding(&rows, &caps);
+    let lost = assert_kills_cut_attempts_short(&rows);
     tq.assert_quiet().await;
     eprintln!(
-        "crashes: {JOBS} jobs, {total} attempts, {} rows, {lost} lost to {} kills, \
+        "crashes: {JOBS} jobs, {} attempts, {} rows, {lost} lost to {} kills, \
          {at_cap}/{TENANTS} tenants at cap, drained in {ran_for:?}; outbox empty",
+        attempts.iter().sum::<u64>(),
         rows.len(),
         fleet.kills()
     );
@@ -362,6 +399,47 @@ async fn enqueue_until(tq: &TestQueue, stop: CancellationToken) -> (Vec<String>,
     (acked, errors)
 }
 
+/// While a producer enqueues ([`enqueue_until`]): 2 s of work, Redis
+/// SIGKILLed (no shutdown, no final fsync), down for longer than the
+/// lease, restarted, 2 s more. Returns the acknowledged ids, the enqueue
+/// errors retried, and how many jobs ran at the kill.
+async fn kill_and_restart_redis_while_enqueueing(
+    tq: &TestQueue,
+    redis: &mut PrivateRedis,
+) -> (Vec<String>, u32, i64) {
+    let stop = CancellationToken::new();
+    let producer = {
+        let (tq, stop) = (tq.clone(), stop.clone());
+        tokio::spawn(async move { enqueue_until(&tq, stop).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let running_at_kill = tq.running().await.values().sum::<i64>();
+    redis.kill(); // SIGKILL: no shutdown, no final fsync
+    tokio::time::sleep(Duration::from_secs(3)).await; // longer than the lease
+    tokio::task::block_in_place(|| redis.restart()).expect("restart redis");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let (acked, errors) = producer.await.expect("producer");
+    (acked, errors, running_at_kill)
+}
+
+/// Panic unless every acknowledged job succeeded, with one outbox record
+/// per attempt and no record of another job. The records.
+async fn assert_each_acknowledged_job_succeeded_once(
+    tq: &TestQueue,
+    acked: &[String],
+) -> Vec<HashMap<String, String>> {
+    let states = tq.job_states(acked).await;
+    for (id, (state, _, err)) in acked.iter().zip(&states) {
+        assert_eq!(state, "succeeded", "acknowledged job {id}: {err}");
+    }
+    // One record per attempt, and no job but the acknowledged ones.
+    let records = tq.outbox().await;
+    let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
+    common::assert_one_record_per_attempt(&common::outbox_attempts(&records), acked, &attempts);
+    records
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_run_loses_no_acknowledged_enqueue() {
     let mut redis = PrivateRedis::start(&["--appendonly", "yes", "--appendfsync", "always"])
@@ -378,44 +456,15 @@ async fn redis_killed_mid_run_loses_no_acknowledged_enqueue() {
         "50ms",
     ];
     let tmp = WorkerTmp::new();
-    let how = WorkerProc {
-        tmpdir: Some(tmp.path().to_path_buf()),
-        ..Default::default()
-    };
-    let fleet = Fleet::start(&tq, 2, &args, &how);
-    let stop = CancellationToken::new();
-    let producer = {
-        let (tq2, stop) = (
-            TestQueue {
-                queue: tq.queue.clone(),
-                ns: tq.ns.clone(),
-            },
-            stop.clone(),
-        );
-        tokio::spawn(async move { enqueue_until(&tq2, stop).await })
-    };
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let running_at_kill = tq.running().await.values().sum::<i64>();
-    redis.kill(); // SIGKILL: no shutdown, no final fsync
-    tokio::time::sleep(Duration::from_secs(3)).await; // longer than the lease
-    tokio::task::block_in_place(|| redis.restart()).expect("restart redis");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
-    let (acked, errors) = producer.await.expect("producer");
-
+    let fleet = Fleet::start(&tq, 2, &args, &tmp.worker_proc());
+    let (acked, errors, running_at_kill) =
+        kill_and_restart_redis_while_enqueueing(&tq, &mut redis).await;
     drained(&tq, PATIENCE).await;
     assert!(
         fleet.all_alive(),
         "the same workers reconnected by themselves"
     );
-    let states = tq.job_states(&acked).await;
-    for (id, (state, _, err)) in acked.iter().zip(&states) {
-        assert_eq!(state, "succeeded", "acknowledged job {id}: {err}");
-    }
-    // One record per attempt, and no job but the acknowledged ones.
-    let records = tq.outbox().await;
-    let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
-    common::assert_one_record_per_attempt(&common::outbox_attempts(&records), &acked, &attempts);
+    let records = assert_each_acknowledged_job_succeeded_once(&tq, &acked).await;
     tq.assert_quiet().await;
     let lost = records.iter().filter(|r| r["outcome"] == "lost").count();
     eprintln!(
@@ -530,41 +579,27 @@ async fn start_api(tq: &TestQueue, db: &TestDb, stop: CancellationToken) -> u16 
     port
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_full_refuses_enqueue_clearly_and_harms_nothing_queued() {
-    let redis = PrivateRedis::start(&["--maxmemory", "24mb", "--maxmemory-policy", "noeviction"])
-        .expect("redis-server");
-    let tq = TestQueue::with_url("faults-full", &redis.url()).await;
-    let db = TestDb::new("faults_full").await;
-    let key = agentq::api::keys::create(&db.pool, "a")
-        .await
-        .expect("key")
-        .key;
-    let api_stop = CancellationToken::new();
-    let port = start_api(&tq, &db, api_stop.clone()).await;
-
-    // Jobs queued before Redis fills up, and a worker that holds off (paused).
+/// 40 echo jobs of tenants a and b on queue q, paused so that none runs
+/// yet; their specs and ids.
+async fn queue_paused_jobs(tq: &TestQueue) -> (Vec<JobSpec>, Vec<String>) {
     tq.queue.set_paused("q", None, true).await.expect("pause");
     let specs: Vec<JobSpec> = (0..40)
         .map(|i| {
             JobSpec::new(if i % 2 == 0 { "a" } else { "b" }, "q", "echo").payload(&json!({"i": i}))
         })
         .collect();
-    let ids = enqueue_all(&tq, &specs).await;
-    let tmp = WorkerTmp::new();
-    let how = WorkerProc {
-        tmpdir: Some(tmp.path().to_path_buf()),
-        ..Default::default()
-    };
-    let mut worker = Proc(tq.spawn_worker_with(
-        &["--queues", "q", "--concurrency", "4", "--lease", "1s"],
-        &how,
-    ));
-    let seq_key = tq.queue.keys(0).key(&["seq"]);
-    let seq_before: Option<String> = tq.queue.client().get(&seq_key).await.expect("seq");
-    let filler = fill_redis(&tq).await;
+    let ids = tq.enqueue_all(&specs).await;
+    (specs, ids)
+}
 
-    // Library, CLI and HTTP all refuse, saying why.
+/// Library, CLI and HTTP all refuse an enqueue while Redis is full, saying
+/// why.
+async fn assert_every_enqueue_path_refuses_clearly(
+    tq: &TestQueue,
+    specs: &[JobSpec],
+    port: u16,
+    key: &str,
+) {
     let one = tq.queue.enqueue(&JobSpec::new("a", "q", "echo")).await;
     assert!(matches!(one, Err(QueueError::Full(_))), "{one:?}");
     let msg = one.err().map(|e| e.to_string()).unwrap_or_default();
@@ -579,19 +614,54 @@ async fn redis_full_refuses_enqueue_clearly_and_harms_nothing_queued() {
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(err.contains("redis is full"), "{err}");
     eprintln!("redis full: the CLI said: {}", err.trim());
-    let (status, body) = post_json(port, "/v1/jobs", &key, r#"{"queue":"q","kind":"echo"}"#).await;
+    let (status, body) = post_json(port, "/v1/jobs", key, r#"{"queue":"q","kind":"echo"}"#).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (503, Some("queue_full")),
         "{body}"
     );
+}
 
-    // Nothing already queued was harmed, and no id was even allocated.
-    let seq_after: Option<String> = tq.queue.client().get(&seq_key).await.expect("seq");
+/// Nothing already queued was harmed (all 40 still ready), and no id was
+/// even allocated (the id sequence is as it was: `seq_before`).
+async fn assert_queued_jobs_untouched(tq: &TestQueue, ids: &[String], seq_before: Option<String>) {
+    let seq_after: Option<String> = tq
+        .queue
+        .client()
+        .get(tq.queue.keys(0).key(&["seq"]))
+        .await
+        .expect("seq");
     assert_eq!(seq_after, seq_before, "a refused enqueue writes nothing");
-    assert!(tq.job_states(&ids).await.iter().all(|s| s.0 == "ready"));
+    assert!(tq.job_states(ids).await.iter().all(|s| s.0 == "ready"));
     let q = queue_stats(&tq.queue).await.expect("stats");
     assert_eq!(q.iter().map(|s| s.ready).sum::<i64>(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_full_refuses_enqueue_clearly_and_harms_nothing_queued() {
+    let redis = PrivateRedis::start(&["--maxmemory", "24mb", "--maxmemory-policy", "noeviction"])
+        .expect("redis-server");
+    let tq = TestQueue::with_url("faults-full", &redis.url()).await;
+    let db = TestDb::new("faults_full").await;
+    let key = agentq::api::keys::create(&db.pool, "a")
+        .await
+        .expect("key")
+        .key;
+    let api_stop = CancellationToken::new();
+    let port = start_api(&tq, &db, api_stop.clone()).await;
+
+    // Jobs queued before Redis fills up, and a worker that holds off (paused).
+    let (specs, ids) = queue_paused_jobs(&tq).await;
+    let tmp = WorkerTmp::new();
+    let mut worker = Proc(tq.spawn_worker_with(
+        &["--queues", "q", "--concurrency", "4", "--lease", "1s"],
+        &tmp.worker_proc(),
+    ));
+    let seq_key = tq.queue.keys(0).key(&["seq"]);
+    let seq_before: Option<String> = tq.queue.client().get(&seq_key).await.expect("seq");
+    let filler = fill_redis(&tq).await;
+    assert_every_enqueue_path_refuses_clearly(&tq, &specs, port, &key).await;
+    assert_queued_jobs_untouched(&tq, &ids, seq_before).await;
 
     // Memory back: the same worker runs every queued job, enqueue works again.
     let _: i64 = tq.queue.client().del(filler).await.expect("del filler");
@@ -621,12 +691,10 @@ async fn redis_full_refuses_enqueue_clearly_and_harms_nothing_queued() {
 // ---------------------------------------------------------------------------
 // PostgreSQL outage while workers are being SIGKILLed.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_outage_while_workers_are_killed_lands_every_row_once() {
-    let mut pg = tokio::task::block_in_place(PrivatePostgres::start).expect("private PostgreSQL");
-    let tq = TestQueue::new("faults-pg").await;
-    let reader = agentq::ledger::connect_lazy(&pg.url()).expect("reader pool");
-    let specs: Vec<JobSpec> = (0..1200)
+/// 1,200 jobs of six tenants: 10-60 ms sleeps and echoes, 20 attempts each
+/// (kills alone never use them up).
+fn outage_jobs() -> Vec<JobSpec> {
+    (0..1200)
         .map(|i| {
             let t = format!("p{}", i % 6);
             let mut s = if i % 2 == 0 {
@@ -637,8 +705,38 @@ async fn postgres_outage_while_workers_are_killed_lands_every_row_once() {
             s.max_attempts = Some(20);
             s
         })
-        .collect();
-    let ids = enqueue_all(&tq, &specs).await;
+        .collect()
+}
+
+/// Once the first rows are in PostgreSQL: stops it for 4 s while jobs run
+/// and workers die (records wait in the outbox), then restarts it. How many
+/// records waited.
+async fn stop_postgres_for_a_while(
+    pg: &mut PrivatePostgres,
+    tq: &TestQueue,
+    reader: &sqlx::PgPool,
+) -> u64 {
+    eventually(PATIENCE, "first rows in PostgreSQL", || async {
+        ledger_rows(reader)
+            .await
+            .filter(|r| !r.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    tokio::task::block_in_place(|| pg.stop());
+    tokio::time::sleep(Duration::from_secs(4)).await; // jobs run, workers die, records wait
+    let waiting = tq.outbox_len().await;
+    assert!(ledger_rows(reader).await.is_none(), "PostgreSQL is down");
+    tokio::task::block_in_place(|| pg.restart()).expect("restart PostgreSQL");
+    waiting
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_while_workers_are_killed_lands_every_row_once() {
+    let mut pg = tokio::task::block_in_place(PrivatePostgres::start).expect("private PostgreSQL");
+    let tq = TestQueue::new("faults-pg").await;
+    let reader = agentq::ledger::connect_lazy(&pg.url()).expect("reader pool");
+    let ids = tq.enqueue_all(&outage_jobs()).await;
     let args = [
         "--queues",
         "q",
@@ -652,50 +750,33 @@ async fn postgres_outage_while_workers_are_killed_lands_every_row_once() {
     let tmp = WorkerTmp::new();
     let how = WorkerProc {
         database_url: Some(pg.url()),
-        tmpdir: Some(tmp.path().to_path_buf()),
-        ..Default::default()
+        ..tmp.worker_proc()
     };
     let fleet = Fleet::start(&tq, 3, &args, &how);
-    let stop = CancellationToken::new();
-    let killer = fleet.kill_randomly(&tq, Duration::from_millis(1500), &args, &how, stop.clone());
-
-    eventually(PATIENCE, "first rows in PostgreSQL", || async {
-        ledger_rows(&reader)
-            .await
-            .filter(|r| !r.is_empty())
-            .map(|_| ())
-    })
-    .await;
-    tokio::task::block_in_place(|| pg.stop());
-    tokio::time::sleep(Duration::from_secs(4)).await; // jobs run, workers die, records wait
-    let waiting = tq.outbox_len().await;
-    assert!(ledger_rows(&reader).await.is_none(), "PostgreSQL is down");
-    tokio::task::block_in_place(|| pg.restart()).expect("restart PostgreSQL");
+    let killer = fleet.kill_randomly(&tq, Duration::from_millis(1500), &args, &how);
+    let waiting = stop_postgres_for_a_while(&mut pg, &tq, &reader).await;
     drained(&tq, PATIENCE).await;
-    stop.cancel();
-    killer.await.expect("killer");
+    killer.stop().await;
 
     let states = tq.job_states(&ids).await;
     assert!(
         states.iter().all(|s| s.0 == "succeeded"),
         "every job succeeded"
     );
-    let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
-    let total: u64 = attempts.iter().sum();
-    let rows = ledger_caught_up(&tq, &reader, total).await;
+    let (attempts, rows) = ledger_has_every_attempt(&tq, &reader, &states).await;
     fleet.kill_all();
     common::assert_one_record_per_attempt(&common::row_attempts(&rows), &ids, &attempts);
-    let lost = rows.iter().filter(|r| r.outcome == "lost").count();
-    assert!(lost > 0, "the kills cut attempts short");
+    let lost = assert_kills_cut_attempts_short(&rows);
     assert!(
         waiting > 0,
         "records waited in the outbox during the outage"
     );
     tq.assert_quiet().await;
     eprintln!(
-        "postgres outage: {} jobs, {total} rows exactly once, {waiting} waiting during the outage, \
+        "postgres outage: {} jobs, {} rows exactly once, {waiting} waiting during the outage, \
          {lost} lost to {} kills; outbox empty",
         ids.len(),
+        attempts.iter().sum::<u64>(),
         fleet.kills()
     );
     tmp.sweep_and_assert_clean(&tq).await;
@@ -731,9 +812,10 @@ fn log_clock_offset(lines: &[String]) -> Option<i64> {
     Some(t.timestamp() - chrono::Utc::now().timestamp())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
-    let tq = TestQueue::new("faults-clock").await;
+/// 16 sleeps of 2.5-4 s (longer than the lease), 20 echoes, and 4 jobs that
+/// fail twice (a delayed retry in between: due times come from Redis), of
+/// three tenants.
+fn clock_jobs() -> Vec<JobSpec> {
     let mut specs: Vec<JobSpec> = (0..16)
         .map(|i| {
             JobSpec::new(format!("c{}", i % 3), "q", "sleep")
@@ -747,18 +829,20 @@ async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
         s.max_attempts = Some(2); // a delayed retry in between: due times come from Redis
         s
     }));
-    let ids = enqueue_all(&tq, &specs).await;
-    let lease_ms = 2000;
+    specs
+}
+
+/// Two workers with 2 s leases, `clock-plus` an hour ahead and
+/// `clock-minus` an hour behind (libfaketime), logging at info level.
+fn start_skewed_workers(tq: &TestQueue, tmp: &WorkerTmp) -> (Vec<Proc>, Vec<common::LogTail>) {
     let mut tails = Vec::new();
     let mut workers = Vec::new();
-    let tmp = WorkerTmp::new();
     for (id, offset) in [("clock-plus", "+1h"), ("clock-minus", "-1h")] {
         let how = WorkerProc {
             env: common::skewed_clock_env(offset),
             capture_stderr: true,
             log: Some("agentq=info".into()),
-            tmpdir: Some(tmp.path().to_path_buf()),
-            ..Default::default()
+            ..tmp.worker_proc()
         };
         let args = [
             "--queues",
@@ -776,11 +860,14 @@ async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
         tails.push(common::LogTail::follow(&mut c));
         workers.push(c);
     }
+    (workers, tails)
+}
 
-    // While they run, every lease deadline is Redis time + the lease, never
-    // an hour off either way.
+/// Until the namespace is drained: every lease deadline is Redis time +
+/// the lease (`lease_ms`), never an hour off either way.
+async fn assert_leases_follow_redis_time_until_drained(tq: &TestQueue, lease_ms: i64) {
     let mut samples = 0;
-    while !is_drained(&tq).await {
+    while !is_drained(tq).await {
         let leases = tq.leases().await;
         let now = tq.redis_now_ms().await;
         for (id, deadline) in &leases {
@@ -793,6 +880,10 @@ async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(samples > 0, "leases were sampled while jobs ran");
+}
+
+/// The workers' own clocks really were an hour ahead and an hour behind.
+fn assert_worker_clocks_were_skewed(tails: &[common::LogTail]) {
     for (tail, want) in tails.iter().zip([3600, -3600]) {
         let off = log_clock_offset(&tail.lines()).expect("a timestamped log line");
         assert!(
@@ -800,8 +891,13 @@ async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
             "worker clock skewed by {off}s, wanted {want}s"
         );
     }
+}
 
-    let states = tq.job_states(&ids).await;
+/// No attempt was lost or stolen and its times come from Redis; every job
+/// ran once (the failing ones twice), with one record per attempt; both
+/// workers ran jobs.
+async fn assert_no_double_run_and_redis_time(tq: &TestQueue, ids: &[String]) {
+    let states = tq.job_states(ids).await;
     let records = tq.outbox().await;
     let real_now = chrono::Utc::now().timestamp_millis();
     for r in &records {
@@ -823,15 +919,31 @@ async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
         assert_eq!((state.as_str(), *attempts), want, "job {id}: {err}");
     }
     let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
-    common::assert_one_record_per_attempt(&common::outbox_attempts(&records), &ids, &attempts);
+    common::assert_one_record_per_attempt(&common::outbox_attempts(&records), ids, &attempts);
     for w in ["clock-plus", "clock-minus"] {
         assert!(records.iter().any(|r| r["worker"] == w), "{w} ran jobs");
     }
-    tq.assert_quiet().await;
+}
+
+/// SIGTERM each worker and panic unless it exits 0.
+async fn sigterm_and_assert_clean_exit(workers: Vec<Proc>) {
     for mut w in workers {
         sigterm(&w);
         assert_eq!(common::exit_code(&mut w, PATIENCE).await, Some(0));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
+    let tq = TestQueue::new("faults-clock").await;
+    let ids = tq.enqueue_all(&clock_jobs()).await;
+    let tmp = WorkerTmp::new();
+    let (workers, tails) = start_skewed_workers(&tq, &tmp);
+    assert_leases_follow_redis_time_until_drained(&tq, 2000).await;
+    assert_worker_clocks_were_skewed(&tails);
+    assert_no_double_run_and_redis_time(&tq, &ids).await;
+    tq.assert_quiet().await;
+    sigterm_and_assert_clean_exit(workers).await;
     // Stopped cleanly, the workers removed their working directories.
     tmp.assert_clean();
     tq.cleanup().await;
@@ -840,13 +952,23 @@ async fn skewed_worker_clocks_neither_double_run_nor_steal_leases() {
 // ---------------------------------------------------------------------------
 // Graceful drain: SIGTERM during a busy run.
 
-fn term_worker(tq: &TestQueue, args: &[String], tmp: &WorkerTmp) -> Proc {
-    let how = WorkerProc {
-        tmpdir: Some(tmp.path().to_path_buf()),
-        ..Default::default()
-    };
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc(tq.spawn_worker_with(&args, &how))
+/// A worker with id `id`, 6 slots and 10-minute leases (a lease left
+/// behind would sit there for 10 minutes), that hands work back within
+/// 300 ms of a SIGTERM.
+fn term_worker(tq: &TestQueue, id: &str, tmp: &WorkerTmp) -> Proc {
+    let args = [
+        "--queues",
+        "q",
+        "--concurrency",
+        "6",
+        "--lease",
+        "10m",
+        "--shutdown-grace",
+        "300ms",
+        "--id",
+        id,
+    ];
+    Proc(tq.spawn_worker_with(&args, &tmp.worker_proc()))
 }
 
 /// Leases held right now by worker `id`.
@@ -866,54 +988,34 @@ async fn leases_of(tq: &TestQueue, id: &str) -> Vec<String> {
     mine
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_under_load_loses_nothing_and_leaves_no_lease() {
-    let tq = TestQueue::new("faults-term").await;
-    let specs: Vec<JobSpec> = (0..240)
-        .map(|i| {
-            JobSpec::new(format!("d{}", i % 5), "q", "sleep")
-                .payload(&json!({"ms": 100 + (i * 37) % 800}))
-        })
-        .collect();
-    let ids = enqueue_all(&tq, &specs).await;
-    // Long leases: a lease left behind would sit there for 10 minutes.
-    let args = |id: &str| {
-        [
-            "--queues",
-            "q",
-            "--concurrency",
-            "6",
-            "--lease",
-            "10m",
-            "--shutdown-grace",
-            "300ms",
-            "--id",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([id.to_string()])
-        .collect::<Vec<_>>()
-    };
-    let tmp = WorkerTmp::new();
-    let mut workers: Vec<Proc> = (0..3)
-        .map(|i| term_worker(&tq, &args(&format!("term-{i}")), &tmp))
-        .collect();
+/// Wait until workers term-0, term-1 and term-2 each hold 3 leases or more
+/// and records are in the outbox.
+async fn all_three_workers_busy(tq: &TestQueue) {
     eventually(PATIENCE, "all three workers busy", || async {
         let held = [
-            leases_of(&tq, "term-0").await,
-            leases_of(&tq, "term-1").await,
-            leases_of(&tq, "term-2").await,
+            leases_of(tq, "term-0").await,
+            leases_of(tq, "term-1").await,
+            leases_of(tq, "term-2").await,
         ];
         (held.iter().all(|h| h.len() >= 3) && tq.outbox_len().await > 0).then_some(())
     })
     .await;
+}
 
-    // One worker stops while the others keep going: it hands back what it held.
+/// SIGTERM the first worker while the others keep going: it exits 0 and
+/// hands back what it held. Then SIGTERM the others: they exit 0, no lease
+/// and no running count is left, every job is done or ready again, and
+/// some running attempts were handed back. How many.
+async fn sigterm_one_then_the_others(
+    tq: &TestQueue,
+    mut workers: Vec<Proc>,
+    ids: &[String],
+) -> usize {
     let mut first = workers.remove(0);
     sigterm(&first);
     assert_eq!(common::exit_code(&mut first, PATIENCE).await, Some(0));
     assert_eq!(
-        leases_of(&tq, "term-0").await,
+        leases_of(tq, "term-0").await,
         Vec::<String>::new(),
         "term-0 left no lease"
     );
@@ -928,7 +1030,7 @@ async fn sigterm_under_load_loses_nothing_and_leaves_no_lease() {
         tq.running().await.values().all(|&n| n == 0),
         "running counters at zero"
     );
-    let states = tq.job_states(&ids).await;
+    let states = tq.job_states(ids).await;
     assert!(
         states.iter().all(|s| s.0 == "ready" || s.0 == "succeeded"),
         "every job is done or ready again: {states:?}"
@@ -940,13 +1042,13 @@ async fn sigterm_under_load_loses_nothing_and_leaves_no_lease() {
         .filter(|r| r["outcome"] == "lost")
         .count();
     assert!(handed_back > 0, "some running attempts were handed back");
+    handed_back
+}
 
-    // Fresh workers finish the rest; nothing was reaped, every attempt has one record.
-    let again: Vec<Proc> = (3..5)
-        .map(|i| term_worker(&tq, &args(&format!("term-{i}")), &tmp))
-        .collect();
-    drained(&tq, PATIENCE).await;
-    let states = tq.job_states(&ids).await;
+/// After fresh workers drained the rest: every job succeeded, no lease
+/// expired (every hand-back was explicit), one record per attempt.
+async fn assert_all_done_without_an_expired_lease(tq: &TestQueue, ids: &[String]) {
+    let states = tq.job_states(ids).await;
     assert!(states.iter().all(|s| s.0 == "succeeded"), "{states:?}");
     let records = tq.outbox().await;
     assert!(
@@ -956,7 +1058,32 @@ async fn sigterm_under_load_loses_nothing_and_leaves_no_lease() {
         "no lease expired: every hand-back was explicit"
     );
     let attempts: Vec<u64> = states.iter().map(|s| s.1).collect();
-    common::assert_one_record_per_attempt(&common::outbox_attempts(&records), &ids, &attempts);
+    common::assert_one_record_per_attempt(&common::outbox_attempts(&records), ids, &attempts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_nothing_and_leaves_no_lease() {
+    let tq = TestQueue::new("faults-term").await;
+    let specs: Vec<JobSpec> = (0..240)
+        .map(|i| {
+            JobSpec::new(format!("d{}", i % 5), "q", "sleep")
+                .payload(&json!({"ms": 100 + (i * 37) % 800}))
+        })
+        .collect();
+    let ids = tq.enqueue_all(&specs).await;
+    let tmp = WorkerTmp::new();
+    let workers: Vec<Proc> = (0..3)
+        .map(|i| term_worker(&tq, &format!("term-{i}"), &tmp))
+        .collect();
+    all_three_workers_busy(&tq).await;
+    let handed_back = sigterm_one_then_the_others(&tq, workers, &ids).await;
+
+    // Fresh workers finish the rest; nothing was reaped, every attempt has one record.
+    let again: Vec<Proc> = (3..5)
+        .map(|i| term_worker(&tq, &format!("term-{i}"), &tmp))
+        .collect();
+    drained(&tq, PATIENCE).await;
+    assert_all_done_without_an_expired_lease(&tq, &ids).await;
     tq.assert_quiet().await;
     eprintln!(
         "sigterm: {} jobs, {handed_back} attempts handed back at shutdown",

@@ -7,16 +7,10 @@ use std::collections::HashMap;
 use std::process::Child;
 use std::time::Duration;
 
-use agentq::admission::LimitsUpdate;
 use agentq::queue::JobSpec;
 use agentq::queue::inspect::{job_info, queue_stats};
-use common::{TestQueue, drained, num};
+use common::{TestQueue, drained, kill9, num, set_cap, set_rate};
 use serde_json::json;
-
-fn kill9(c: &mut Child) {
-    let _ = c.kill(); // SIGKILL
-    let _ = c.wait();
-}
 
 const WORKER_ARGS: [&str; 8] = [
     "--queues",
@@ -53,13 +47,7 @@ fn busiest(workers: &[Child]) -> usize {
 async fn caps_hold_across_three_processes_while_workers_are_killed() {
     let tq = TestQueue::new("fleet").await;
     for (t, cap) in [("capped", 3), ("other", 2)] {
-        LimitsUpdate {
-            max_concurrency: Some(cap),
-            ..Default::default()
-        }
-        .apply(&tq.queue, agentq::admission::Target::Tenant(t))
-        .await
-        .expect("set");
+        set_cap(&tq.queue, t, cap).await;
     }
     let mut jobs = Vec::new();
     for (t, n) in [("capped", 36), ("other", 16)] {
@@ -69,14 +57,7 @@ async fn caps_hold_across_three_processes_while_workers_are_killed() {
             jobs.push(s);
         }
     }
-    let ids: Vec<String> = tq
-        .queue
-        .enqueue_batch(&jobs)
-        .await
-        .expect("enqueue")
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids: Vec<String> = tq.enqueue_all(&jobs).await;
 
     let mut workers: Vec<Child> = (0..3).map(|_| tq.spawn_worker(&WORKER_ARGS)).collect();
     // Sample the fleet-wide running counts while killing and restarting workers.
@@ -163,11 +144,8 @@ async fn caps_hold_across_three_processes_while_workers_are_killed() {
 async fn a_job_whose_worker_is_killed_runs_again_after_its_lease() {
     let tq = TestQueue::new("rerun").await;
     let id = tq
-        .queue
         .enqueue(&JobSpec::new("t", "q", "sleep").payload(&json!({"ms": 1500})))
-        .await
-        .expect("enqueue")
-        .id;
+        .await;
     let mut first = tq.spawn_worker(&WORKER_ARGS);
     common::job_in_state(&tq, &id, &["running"]).await;
     kill9(&mut first);
@@ -175,12 +153,7 @@ async fn a_job_whose_worker_is_killed_runs_again_after_its_lease() {
     let info = common::job_in_state(&tq, &id, &["succeeded"]).await;
     kill9(&mut second);
     assert_eq!(info.attempts, 2);
-    let outcomes: Vec<String> = tq
-        .outbox()
-        .await
-        .iter()
-        .map(|r| r["outcome"].clone())
-        .collect();
+    let outcomes = tq.outbox_outcomes().await;
     assert_eq!(outcomes, vec!["lost", "succeeded"]);
     tq.cleanup().await;
 }
@@ -189,11 +162,8 @@ async fn a_job_whose_worker_is_killed_runs_again_after_its_lease() {
 async fn sigterm_stops_a_worker_process_cleanly() {
     let tq = TestQueue::new("sigterm").await;
     let id = tq
-        .queue
         .enqueue(&JobSpec::new("t", "q", "sleep").payload(&json!({"ms": 60000})))
-        .await
-        .expect("enqueue")
-        .id;
+        .await;
     let mut w = tq.spawn_worker(&[
         "--queues",
         "q",
@@ -220,17 +190,7 @@ async fn sigterm_stops_a_worker_process_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_holds_across_two_worker_processes() {
     let tq = TestQueue::new("fleet-rate").await;
-    LimitsUpdate {
-        rate: Some(agentq::admission::Rate {
-            starts: 5,
-            period: Duration::from_secs(1),
-        }),
-        burst: Some(2),
-        ..Default::default()
-    }
-    .apply(&tq.queue, agentq::admission::Target::Tenant("r"))
-    .await
-    .expect("set");
+    set_rate(&tq.queue, "r", 5, Some(2)).await;
     let jobs: Vec<JobSpec> = (0..30).map(|_| JobSpec::new("r", "q", "noop")).collect();
     tq.queue.enqueue_batch(&jobs).await.expect("enqueue");
     let mut workers: Vec<Child> = (0..2).map(|_| tq.spawn_worker(&WORKER_ARGS)).collect();

@@ -111,28 +111,6 @@ fn remove_cgroup_parent(parent: &str) {
     }
 }
 
-/// True when `pid` no longer runs (gone, or a zombie).
-fn is_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-    }
-}
-
-async fn wait_dead(pid: i32, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if is_dead(pid) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 /// Pids whose command line mentions `needle`.
 fn processes_running(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
@@ -447,6 +425,23 @@ async fn cgroup_mode_is_used_where_cgroups_are_writable() {
     assert!(off.describe().contains("disabled"), "{}", off.describe());
 }
 
+/// A worker process started with `args` running an `escape` job that
+/// waits; returns once the job wrote its note (in `notes`): the worker,
+/// and the pids of the grandchildren that left the process group.
+async fn run_an_escape(tq: &TestQueue, args: &[&str], notes: &Path) -> (Proc, Vec<i32>) {
+    let note = notes.join("escape.json");
+    let worker = Proc(tq.spawn_worker(args));
+    let mut spec = agentq::queue::job::JobSpec::new("evil", "default", "escape");
+    spec.payload = json!({"note": note, "wait": true}).to_string();
+    tq.queue.enqueue(&spec).await.expect("enqueue");
+    let seen: serde_json::Value = eventually(Duration::from_secs(30), "escape running", || async {
+        serde_json::from_str(&std::fs::read_to_string(&note).ok()?).ok()
+    })
+    .await;
+    let escaped: Vec<i32> = serde_json::from_value(seen["escaped"].clone()).unwrap();
+    (worker, escaped)
+}
+
 /// `agentq worker` SIGKILLed alone mid-attempt: its lease guard sees the
 /// worker's end of the pipe close and kills what it watched at once, the
 /// attempt's cgroup included, so even grandchildren that left the process
@@ -456,7 +451,6 @@ async fn the_lease_guard_kills_a_killed_workers_escaped_processes() {
     let tq = TestQueue::new("hostile-guard").await;
     let parent = format!("agentq-test-guard-{:08x}", rand::random::<u32>());
     let notes = tempfile::tempdir().unwrap();
-    let note = notes.path().join("escape.json");
     let hostile = hostile_dir().display().to_string();
     let args = [
         "--workers-dir",
@@ -464,15 +458,7 @@ async fn the_lease_guard_kills_a_killed_workers_escaped_processes() {
         "--cgroup-parent",
         parent.as_str(),
     ];
-    let mut worker = Proc(tq.spawn_worker(&args));
-    let mut spec = agentq::queue::job::JobSpec::new("evil", "default", "escape");
-    spec.payload = json!({"note": note, "wait": true}).to_string();
-    tq.queue.enqueue(&spec).await.expect("enqueue");
-    let seen: serde_json::Value = eventually(Duration::from_secs(30), "escape running", || async {
-        serde_json::from_str(&std::fs::read_to_string(&note).ok()?).ok()
-    })
-    .await;
-    let escaped: Vec<i32> = serde_json::from_value(seen["escaped"].clone()).unwrap();
+    let (mut worker, escaped) = run_an_escape(&tq, &args, notes.path()).await;
     assert!(
         Path::new("/sys/fs/cgroup/memory").exists(),
         "this test needs cgroups (v1 memory hierarchy): the guard finds setsid'd processes by cgroup"
@@ -498,7 +484,6 @@ async fn stale_attempts_of_a_killed_worker_are_swept_at_startup() {
     let tq = TestQueue::new("hostile-sweep").await;
     let parent = format!("agentq-test-sweep-{:08x}", rand::random::<u32>());
     let notes = tempfile::tempdir().unwrap();
-    let note = notes.path().join("escape.json");
     let hostile = hostile_dir().display().to_string();
     let args = [
         "--workers-dir",
@@ -510,15 +495,7 @@ async fn stale_attempts_of_a_killed_worker_are_swept_at_startup() {
         "--shutdown-grace",
         "1s",
     ];
-    let mut first = Proc(tq.spawn_worker(&args));
-    let mut spec = agentq::queue::job::JobSpec::new("evil", "default", "escape");
-    spec.payload = json!({"note": note, "wait": true}).to_string();
-    tq.queue.enqueue(&spec).await.expect("enqueue");
-    let seen: serde_json::Value = eventually(Duration::from_secs(30), "escape running", || async {
-        serde_json::from_str(&std::fs::read_to_string(&note).ok()?).ok()
-    })
-    .await;
-    let escaped: Vec<i32> = serde_json::from_value(seen["escaped"].clone()).unwrap();
+    let (mut first, escaped) = run_an_escape(&tq, &args, notes.path()).await;
     let guard = common::lease_guard_of(first.id()).expect("the worker's lease guard");
     // SAFETY: signalling a process of this test's worker.
     unsafe { libc::kill(guard as libc::pid_t, libc::SIGKILL) };
@@ -551,6 +528,81 @@ async fn stale_attempts_of_a_killed_worker_are_swept_at_startup() {
     tq.cleanup().await;
 }
 
+/// Each hostile kind of the end-to-end test: its payload, the outcome its
+/// job must end with, and a piece of its last error ("" for none).
+fn hostile_jobs() -> [(&'static str, serde_json::Value, &'static str, &'static str); 5] {
+    [
+        ("forkbomb", json!({}), "timed_out", "process cap"),
+        ("bigout", json!({"mib": 32}), "succeeded", ""),
+        ("closeout", json!({}), "failed", "exited with code 3"),
+        ("noterm", json!({}), "timed_out", "timed out after 1s"),
+        ("escape", json!({}), "succeeded", ""),
+    ]
+}
+
+/// One workers folder with the hostile kinds and echo.
+fn hostile_and_echo_kinds() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    for k in ["forkbomb", "bigout", "closeout", "noterm", "escape"] {
+        std::os::unix::fs::symlink(hostile_dir().join(k), dir.path().join(k)).unwrap();
+    }
+    std::os::unix::fs::symlink(workers_dir().join("echo"), dir.path().join("echo")).unwrap();
+    dir
+}
+
+/// Enqueue each hostile job of tenant evil (one attempt) and six echo jobs
+/// of tenant good; the ids of both.
+async fn enqueue_hostile_beside_good(tq: &TestQueue) -> (Vec<String>, Vec<String>) {
+    let mut ids = Vec::new();
+    for (k, payload, _, _) in &hostile_jobs() {
+        let mut spec = agentq::queue::job::JobSpec::new("evil", "default", *k);
+        spec.payload = payload.to_string();
+        spec.max_attempts = Some(1);
+        ids.push(tq.enqueue(&spec).await);
+    }
+    let mut good = Vec::new();
+    for i in 0..6 {
+        let mut spec = agentq::queue::job::JobSpec::new("good", "default", "echo");
+        spec.payload = json!({"i": i}).to_string();
+        good.push(tq.enqueue(&spec).await);
+    }
+    (ids, good)
+}
+
+/// Each hostile job ends with its own outcome (and error), every good job
+/// succeeds, and the ledger holds one row per attempt with the same
+/// outcomes.
+async fn assert_each_job_has_its_own_outcome(
+    tq: &TestQueue,
+    db: &TestDb,
+    ids: &[String],
+    good: &[String],
+) {
+    for (id, (k, _, outcome, needle)) in ids.iter().zip(&hostile_jobs()) {
+        let info = job_in_state(tq, id, &["succeeded", "dead"]).await;
+        assert_eq!(info.outcome.as_deref(), Some(*outcome), "{k}: {info:?}");
+        if !needle.is_empty() {
+            let e = info.last_error.clone().unwrap_or_default();
+            assert!(e.contains(needle), "{k}: {e}");
+        }
+    }
+    for id in good {
+        let info = job_in_state(tq, id, &["succeeded", "dead"]).await;
+        assert_eq!(info.state, "succeeded", "{info:?}");
+    }
+    // One ledger row per attempt, with the same outcomes.
+    let rows = eventually(Duration::from_secs(60), "ledger rows", || async {
+        let rows = db.rows().await;
+        (rows.len() == ids.len() + good.len()).then_some(rows)
+    })
+    .await;
+    for (id, (k, _, outcome, _)) in ids.iter().zip(&hostile_jobs()) {
+        let row = rows.iter().find(|r| &r.0 == id).expect("row");
+        assert_eq!(row.2, *outcome, "{k}");
+    }
+}
+
 /// The whole pipeline: a worker process runs every hostile kind beside a
 /// well-behaved tenant; each hostile job ends with its own outcome in the
 /// job record and the ledger, every good job succeeds, the worker lives on.
@@ -559,13 +611,7 @@ async fn hostile_jobs_get_their_own_outcomes_and_the_rest_goes_on() {
     let tq = TestQueue::new("hostile-e2e").await;
     let db = TestDb::new("hostile_e2e").await;
     let parent = format!("agentq-test-e2e-{:08x}", rand::random::<u32>());
-    // One workers folder with the hostile kinds and echo.
-    let dir = tempfile::tempdir().unwrap();
-    set_mode(dir.path(), 0o755);
-    for k in ["forkbomb", "bigout", "closeout", "noterm", "escape"] {
-        std::os::unix::fs::symlink(hostile_dir().join(k), dir.path().join(k)).unwrap();
-    }
-    std::os::unix::fs::symlink(workers_dir().join("echo"), dir.path().join("echo")).unwrap();
+    let dir = hostile_and_echo_kinds();
     let workers = dir.path().display().to_string();
     let how = WorkerProc {
         database_url: Some(db.url()),
@@ -590,48 +636,8 @@ async fn hostile_jobs_get_their_own_outcomes_and_the_rest_goes_on() {
         ],
         &how,
     ));
-    let hostile = [
-        ("forkbomb", json!({}), "timed_out", "process cap"),
-        ("bigout", json!({"mib": 32}), "succeeded", ""),
-        ("closeout", json!({}), "failed", "exited with code 3"),
-        ("noterm", json!({}), "timed_out", "timed out after 1s"),
-        ("escape", json!({}), "succeeded", ""),
-    ];
-    let mut ids = Vec::new();
-    for (k, payload, _, _) in &hostile {
-        let mut spec = agentq::queue::job::JobSpec::new("evil", "default", *k);
-        spec.payload = payload.to_string();
-        spec.max_attempts = Some(1);
-        ids.push(tq.queue.enqueue(&spec).await.expect("enqueue").id);
-    }
-    let mut good = Vec::new();
-    for i in 0..6 {
-        let mut spec = agentq::queue::job::JobSpec::new("good", "default", "echo");
-        spec.payload = json!({"i": i}).to_string();
-        good.push(tq.queue.enqueue(&spec).await.expect("enqueue").id);
-    }
-    for (id, (k, _, outcome, needle)) in ids.iter().zip(&hostile) {
-        let info = job_in_state(&tq, id, &["succeeded", "dead"]).await;
-        assert_eq!(info.outcome.as_deref(), Some(*outcome), "{k}: {info:?}");
-        if !needle.is_empty() {
-            let e = info.last_error.clone().unwrap_or_default();
-            assert!(e.contains(needle), "{k}: {e}");
-        }
-    }
-    for id in &good {
-        let info = job_in_state(&tq, id, &["succeeded", "dead"]).await;
-        assert_eq!(info.state, "succeeded", "{info:?}");
-    }
-    // One ledger row per attempt, with the same outcomes.
-    let rows = eventually(Duration::from_secs(60), "ledger rows", || async {
-        let rows = db.rows().await;
-        (rows.len() == ids.len() + good.len()).then_some(rows)
-    })
-    .await;
-    for (id, (k, _, outcome, _)) in ids.iter().zip(&hostile) {
-        let row = rows.iter().find(|r| &r.0 == id).expect("row");
-        assert_eq!(row.2, *outcome, "{k}");
-    }
+    let (ids, good) = enqueue_hostile_beside_good(&tq).await;
+    assert_each_job_has_its_own_outcome(&tq, &db, &ids, &good).await;
     assert!(worker.try_wait().unwrap().is_none(), "the worker died");
     unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
     assert!(worker.wait().unwrap().success());
@@ -784,6 +790,78 @@ fn task_dirs(tmp: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Worker flags of the working-directory sweep test: no cgroups, 2 s
+/// leases.
+const SWEEP_ARGS: [&str; 6] = [
+    "--cgroup-parent",
+    "off",
+    "--lease",
+    "2s",
+    "--shutdown-grace",
+    "1s",
+];
+
+/// A worker on `tmp` SIGKILLed while it runs a 10-minute sleep: the
+/// attempt's working directory it leaves behind.
+async fn kill_a_worker_mid_attempt(tq: &TestQueue, how: &WorkerProc, tmp: &Path) -> PathBuf {
+    let mut first = Proc(tq.spawn_worker_with(&SWEEP_ARGS, how));
+    let spec =
+        agentq::queue::job::JobSpec::new("t", "default", "sleep").payload(&json!({"ms": 600_000}));
+    tq.queue.enqueue(&spec).await.expect("enqueue");
+    let leaked = eventually(
+        Duration::from_secs(30),
+        "the attempt's working directory",
+        || async { task_dirs(tmp).pop() },
+    )
+    .await;
+    first.kill().expect("SIGKILL worker");
+    first.wait().expect("reap worker");
+    assert!(
+        leaked.is_dir(),
+        "{} is gone without a sweep; the leak this test covers is gone",
+        leaked.display()
+    );
+    leaked
+}
+
+/// The next worker removes the dead worker's attempt directory, and the
+/// dead worker's directory around it, at startup.
+async fn assert_swept_at_startup(leaked: &Path, tmp: &Path) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{} removed by the next worker", leaked.display()),
+        || async { (!leaked.exists()).then_some(()) },
+    )
+    .await;
+    let dead = leaked.parent().expect("parent").to_path_buf();
+    assert_ne!(dead, tmp, "attempt directories are grouped per worker");
+    assert!(!dead.exists(), "{} left behind", dead.display());
+}
+
+/// The second worker runs the job again once the lease expired, in a
+/// directory of its own named after its owner identity (mode 0711), the
+/// only thing in `tmp`.
+async fn assert_rerun_in_its_own_directory(second: &Proc, tmp: &Path) {
+    let me = Owner::of(second.id()).expect("second worker's identity");
+    let own = tmp.join(format!("agentq-w-{me}"));
+    let running = eventually(
+        Duration::from_secs(60),
+        "the job running again in the second worker's directory",
+        || async { task_dirs(tmp).pop() },
+    )
+    .await;
+    assert_eq!(running.parent(), Some(own.as_path()));
+    let names: Vec<_> = std::fs::read_dir(tmp)
+        .expect("list tmp")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names, vec![own.file_name().expect("name").to_owned()]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&own).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o711, "reachable by task users, not listable");
+}
+
 /// A worker SIGKILLed mid-attempt cannot remove the attempt's working
 /// directory; the next worker started on the same temp directory does, at
 /// startup, without cgroups too, and keeps its own.
@@ -795,66 +873,10 @@ async fn working_directories_of_a_killed_worker_are_swept_at_startup() {
         tmpdir: Some(tmp.path().to_path_buf()),
         ..Default::default()
     };
-    let args = [
-        "--cgroup-parent",
-        "off",
-        "--lease",
-        "2s",
-        "--shutdown-grace",
-        "1s",
-    ];
-    let mut first = Proc(tq.spawn_worker_with(&args, &how));
-    let spec =
-        agentq::queue::job::JobSpec::new("t", "default", "sleep").payload(&json!({"ms": 600_000}));
-    tq.queue.enqueue(&spec).await.expect("enqueue");
-    let leaked = eventually(
-        Duration::from_secs(30),
-        "the attempt's working directory",
-        || async { task_dirs(tmp.path()).pop() },
-    )
-    .await;
-    first.kill().expect("SIGKILL worker");
-    first.wait().expect("reap worker");
-    assert!(
-        leaked.is_dir(),
-        "{} is gone without a sweep; the leak this test covers is gone",
-        leaked.display()
-    );
-
-    let mut second = Proc(tq.spawn_worker_with(&args, &how));
-    eventually(
-        Duration::from_secs(30),
-        &format!("{} removed by the next worker", leaked.display()),
-        || async { (!leaked.exists()).then_some(()) },
-    )
-    .await;
-    let dead = leaked.parent().expect("parent").to_path_buf();
-    assert_ne!(
-        dead,
-        tmp.path(),
-        "attempt directories are grouped per worker"
-    );
-    assert!(!dead.exists(), "{} left behind", dead.display());
-    // The second worker runs the job again once the lease expired, in a
-    // directory of its own named after its owner identity, which stays.
-    let me = Owner::of(second.id()).expect("second worker's identity");
-    let own = tmp.path().join(format!("agentq-w-{me}"));
-    let running = eventually(
-        Duration::from_secs(60),
-        "the job running again in the second worker's directory",
-        || async { task_dirs(tmp.path()).pop() },
-    )
-    .await;
-    assert_eq!(running.parent(), Some(own.as_path()));
-    let names: Vec<_> = std::fs::read_dir(tmp.path())
-        .expect("list tmp")
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert_eq!(names, vec![own.file_name().expect("name").to_owned()]);
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&own).expect("stat").permissions().mode() & 0o777;
-    assert_eq!(mode, 0o711, "reachable by task users, not listable");
+    let leaked = kill_a_worker_mid_attempt(&tq, &how, tmp.path()).await;
+    let mut second = Proc(tq.spawn_worker_with(&SWEEP_ARGS, &how));
+    assert_swept_at_startup(&leaked, tmp.path()).await;
+    assert_rerun_in_its_own_directory(&second, tmp.path()).await;
 
     // A clean stop removes the worker's directory.
     sigterm(&second);

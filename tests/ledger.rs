@@ -7,17 +7,9 @@ use std::time::Duration;
 
 use agentq::ledger::{self, LedgerWriter};
 use agentq::queue::JobSpec;
-use common::{TestDb, TestQueue, database_url, drained, fast_worker};
+use common::{TestDb, TestQueue, drained, fast_worker};
 use fred::prelude::*;
 use serde_json::json;
-
-async fn outbox_len(tq: &TestQueue) -> u64 {
-    tq.queue
-        .client()
-        .xlen(tq.queue.keys(0).key(&["outbox"]))
-        .await
-        .expect("xlen")
-}
 
 #[tokio::test]
 async fn every_attempt_lands_exactly_once() {
@@ -53,7 +45,7 @@ async fn every_attempt_lands_exactly_once() {
 
     let writer = LedgerWriter::new(tq.queue.clone(), db.pool.clone(), "writer-1");
     while writer.run_once().await.expect("drain") > 0 {}
-    assert_eq!(outbox_len(&tq).await, 0, "entries are deleted once written");
+    assert_eq!(tq.outbox_len().await, 0, "entries are deleted once written");
     let rows = db.rows().await;
     assert_eq!(rows.len(), 36);
     assert_eq!(rows.iter().filter(|r| r.2 == "succeeded").count(), 30);
@@ -114,7 +106,7 @@ async fn a_writer_killed_between_insert_and_ack_duplicates_nothing() {
     writer.config.claim_idle = Duration::from_millis(1);
     tokio::time::sleep(Duration::from_millis(20)).await;
     while writer.run_once().await.expect("drain") > 0 {}
-    assert_eq!(outbox_len(&tq).await, 0);
+    assert_eq!(tq.outbox_len().await, 0);
     assert_eq!(db.rows().await.len(), 20, "no duplicates");
     db.cleanup().await;
     tq.cleanup().await;
@@ -127,35 +119,18 @@ async fn the_worker_writes_the_ledger_itself() {
     let jobs: Vec<JobSpec> = (0..10)
         .map(|i| JobSpec::new("t", "q", "echo").payload(&json!({ "i": i })))
         .collect();
-    let ids: Vec<String> = tq
-        .queue
-        .enqueue_batch(&jobs)
-        .await
-        .expect("enqueue")
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
-    let registry = agentq::executor::Registry::load(&common::workers_dir()).expect("registry");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let worker = agentq::worker::Worker::new(
-        tq.queue.clone(),
-        fast_worker(&["q"], 4),
-        registry,
-        agentq::executor::Handlers::with_builtins(),
-    )
-    .with_ledger(db.pool.clone());
-    let handle = tokio::spawn(worker.run(stop.clone()));
+    let ids: Vec<String> = tq.enqueue_all(&jobs).await;
+    let worker = tq.start_ledger_worker(fast_worker(&["q"], 4), &db.pool);
     common::eventually(Duration::from_secs(60), "ledger rows", || async {
         (db.rows().await.len() == 10).then_some(())
     })
     .await;
-    stop.cancel();
-    handle.await.expect("join").expect("worker");
+    worker.stop().await;
     let rows = db.rows().await;
     let mut want = ids.clone();
     want.sort();
     assert_eq!(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), want);
-    assert_eq!(outbox_len(&tq).await, 0);
+    assert_eq!(tq.outbox_len().await, 0);
     db.cleanup().await;
     tq.cleanup().await;
 }
@@ -311,7 +286,7 @@ async fn usage_command_prints_json_per_tenant() {
     )
     .await
     .expect("insert");
-    let url = format!("{}?options[search_path]={}", database_url(), db.schema);
+    let url = db.url();
     let (code, out, err) = tq.cli(&["usage", "--json", "--database-url", &url]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
@@ -364,7 +339,7 @@ async fn a_writer_recreates_its_group_when_redis_lost_the_outbox() {
     );
     while writer.run_once().await.expect("drain after NOGROUP") > 0 {}
     assert_eq!(db.rows().await.len(), 5, "the writer made its group again");
-    assert_eq!(outbox_len(&tq).await, 0);
+    assert_eq!(tq.outbox_len().await, 0);
     db.cleanup().await;
     tq.cleanup().await;
 }

@@ -10,27 +10,11 @@ use agentq::ledger;
 use agentq::queue::JobSpec;
 use agentq::servers::{PostgresSource, PrivatePostgres};
 use common::{TestQueue, drained, eventually, fast_worker};
-use fred::prelude::*;
 use serde_json::json;
 use sqlx::PgPool;
 
 /// Generous "eventually" deadline; nothing here measures speed.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-/// Outbox entries over every partition.
-async fn outbox_len(tq: &TestQueue) -> u64 {
-    let mut n = 0;
-    for p in 0..tq.queue.partitions() {
-        let len: u64 = tq
-            .queue
-            .client()
-            .xlen(tq.queue.keys(p).key(&["outbox"]))
-            .await
-            .expect("xlen");
-        n += len;
-    }
-    n
-}
 
 /// (rows, distinct (job_id, attempt), succeeded rows), or None while
 /// PostgreSQL or the table is not there (yet).
@@ -59,26 +43,13 @@ async fn postgres_outage_loses_and_duplicates_nothing() {
     // The test's own view of the ledger; lazy, so it survives the outage.
     let reader = ledger::connect_lazy(&pg.url()).expect("reader pool");
 
-    let registry = agentq::executor::Registry::load(&common::workers_dir()).expect("registry");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let worker = agentq::worker::Worker::new(
-        tq.queue.clone(),
+    let worker = tq.start_ledger_worker(
         fast_worker(&["q"], 4),
-        registry,
-        agentq::executor::Handlers::with_builtins(),
-    )
-    .with_ledger(ledger::connect_lazy(&pg.url()).expect("worker pool"));
-    let handle = tokio::spawn(worker.run(stop.clone()));
+        &ledger::connect_lazy(&pg.url()).expect("worker pool"),
+    );
 
     // Phase 1, PostgreSQL up: the writer migrates and rows start to land.
-    let mut ids: Vec<String> = tq
-        .queue
-        .enqueue_batch(&sleep_jobs(10))
-        .await
-        .expect("enqueue")
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let mut ids = tq.enqueue_all(&sleep_jobs(10)).await;
     eventually(PATIENCE, "first ledger rows in PostgreSQL", || async {
         ledger_counts(&reader)
             .await
@@ -100,7 +71,7 @@ async fn postgres_outage_loses_and_duplicates_nothing() {
             .map(|e| e.id),
     );
     drained(&tq, PATIENCE).await;
-    let waiting = outbox_len(&tq).await;
+    let waiting = tq.outbox_len().await;
     assert!(
         waiting >= 30,
         "the records of jobs finished while PostgreSQL was down wait in the outbox, got {waiting}"
@@ -127,7 +98,7 @@ async fn postgres_outage_loses_and_duplicates_nothing() {
     let (rows, distinct, succeeded) =
         eventually(PATIENCE, "every attempt in the ledger", || async {
             let c = ledger_counts(&reader).await?;
-            (c.0 >= attempts && outbox_len(&tq).await == 0).then_some(c)
+            (c.0 >= attempts && tq.outbox_len().await == 0).then_some(c)
         })
         .await;
     assert_eq!(rows, attempts, "one row per attempt");
@@ -140,10 +111,9 @@ async fn postgres_outage_loses_and_duplicates_nothing() {
     in_ledger.sort();
     ids.sort();
     assert_eq!(in_ledger, ids, "every job is in the ledger");
-    assert_eq!(outbox_len(&tq).await, 0, "the outbox is empty");
+    assert_eq!(tq.outbox_len().await, 0, "the outbox is empty");
 
-    stop.cancel();
-    handle.await.expect("join").expect("worker");
+    worker.stop().await;
     reader.close().await;
     tq.cleanup().await;
     tokio::task::block_in_place(|| pg.stop());

@@ -195,18 +195,10 @@ fn with_metrics<F: Future<Output = ()>>(body: impl FnOnce() -> F) -> Vec<(String
 
 /// The SQL block docs/runbook.md marks as run by this test.
 fn runbook_inspect_sql() -> String {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/runbook.md"))
-        .expect("read docs/runbook.md");
-    let marker = doc
-        .find("tests/ledger_rejects.rs runs the SQL block below")
-        .expect("docs/runbook.md: marker of the rejects query");
-    let rest = &doc[marker..];
-    let start = rest
-        .find("```sql\n")
-        .expect("```sql block after the marker")
-        + 7;
-    let len = rest[start..].find("```").expect("end of the sql block");
-    rest[start..start + len].to_string()
+    common::ops::runbook_sql_block(
+        "tests/ledger_rejects.rs runs the SQL block below",
+        "the rejects query",
+    )
 }
 
 #[test]
@@ -528,16 +520,7 @@ async fn a_task_writing_nul_and_invalid_utf8_to_stderr_is_billed() {
     let id = tq.queue.enqueue_batch(&[job]).await.expect("enqueue")[0]
         .id
         .clone();
-    let registry = agentq::executor::Registry::load(&common::workers_dir()).expect("registry");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let worker = agentq::worker::Worker::new(
-        tq.queue.clone(),
-        fast_worker(&["q"], 2),
-        registry,
-        agentq::executor::Handlers::with_builtins(),
-    )
-    .with_ledger(db.pool.clone());
-    let handle = tokio::spawn(worker.run(stop.clone()));
+    let worker = tq.start_ledger_worker(fast_worker(&["q"], 2), &db.pool);
     let landed = eventually(
         Duration::from_secs(60),
         "the attempt's ledger row",
@@ -547,8 +530,7 @@ async fn a_task_writing_nul_and_invalid_utf8_to_stderr_is_billed() {
         },
     )
     .await;
-    stop.cancel();
-    handle.await.expect("join").expect("worker");
+    worker.stop().await;
 
     assert_eq!(landed.len(), 1, "{landed:#?}");
     let row = &landed[0];

@@ -181,13 +181,7 @@ async fn a_redis_stall_past_the_client_timeout_runs_every_job_once() {
             s
         })
         .collect();
-    let ids: Vec<String> = q
-        .enqueue_batch(&jobs)
-        .await
-        .expect("enqueue")
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids = tq.enqueue_all(&jobs).await;
     let mut wc = common::fast_worker(&["q"], 8);
     wc.lease = Duration::from_secs(3);
     let worker = tq.start_worker(wc);

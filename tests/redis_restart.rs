@@ -17,22 +17,12 @@ async fn worker_resumes_after_redis_restarts_and_nothing_acknowledged_is_lost() 
         .expect("redis-server");
     let tq = TestQueue::with_url("restart", &redis.url()).await;
     let w = tq.start_worker(fast_worker(&["q"], 2));
-    let a = tq
-        .queue
-        .enqueue(&JobSpec::new("t", "q", "echo"))
-        .await
-        .expect("enqueue")
-        .id;
+    let a = tq.enqueue(&JobSpec::new("t", "q", "echo")).await;
     common::job_in_state(&tq, &a, &["succeeded"]).await;
 
     // Pause the worker's view of the world: no Redis for a while.
     tq.queue.set_paused("q", None, true).await.expect("pause");
-    let b = tq
-        .queue
-        .enqueue(&JobSpec::new("t", "q", "echo"))
-        .await
-        .expect("enqueue")
-        .id; // acknowledged
+    let b = tq.enqueue(&JobSpec::new("t", "q", "echo")).await; // acknowledged
     redis.kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     redis.restart().expect("restart redis");

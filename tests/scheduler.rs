@@ -7,70 +7,24 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use agentq::admission::LimitsUpdate;
-use agentq::executor::{Outcome, TaskUsage};
+use agentq::executor::Outcome;
 use agentq::queue::{ClaimedJob, CompleteStatus, Completion, JobSpec, QueueError};
-use common::TestQueue;
+use common::{TestQueue, complete, done, fill, set_cap_and_weight};
 use fred::prelude::*;
-use serde_json::json;
 
 const LEASE: Duration = Duration::from_secs(30);
 
-fn done(j: &ClaimedJob, outcome: Outcome) -> Completion {
-    Completion {
-        id: j.id.clone(),
-        attempt: j.attempt,
-        outcome,
-        permanent: false,
-        error: String::new(),
-        result: None,
-        exit_code: Some(0),
-        signal: None,
-        run_ms: 1,
-        cpu_ms: 0,
-        peak_rss: 0,
-        usage: TaskUsage::default(),
-        backoff_ms: 0,
-    }
-}
-
+/// One claim of up to `n` jobs from queue q.
 async fn claim(tq: &TestQueue, n: usize) -> Vec<ClaimedJob> {
-    tq.queue
-        .claim(
-            0,
-            &agentq::queue::Call::new("w-test"),
-            n,
-            LEASE,
-            &["q".to_string()],
-        )
-        .await
-        .expect("claim")
-        .jobs
-}
-
-async fn set(tq: &TestQueue, tenant: &str, cap: u64, weight: u64) {
-    LimitsUpdate {
-        max_concurrency: Some(cap),
-        weight: Some(weight),
-        ..Default::default()
-    }
-    .apply(&tq.queue, agentq::admission::Target::Tenant(tenant))
-    .await
-    .expect("tenant set");
-}
-
-async fn fill(tq: &TestQueue, tenant: &str, n: usize) {
-    let jobs: Vec<JobSpec> = (0..n)
-        .map(|i| JobSpec::new(tenant, "q", "noop").payload(&json!({ "i": i })))
-        .collect();
-    tq.queue.enqueue_batch(&jobs).await.expect("enqueue");
+    common::claim(&tq.queue, &["q"], n, LEASE).await
 }
 
 #[tokio::test]
 async fn weighted_shares_follow_weights() {
     let tq = TestQueue::new("weights").await;
     for (t, w) in [("a", 5), ("b", 3), ("c", 2)] {
-        set(&tq, t, 1000, w).await;
-        fill(&tq, t, 400).await;
+        set_cap_and_weight(&tq.queue, t, 1000, w).await;
+        fill(&tq.queue, t, "q", 400).await;
     }
     // 500 starts while all three stay backlogged; completing each batch keeps caps out of the way.
     let mut starts: HashMap<String, usize> = HashMap::new();
@@ -81,10 +35,7 @@ async fn weighted_shares_follow_weights() {
             *starts.entry(j.tenant.clone()).or_default() += 1;
         }
         let acks: Vec<Completion> = batch.iter().map(|j| done(j, Outcome::Succeeded)).collect();
-        tq.queue
-            .complete(0, &agentq::queue::Call::new("w"), &acks)
-            .await
-            .expect("complete");
+        complete(&tq.queue, &acks).await;
     }
     for (t, want) in [("a", 0.5), ("b", 0.3), ("c", 0.2)] {
         let share = starts[t] as f64 / 500.0;
@@ -99,20 +50,13 @@ async fn weighted_shares_follow_weights() {
 #[tokio::test]
 async fn light_tenant_is_served_within_one_pick_of_a_flood() {
     let tq = TestQueue::new("flood").await;
-    set(&tq, "a", 1000, 1).await;
-    fill(&tq, "a", 1000).await;
+    set_cap_and_weight(&tq.queue, "a", 1000, 1).await;
+    fill(&tq.queue, "a", "q", 1000).await;
     // A drains for a while before B arrives.
     for j in claim(&tq, 50).await {
-        tq.queue
-            .complete(
-                0,
-                &agentq::queue::Call::new("w"),
-                &[done(&j, Outcome::Succeeded)],
-            )
-            .await
-            .expect("complete");
+        complete(&tq.queue, &[done(&j, Outcome::Succeeded)]).await;
     }
-    fill(&tq, "b", 10).await;
+    fill(&tq.queue, "b", "q", 10).await;
     let next = claim(&tq, 20).await;
     let b_positions: Vec<usize> = next
         .iter()
@@ -135,9 +79,9 @@ async fn light_tenant_is_served_within_one_pick_of_a_flood() {
 #[tokio::test]
 async fn concurrency_cap_is_reached_and_never_exceeded() {
     let tq = TestQueue::new("cap").await;
-    set(&tq, "capped", 3, 1).await;
-    fill(&tq, "capped", 10).await;
-    fill(&tq, "free", 2).await;
+    set_cap_and_weight(&tq.queue, "capped", 3, 1).await;
+    fill(&tq.queue, "capped", "q", 10).await;
+    fill(&tq.queue, "free", "q", 2).await;
     let first = claim(&tq, 10).await;
     let capped: Vec<&ClaimedJob> = first.iter().filter(|j| j.tenant == "capped").collect();
     assert_eq!(capped.len(), 3, "exactly the cap is admitted");
@@ -151,18 +95,11 @@ async fn concurrency_cap_is_reached_and_never_exceeded() {
         "nothing more while at the cap"
     );
     // One completion frees exactly one slot.
-    tq.queue
-        .complete(
-            0,
-            &agentq::queue::Call::new("w"),
-            &[done(capped[0], Outcome::Succeeded)],
-        )
-        .await
-        .expect("complete");
+    complete(&tq.queue, &[done(capped[0], Outcome::Succeeded)]).await;
     let next = claim(&tq, 10).await;
     assert_eq!(next.len(), 1);
     // Raising the cap takes effect on the next claim, fleet-wide.
-    set(&tq, "capped", 5, 1).await;
+    set_cap_and_weight(&tq.queue, "capped", 5, 1).await;
     assert_eq!(claim(&tq, 10).await.len(), 2);
     assert_eq!(tq.running().await["capped"], 5);
     tq.cleanup().await;
@@ -175,7 +112,7 @@ async fn priorities_order_a_tenants_jobs() {
     for p in [0, 10, -5, 100] {
         let mut s = JobSpec::new("t", "q", "noop");
         s.priority = p;
-        ids.insert(tq.queue.enqueue(&s).await.expect("enqueue").id, p);
+        ids.insert(tq.enqueue(&s).await, p);
     }
     let order: Vec<i32> = claim(&tq, 4).await.iter().map(|j| ids[&j.id]).collect();
     assert_eq!(order, vec![100, 10, 0, -5]);
@@ -218,8 +155,8 @@ async fn idempotency_key_returns_the_first_job() {
 #[tokio::test]
 async fn pause_and_resume_queue_and_tenant() {
     let tq = TestQueue::new("pause").await;
-    fill(&tq, "a", 2).await;
-    fill(&tq, "b", 2).await;
+    fill(&tq.queue, "a", "q", 2).await;
+    fill(&tq.queue, "b", "q", 2).await;
     assert!(tq.queue.set_paused("q", None, true).await.expect("pause"));
     assert!(
         claim(&tq, 10).await.is_empty(),
@@ -263,18 +200,7 @@ async fn expired_lease_is_reaped_and_late_completion_refused() {
         .await
         .expect("enqueue");
     let short = Duration::from_millis(300);
-    let first = tq
-        .queue
-        .claim(
-            0,
-            &agentq::queue::Call::new("w-dead"),
-            1,
-            short,
-            &["q".to_string()],
-        )
-        .await
-        .expect("claim")
-        .jobs;
+    let first = common::claim(&tq.queue, &["q"], 1, short).await;
     assert_eq!(first.len(), 1);
     tokio::time::sleep(Duration::from_millis(600)).await; // lower bound only: the lease must have expired
     let reaped = tq
@@ -296,32 +222,11 @@ async fn expired_lease_is_reaped_and_late_completion_refused() {
     );
     let second = claim(&tq, 1).await;
     assert_eq!(second[0].attempt, 2);
-    let late = tq
-        .queue
-        .complete(
-            0,
-            &agentq::queue::Call::new("w"),
-            &[done(&first[0], Outcome::Succeeded)],
-        )
-        .await
-        .expect("late");
+    let late = complete(&tq.queue, &[done(&first[0], Outcome::Succeeded)]).await;
     assert_eq!(late, vec![CompleteStatus::Refused]);
-    let ok = tq
-        .queue
-        .complete(
-            0,
-            &agentq::queue::Call::new("w"),
-            &[done(&second[0], Outcome::Succeeded)],
-        )
-        .await
-        .expect("ok");
+    let ok = complete(&tq.queue, &[done(&second[0], Outcome::Succeeded)]).await;
     assert_eq!(ok, vec![CompleteStatus::Succeeded]);
-    let outcomes: Vec<String> = tq
-        .outbox()
-        .await
-        .iter()
-        .map(|r| r["outcome"].clone())
-        .collect();
+    let outcomes = tq.outbox_outcomes().await;
     assert_eq!(
         outcomes,
         vec!["lost", "succeeded"],
@@ -335,15 +240,12 @@ async fn failures_retry_with_backoff_then_die() {
     let tq = TestQueue::new("retry").await;
     let mut s = JobSpec::new("t", "q", "noop");
     s.max_attempts = Some(2);
-    let id = tq.queue.enqueue(&s).await.expect("enqueue").id;
+    let id = tq.enqueue(&s).await;
     let j = claim(&tq, 1).await.remove(0);
     let mut c = done(&j, Outcome::Failed);
     c.backoff_ms = 60_000;
     assert_eq!(
-        tq.queue
-            .complete(0, &agentq::queue::Call::new("w"), &[c])
-            .await
-            .expect("fail 1"),
+        complete(&tq.queue, &[c]).await,
         vec![CompleteStatus::Delayed]
     );
     assert!(
@@ -371,14 +273,7 @@ async fn failures_retry_with_backoff_then_die() {
     let j2 = claim(&tq, 1).await.remove(0);
     assert_eq!(j2.attempt, 2);
     assert_eq!(
-        tq.queue
-            .complete(
-                0,
-                &agentq::queue::Call::new("w"),
-                &[done(&j2, Outcome::TimedOut)]
-            )
-            .await
-            .expect("fail 2"),
+        complete(&tq.queue, &[done(&j2, Outcome::TimedOut)]).await,
         vec![CompleteStatus::Dead]
     );
     let info = agentq::queue::inspect::job_info(&tq.queue, &id)
@@ -413,13 +308,7 @@ async fn permanent_failure_is_not_retried() {
     let j = claim(&tq, 1).await.remove(0);
     let mut c = done(&j, Outcome::Failed);
     c.permanent = true;
-    assert_eq!(
-        tq.queue
-            .complete(0, &agentq::queue::Call::new("w"), &[c])
-            .await
-            .expect("complete"),
-        vec![CompleteStatus::Dead]
-    );
+    assert_eq!(complete(&tq.queue, &[c]).await, vec![CompleteStatus::Dead]);
     tq.cleanup().await;
 }
 
@@ -507,18 +396,15 @@ async fn quota_holds_a_tenant_within_one_job_and_raising_it_releases() {
     .apply(&tq.queue, agentq::admission::Target::Tenant("q1"))
     .await
     .expect("set");
-    fill(&tq, "q1", 5).await;
-    fill(&tq, "other", 5).await;
+    fill(&tq.queue, "q1", "q", 5).await;
+    fill(&tq.queue, "other", "q", 5).await;
     let mut q1_runs = 0;
     for _ in 0..5 {
         let batch = claim(&tq, 2).await;
         for j in &batch {
             let mut c = done(j, Outcome::Succeeded);
             c.run_ms = 600;
-            tq.queue
-                .complete(0, &agentq::queue::Call::new("w"), &[c])
-                .await
-                .expect("complete");
+            complete(&tq.queue, &[c]).await;
         }
         q1_runs += batch.iter().filter(|j| j.tenant == "q1").count();
     }
@@ -559,18 +445,8 @@ async fn quota_holds_a_tenant_within_one_job_and_raising_it_releases() {
 #[tokio::test]
 async fn rate_limit_admits_the_burst_then_holds() {
     let tq = TestQueue::new("rate").await;
-    LimitsUpdate {
-        rate: Some(agentq::admission::Rate {
-            starts: 2,
-            period: Duration::from_secs(1),
-        }),
-        burst: Some(2),
-        ..Default::default()
-    }
-    .apply(&tq.queue, agentq::admission::Target::Tenant("r"))
-    .await
-    .expect("set");
-    fill(&tq, "r", 10).await;
+    common::set_rate(&tq.queue, "r", 2, Some(2)).await;
+    fill(&tq.queue, "r", "q", 10).await;
     let c = tq
         .queue
         .claim(

@@ -39,24 +39,18 @@ fn run_cli(ns: &str, env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
 
 /// `agentq <args>`: exit code, stdout, stderr.
 fn run_cli3(ns: &str, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .env("AGENTQ_NAMESPACE", ns)
-        .env("AGENTQ_LOG", "debug")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run agentq");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    run_to_end(
+        agentq()
+            .args(args)
+            .env("AGENTQ_NAMESPACE", ns)
+            .env("AGENTQ_LOG", "debug")
+            .envs(env.iter().copied()),
     )
 }
 
 /// `agentq worker` with stderr to `log` (every target at debug level).
 fn spawn_worker(ns: &str, env: &[(&str, &str)], log: &Path, extra: &[&str]) -> Child {
-    Command::new(bin())
+    agentq()
         .args(["worker", "--metrics-addr", "off", "--lease", "2s"])
         .args(extra)
         .env("AGENTQ_NAMESPACE", ns)
@@ -72,6 +66,27 @@ fn spawn_worker(ns: &str, env: &[(&str, &str)], log: &Path, extra: &[&str]) -> C
 fn stop(mut c: Child) {
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
     let _ = c.wait();
+}
+
+/// Panics if what any key of `tq`'s namespace holds in Redis (its DUMP)
+/// contains one of `secrets`.
+async fn assert_redis_clean(tq: &TestQueue, secrets: &[&str]) {
+    let keys: Vec<String> = tq
+        .queue
+        .client()
+        .custom(fred::cmd!("KEYS"), vec![format!("{{{}:*", tq.ns)])
+        .await
+        .expect("keys");
+    for k in keys {
+        if let Ok(d) = tq
+            .queue
+            .client()
+            .custom::<Vec<u8>, _>(fred::cmd!("DUMP"), vec![k])
+            .await
+        {
+            assert_clean("Redis", &String::from_utf8_lossy(&d), secrets);
+        }
+    }
 }
 
 struct Servers {
@@ -181,23 +196,7 @@ async fn passwords_stay_out_of_logs_output_and_ledger() {
     transcript += &std::fs::read_to_string(&log).unwrap();
 
     // Everything the namespace holds in Redis.
-    let keys: Vec<String> = tq
-        .queue
-        .client()
-        .custom(fred::cmd!("KEYS"), vec![format!("{{{}:*", tq.ns)])
-        .await
-        .expect("keys");
-    for k in keys {
-        let dump: Option<Vec<u8>> = tq
-            .queue
-            .client()
-            .custom(fred::cmd!("DUMP"), vec![k])
-            .await
-            .ok();
-        if let Some(d) = dump {
-            assert_clean("Redis", &String::from_utf8_lossy(&d), &secrets);
-        }
-    }
+    assert_redis_clean(&tq, &secrets).await;
 
     // Wrong Redis password: a clear failure, redacted.
     let bad_redis = [
@@ -302,7 +301,7 @@ async fn api_keys_stay_out_of_logs_and_storage() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (code, out) = run_cli(&tq.ns, &env, &["migrate"]);
     assert_eq!(code, 0, "{out}");
-    let out = Command::new(bin())
+    let out = agentq()
         .args(["tenant", "key", "create", "acme"])
         .env("AGENTQ_NAMESPACE", &tq.ns)
         .env("AGENTQ_LOG", "debug")
@@ -323,7 +322,7 @@ async fn api_keys_stay_out_of_logs_and_storage() {
     let port = free_port().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("serve.log");
-    let serve = Command::new(bin())
+    let serve = agentq()
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("AGENTQ_NAMESPACE", &tq.ns)
         .env("AGENTQ_LOG", "debug")
@@ -405,22 +404,7 @@ async fn api_keys_stay_out_of_logs_and_storage() {
     };
     assert!(dump_text.contains(&prefix), "the key's prefix is stored");
     assert_clean("the database", &dump_text, &secrets);
-    let keys: Vec<String> = tq
-        .queue
-        .client()
-        .custom(fred::cmd!("KEYS"), vec![format!("{{{}:*", tq.ns)])
-        .await
-        .expect("keys");
-    for k in keys {
-        if let Ok(d) = tq
-            .queue
-            .client()
-            .custom::<Vec<u8>, _>(fred::cmd!("DUMP"), vec![k])
-            .await
-        {
-            assert_clean("Redis", &String::from_utf8_lossy(&d), &secrets);
-        }
-    }
+    assert_redis_clean(&tq, &secrets).await;
     tq.cleanup().await;
 }
 

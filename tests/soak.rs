@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentq::admission::{LimitsUpdate, Rate, Target};
 use agentq::queue::{Queue, QueueConfig};
 use common::{Proc, TestDb, TestQueue, WorkerProc, WorkerTmp, eventually};
 use fred::prelude::*;
@@ -497,22 +496,9 @@ fn task_programs() -> tempfile::TempDir {
     dir
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_soak_100_tenants_50_clients_3_workers() {
-    let secs: u64 = std::env::var("AGENTQ_SOAK_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(45)
-        .max(6);
-    let tq = TestQueue::new("soak").await;
-    let db = TestDb::new("soak").await;
-    let _cleanup = Cleanup {
-        ns: tq.ns.clone(),
-        schema: db.schema.clone(),
-    };
-    let tasks = task_programs();
-
-    // Tenants: a key each; five with a job start rate.
+/// An API key for each tenant; five of them (after the hot ones) with a
+/// job start rate of 5/s. The keys, by tenant.
+async fn create_tenants(tq: &TestQueue, db: &TestDb) -> Vec<String> {
     let mut keys = Vec::new();
     for i in 0..TENANTS {
         keys.push(
@@ -523,92 +509,172 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
         );
     }
     for i in HOT..2 * HOT {
-        LimitsUpdate {
-            rate: Some(Rate {
-                starts: 5,
-                period: Duration::from_secs(1),
-            }),
-            ..Default::default()
-        }
-        .apply(&tq.queue, Target::Tenant(&tenant(i)))
-        .await
-        .expect("tenant rate");
+        common::set_rate(&tq.queue, &tenant(i), 5, None).await;
     }
-    let (ns_jobs0, ns_rest0, _) = namespace_memory(&tq.queue).await;
-    assert_eq!(ns_jobs0, 0);
+    keys
+}
 
-    // agentq serve and three workers.
-    let port = agentq::servers::free_port().expect("port");
-    let serve = Proc(
-        common::agentq()
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--rate-limit",
-                &RATE_LIMIT.to_string(),
-            ])
-            .env("AGENTQ_REDIS_URL", common::redis_url())
-            .env("AGENTQ_NAMESPACE", &tq.ns)
-            .env("AGENTQ_DATABASE_URL", db.url())
-            .env("AGENTQ_LOG", "agentq=warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn agentq serve"),
-    );
-    let tasks_dir = tasks.path().display().to_string();
-    let tmp = WorkerTmp::new();
-    let how = WorkerProc {
-        database_url: Some(db.url()),
-        tmpdir: Some(tmp.path().to_path_buf()),
-        ..Default::default()
-    };
-    let workers: Vec<Proc> = (0..WORKERS)
-        .map(|_| {
-            Proc(tq.spawn_worker_with(
-                &[
-                    "--queues",
-                    QUEUE,
-                    "--concurrency",
-                    "8",
-                    "--workers-dir",
-                    &tasks_dir,
-                ],
-                &how,
-            ))
-        })
-        .collect();
-    eventually(
-        Duration::from_secs(60),
-        "agentq serve listening",
-        || async { agentq::servers::listening(&format!("127.0.0.1:{port}")).then_some(()) },
-    )
-    .await;
-    let worker_pids: Vec<u32> = workers.iter().map(|w| w.id()).collect();
-    let mut pids = vec![serve.id()];
-    pids.extend(&worker_pids);
-    let names: Vec<String> = std::iter::once("serve".to_string())
-        .chain((1..=WORKERS).map(|i| format!("worker{i}")))
-        .collect();
-    // One job through the whole path before the clock starts.
+/// `agentq serve` and the workers, by name (serve, worker1..).
+struct Processes {
+    serve: Proc,
+    workers: Vec<Proc>,
+    names: Vec<String>,
+}
+
+impl Processes {
+    /// `agentq serve` on `port` (per-tenant `--rate-limit`) and three
+    /// workers running the task programs of `tasks` (ledger on, `TMPDIR`
+    /// in `tmp`); returns once serve listens.
+    async fn start(
+        tq: &TestQueue,
+        db: &TestDb,
+        port: u16,
+        tasks: &Path,
+        tmp: &WorkerTmp,
+    ) -> Processes {
+        let serve = Proc(
+            common::agentq()
+                .args([
+                    "serve",
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--rate-limit",
+                    &RATE_LIMIT.to_string(),
+                ])
+                .env("AGENTQ_REDIS_URL", common::redis_url())
+                .env("AGENTQ_NAMESPACE", &tq.ns)
+                .env("AGENTQ_DATABASE_URL", db.url())
+                .env("AGENTQ_LOG", "agentq=warn")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn agentq serve"),
+        );
+        let tasks_dir = tasks.display().to_string();
+        let how = WorkerProc {
+            database_url: Some(db.url()),
+            ..tmp.worker_proc()
+        };
+        let workers: Vec<Proc> = (0..WORKERS)
+            .map(|_| {
+                Proc(tq.spawn_worker_with(
+                    &[
+                        "--queues",
+                        QUEUE,
+                        "--concurrency",
+                        "8",
+                        "--workers-dir",
+                        &tasks_dir,
+                    ],
+                    &how,
+                ))
+            })
+            .collect();
+        eventually(
+            Duration::from_secs(60),
+            "agentq serve listening",
+            || async { agentq::servers::listening(&format!("127.0.0.1:{port}")).then_some(()) },
+        )
+        .await;
+        let names: Vec<String> = std::iter::once("serve".to_string())
+            .chain((1..=WORKERS).map(|i| format!("worker{i}")))
+            .collect();
+        Processes {
+            serve,
+            workers,
+            names,
+        }
+    }
+
+    fn worker_pids(&self) -> Vec<u32> {
+        self.workers.iter().map(|w| w.id()).collect()
+    }
+
+    /// Serve's pid, then the workers'.
+    fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.serve.id()];
+        pids.extend(self.worker_pids());
+        pids
+    }
+
+    fn assert_alive(&self) {
+        for (name, w) in self
+            .names
+            .iter()
+            .zip(std::iter::once(&self.serve).chain(&self.workers))
+        {
+            assert!(
+                std::fs::metadata(format!("/proc/{}", w.id())).is_ok(),
+                "{name} died during the soak"
+            );
+        }
+    }
+
+    /// SIGTERM everything; panic unless each exits 0.
+    async fn stop_cleanly(self) {
+        let Processes {
+            mut serve,
+            mut workers,
+            names,
+        } = self;
+        for w in workers.iter().chain(std::iter::once(&serve)) {
+            common::sigterm(w);
+        }
+        for (name, w) in names[1..].iter().zip(workers.iter_mut()) {
+            assert_eq!(
+                common::exit_code(w, Duration::from_secs(120)).await,
+                Some(0),
+                "{name} exit"
+            );
+        }
+        assert_eq!(
+            common::exit_code(&mut serve, Duration::from_secs(120)).await,
+            Some(0),
+            "serve exit"
+        );
+    }
+}
+
+/// One job through the whole path (HTTP, worker, job state) before the
+/// clock starts; its id.
+async fn probe_the_whole_path(tq: &TestQueue, port: u16, key: &str) -> String {
     let mut probe = Http::new(port);
     let (status, body) = probe
         .request(
             "POST",
             "/v1/jobs",
-            &keys[HOT * 2],
+            key,
             &format!(r#"{{"queue":"{QUEUE}","kind":"echo","payload":{{"probe":1}}}}"#),
         )
         .await
         .expect("probe request");
     assert_eq!(status, 201, "{body}");
     let probe_id = created_ids(&body).expect("probe id").remove(0);
-    common::job_in_state(&tq, &probe_id, &["succeeded"]).await;
-    drop(probe);
-    let tasks_before = task_processes(&worker_pids, tasks.path());
-    assert_eq!(tasks_before, Vec::<String>::new(), "no task running yet");
+    common::job_in_state(tq, &probe_id, &["succeeded"]).await;
+    probe_id
+}
 
-    // Load.
+/// What the load phase saw and measured.
+struct Load {
+    tally: Tally,
+    samples: Vec<Sample>,
+    /// Descriptors of each process a third into the load.
+    fds_warm: Vec<usize>,
+    max_backlog: i64,
+    secs: f64,
+}
+
+/// `CLIENTS` clients (the first `HOT` each on a hot tenant, the others
+/// sharing the cold tenants) for `secs` seconds, sampling memory and the
+/// backlog every second and holding the clients while the backlog is over
+/// `BACKLOG_MAX`; every process must stay alive.
+async fn run_load(
+    tq: &TestQueue,
+    procs: &Processes,
+    port: u16,
+    keys: &[String],
+    probe_id: String,
+    secs: u64,
+) -> Load {
     let tally = Arc::new(Mutex::new(Tally::default()));
     tally
         .lock()
@@ -637,6 +703,7 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
         };
         clients.push(tokio::spawn(client.run(c)));
     }
+    let pids = procs.pids();
     let start = Instant::now();
     let load = Duration::from_secs(secs);
     let mut samples: Vec<Sample> = Vec::new();
@@ -659,25 +726,34 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
         if fds_warm.is_none() && start.elapsed() >= load / 3 {
             fds_warm = Some(pids.iter().map(|&p| fd_count(p)).collect());
         }
-        for (name, w) in names.iter().zip(std::iter::once(&serve).chain(&workers)) {
-            assert!(
-                std::fs::metadata(format!("/proc/{}", w.id())).is_ok(),
-                "{name} died during the soak"
-            );
-        }
+        procs.assert_alive();
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.expect("client task");
     }
-    let load_secs = start.elapsed().as_secs_f64();
+    let secs = start.elapsed().as_secs_f64();
     let fds_warm = fds_warm.expect("a warm sample");
+    let tally = std::mem::take(&mut *tally.lock().unwrap_or_else(|p| p.into_inner()));
+    Load {
+        tally,
+        samples,
+        fds_warm,
+        max_backlog,
+        secs,
+    }
+}
 
-    // Drain: every accepted job succeeds, once, and reaches the ledger.
+/// Drain: every accepted job succeeds, once, and reaches the ledger. The
+/// accepted ids and how long the drain took (s).
+async fn drain_and_assert_each_accepted_job_succeeded_once(
+    tq: &TestQueue,
+    db: &TestDb,
+    t: &Tally,
+) -> (HashSet<String>, f64) {
     let drain_start = Instant::now();
-    common::drained(&tq, Duration::from_secs(900)).await;
+    common::drained(tq, Duration::from_secs(900)).await;
     let drain_secs = drain_start.elapsed().as_secs_f64();
-    let t = std::mem::take(&mut *tally.lock().unwrap_or_else(|p| p.into_inner()));
     let accepted: HashSet<String> = t.accepted.iter().cloned().collect();
     assert_eq!(accepted.len(), t.accepted.len(), "job ids are unique");
     let ledger_rows = eventually(
@@ -708,9 +784,8 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
         accepted.len(),
         "one ledger row per accepted job"
     );
-    let ids: Vec<String> = t.accepted.clone();
     let mut not_done = Vec::new();
-    for chunk in ids.chunks(256) {
+    for chunk in t.accepted.chunks(256) {
         for (id, (state, attempts, err)) in chunk.iter().zip(tq.job_states(chunk).await) {
             if state != "succeeded" || attempts != 1 {
                 not_done.push(format!("{id}: {state} after {attempts} attempts {err}"));
@@ -724,29 +799,55 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
         &not_done[..not_done.len().min(10)]
     );
     tq.assert_quiet().await;
+    (accepted, drain_secs)
+}
 
-    // Nothing left behind: task processes, descriptors, Redis memory.
+/// Nothing left behind after the drain: no task process (waited for), and
+/// each process's descriptors back near their warm level (waited for).
+/// The task processes and descriptors at the end.
+async fn wait_until_nothing_is_left_behind(
+    procs: &Processes,
+    tasks: &Path,
+    fds_warm: &[usize],
+) -> (Vec<String>, Vec<usize>) {
     let tasks_after = eventually(Duration::from_secs(60), "task processes gone", || async {
-        let left = task_processes(&worker_pids, tasks.path());
+        let left = task_processes(&procs.worker_pids(), tasks);
         left.is_empty().then_some(left)
     })
     .await;
+    let pids = procs.pids();
     let fds_end = eventually(
         Duration::from_secs(60),
         "descriptors back to the warm level",
         || async {
             let now: Vec<usize> = pids.iter().map(|&p| fd_count(p)).collect();
             now.iter()
-                .zip(&fds_warm)
+                .zip(fds_warm)
                 .all(|(n, w)| *n <= w + 16)
                 .then_some(now)
         },
     )
     .await;
-    let (ns_jobs, ns_rest, ns_keys) = namespace_memory(&tq.queue).await;
-    let redis_after_drain = redis_used_memory(&tq.queue).await;
+    (tasks_after, fds_end)
+}
 
-    // Report.
+/// The namespace's Redis memory: (job hashes, everything else, keys).
+type NamespaceMemory = (u64, u64, usize);
+
+/// Print the figures (`--nocapture`): requests, latencies, RSS and Redis
+/// memory over the run, namespace memory, descriptors, task processes.
+#[allow(clippy::too_many_arguments)]
+fn print_figures(
+    load: &Load,
+    names: &[String],
+    accepted: usize,
+    drain_secs: f64,
+    (ns_before, ns_after): (NamespaceMemory, NamespaceMemory),
+    redis_after_drain: u64,
+    fds_end: &[usize],
+    (tasks_before, tasks_after): (usize, usize),
+) {
+    let (t, samples) = (&load.tally, &load.samples);
     let pct = |v: &[f64]| {
         format!(
             "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -756,15 +857,16 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
         )
     };
     println!(
-        "soak: {load_secs:.0} s load, {} requests ({} POST, {} GET), {} designed 429s, {} errors; \
-         {} jobs accepted, all succeeded once; drain {drain_secs:.1} s; max backlog {max_backlog}, \
+        "soak: {:.0} s load, {} requests ({} POST, {} GET), {} designed 429s, {} errors; \
+         {accepted} jobs accepted, all succeeded once; drain {drain_secs:.1} s; max backlog {}, \
          {} client turns polled instead of enqueueing while it was over {BACKLOG_MAX}",
+        load.secs,
         t.requests,
         t.posts,
         t.gets,
         t.limited,
         t.error_count,
-        accepted.len(),
+        load.max_backlog,
         t.held_turns
     );
     println!("soak: latency, all responses: {}", pct(&t.latencies_ms));
@@ -790,21 +892,24 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
         redis_series.join(" "),
         redis_after_drain >> 20
     );
+    let ((_, ns_rest0, _), (ns_jobs, ns_rest, ns_keys)) = (ns_before, ns_after);
     println!(
         "soak: namespace memory: before {} KiB non-job; after drain {} KiB non-job, {} KiB in {} retained job hashes ({} B/job), {ns_keys} keys",
         ns_rest0 >> 10,
         ns_rest >> 10,
         ns_jobs >> 10,
-        accepted.len(),
-        ns_jobs / accepted.len().max(1) as u64
+        accepted,
+        ns_jobs / accepted.max(1) as u64
     );
     println!(
-        "soak: fds warm {fds_warm:?} end {fds_end:?} ({names:?}); task processes before {} after {}",
-        tasks_before.len(),
-        tasks_after.len()
+        "soak: fds warm {:?} end {fds_end:?} ({names:?}); task processes before {tasks_before} after {tasks_after}",
+        load.fds_warm
     );
+}
 
-    // Client-side outcomes.
+/// Client-side outcomes: no error but the designed 429s, and no tenant got
+/// more requests through than the limiter's bound.
+fn assert_only_designed_refusals(t: &Tally, load_secs: f64) {
     assert_eq!(
         t.error_count, 0,
         "only designed 429s may fail; first errors: {:#?}",
@@ -819,7 +924,10 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
             tenant(tn)
         );
     }
-    // Memory trends: the last third of the run against the middle third.
+}
+
+/// Memory trends: the last third of the run against the middle third.
+fn assert_rss_does_not_trend_up(samples: &[Sample], names: &[String]) {
     let n = samples.len();
     for (i, name) in names.iter().enumerate() {
         let series: Vec<u64> = samples.iter().map(|s| s.rss_kib[i]).collect();
@@ -830,6 +938,12 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
             "{name} RSS keeps growing: median {mid} KiB in the middle third, {last} KiB in the last"
         );
     }
+}
+
+/// The namespace's memory besides job hashes is back near its baseline,
+/// and the retained job hashes are small.
+fn assert_namespace_memory_back(before: NamespaceMemory, after: NamespaceMemory, accepted: usize) {
+    let ((_, ns_rest0, _), (ns_jobs, ns_rest, _)) = (before, after);
     assert!(
         ns_rest <= ns_rest0 + 256 * 1024 + 1024 * TENANTS as u64,
         "the namespace holds {} KiB besides job hashes after the drain, {} KiB before",
@@ -837,13 +951,15 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
         ns_rest0 >> 10
     );
     assert!(
-        ns_jobs <= 4096 * accepted.len() as u64,
+        ns_jobs <= 4096 * accepted as u64,
         "retained job hashes take {} B per job",
-        ns_jobs / accepted.len() as u64
+        ns_jobs / accepted as u64
     );
+}
 
-    // Drained: each worker's directory is there, with no working directory
-    // left in it.
+/// Drained: each worker's directory is there, with no working directory
+/// left in it.
+fn assert_one_empty_directory_per_worker(tmp: &WorkerTmp) {
     let dirs = tmp.agentq_entries();
     assert!(
         dirs.len() == WORKERS
@@ -852,25 +968,56 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
                 .all(|d| d.starts_with("agentq-w-") && !d.contains('/')),
         "one empty directory per worker after the drain: {dirs:?}"
     );
+}
 
-    // Both kinds of processes stop cleanly.
-    let mut serve = serve;
-    let mut workers = workers;
-    for w in workers.iter().chain(std::iter::once(&serve)) {
-        common::sigterm(w);
-    }
-    for (name, w) in names[1..].iter().zip(workers.iter_mut()) {
-        assert_eq!(
-            common::exit_code(w, Duration::from_secs(120)).await,
-            Some(0),
-            "{name} exit"
-        );
-    }
-    assert_eq!(
-        common::exit_code(&mut serve, Duration::from_secs(120)).await,
-        Some(0),
-        "serve exit"
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_soak_100_tenants_50_clients_3_workers() {
+    let secs: u64 = std::env::var("AGENTQ_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(45)
+        .max(6);
+    let tq = TestQueue::new("soak").await;
+    let db = TestDb::new("soak").await;
+    let _cleanup = Cleanup {
+        ns: tq.ns.clone(),
+        schema: db.schema.clone(),
+    };
+    let tasks = task_programs();
+    let keys = create_tenants(&tq, &db).await;
+    let ns_before = namespace_memory(&tq.queue).await;
+    assert_eq!(ns_before.0, 0);
+
+    let port = agentq::servers::free_port().expect("port");
+    let tmp = WorkerTmp::new();
+    let procs = Processes::start(&tq, &db, port, tasks.path(), &tmp).await;
+    let probe_id = probe_the_whole_path(&tq, port, &keys[HOT * 2]).await;
+    let tasks_before = task_processes(&procs.worker_pids(), tasks.path());
+    assert_eq!(tasks_before, Vec::<String>::new(), "no task running yet");
+
+    let load = run_load(&tq, &procs, port, &keys, probe_id, secs).await;
+    let (accepted, drain_secs) =
+        drain_and_assert_each_accepted_job_succeeded_once(&tq, &db, &load.tally).await;
+    let (tasks_after, fds_end) =
+        wait_until_nothing_is_left_behind(&procs, tasks.path(), &load.fds_warm).await;
+    let ns_after = namespace_memory(&tq.queue).await;
+    let redis_after_drain = redis_used_memory(&tq.queue).await;
+    print_figures(
+        &load,
+        &procs.names,
+        accepted.len(),
+        drain_secs,
+        (ns_before, ns_after),
+        redis_after_drain,
+        &fds_end,
+        (tasks_before.len(), tasks_after.len()),
     );
+
+    assert_only_designed_refusals(&load.tally, load.secs);
+    assert_rss_does_not_trend_up(&load.samples, &procs.names);
+    assert_namespace_memory_back(ns_before, ns_after, accepted.len());
+    assert_one_empty_directory_per_worker(&tmp);
+    procs.stop_cleanly().await;
     // Stopped cleanly, the workers removed their working directories.
     tmp.assert_clean();
     db.pool.close().await;

@@ -75,7 +75,7 @@ where
 async fn enqueue_sleep(tq: &TestQueue, ms: u64) -> String {
     let mut s = JobSpec::new("t", "q", "sleep").payload(&json!({ "ms": ms }));
     s.max_attempts = Some(5);
-    tq.queue.enqueue(&s).await.expect("enqueue").id
+    tq.enqueue(&s).await
 }
 
 fn worker(tq: &TestQueue) -> Proc {

@@ -164,18 +164,12 @@ impl TlsServers {
 
 /// `agentq <args>` in namespace `ns` with `env`; (exit code, stdout, stderr).
 fn cli(ns: &str, env: &[(&str, String)], args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .env("AGENTQ_NAMESPACE", ns)
-        .env("AGENTQ_LOG", "info")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run agentq");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    run_to_end(
+        agentq()
+            .args(args)
+            .env("AGENTQ_NAMESPACE", ns)
+            .env("AGENTQ_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str()))),
     )
 }
 
@@ -197,7 +191,7 @@ async fn worker_cli_and_ledger_over_tls_with_passwords() {
     transcript += &(out + &err);
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("worker.log");
-    let mut worker = Command::new(bin())
+    let mut worker = agentq()
         .args(["worker", "--metrics-addr", "off"])
         .env("AGENTQ_NAMESPACE", &ns)
         .env("AGENTQ_WORKERS_DIR", workers_dir())

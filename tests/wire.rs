@@ -23,6 +23,15 @@ fn redis_cli(url: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The arguments of an EVALSHA of the enqueue script `sha` on partition
+/// key `base`: one job of tenant acme, queue q, kind echo, with `payload`
+/// and every option at its default.
+fn enqueue_call<'a>(sha: &'a str, base: &'a str, payload: &'a str) -> [&'a str; 15] {
+    [
+        "EVALSHA", sha, "1", base, "1", "acme", "q", "echo", payload, "0", "0", "0", "0", "0", "",
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_redis_client_enqueues_through_the_published_script() {
     let tq = TestQueue::new("wire").await;
@@ -52,23 +61,7 @@ async fn a_plain_redis_client_enqueues_through_the_published_script() {
     let base = format!("{{{}:0}}", tq.ns);
     let reply = redis_cli(
         &url,
-        &[
-            "EVALSHA",
-            sha_printed.trim(),
-            "1",
-            &base,
-            "1",
-            "acme",
-            "q",
-            "echo",
-            r#"{"from":"redis-cli"}"#,
-            "0",
-            "0",
-            "0",
-            "0",
-            "0",
-            "",
-        ],
+        &enqueue_call(sha_printed.trim(), &base, r#"{"from":"redis-cli"}"#),
     );
     // 1) "0-..." 2) (integer) 1
     let id = reply
@@ -79,25 +72,8 @@ async fn a_plain_redis_client_enqueues_through_the_published_script() {
         .to_string();
     assert!(reply.contains("(integer) 1"), "{reply}");
     let bad = Command::new("redis-cli")
-        .args([
-            "-u",
-            &url,
-            "EVALSHA",
-            sha_printed.trim(),
-            "1",
-            &base,
-            "1",
-            "acme",
-            "q",
-            "echo",
-            "{not json",
-            "0",
-            "0",
-            "0",
-            "0",
-            "0",
-            "",
-        ])
+        .args(["-u", &url])
+        .args(enqueue_call(sha_printed.trim(), &base, "{not json"))
         .output()
         .expect("redis-cli");
     assert!(

@@ -25,8 +25,8 @@ async fn caps_end_attempts_with_their_own_outcomes_and_the_worker_keeps_serving(
     let mut hog = JobSpec::new("t", "q", "memhog").payload(&json!({"mib": 300}));
     hog.memory = Some(64 << 20);
     hog.max_attempts = Some(1);
-    let slow_id = tq.queue.enqueue(&slow).await.expect("enqueue").id;
-    let hog_id = tq.queue.enqueue(&hog).await.expect("enqueue").id;
+    let slow_id = tq.enqueue(&slow).await;
+    let hog_id = tq.enqueue(&hog).await;
 
     let s = finished_state(&tq, &slow_id).await;
     assert_eq!(
@@ -56,11 +56,8 @@ async fn caps_end_attempts_with_their_own_outcomes_and_the_worker_keeps_serving(
     );
 
     let ok = tq
-        .queue
         .enqueue(&JobSpec::new("t", "q", "echo").payload(&json!({"after": "caps"})))
-        .await
-        .expect("enqueue")
-        .id;
+        .await;
     let o = finished_state(&tq, &ok).await;
     assert_eq!(o.state, "succeeded");
     assert_eq!(
@@ -82,8 +79,8 @@ async fn failing_program_retries_then_dies_and_permanent_exit_is_not_retried() {
     flaky.max_attempts = Some(3);
     let perm =
         JobSpec::new("t", "q", "fail").payload(&json!({"code": 65, "message": "bad request"}));
-    let a = tq.queue.enqueue(&flaky).await.expect("enqueue").id;
-    let b = tq.queue.enqueue(&perm).await.expect("enqueue").id;
+    let a = tq.enqueue(&flaky).await;
+    let b = tq.enqueue(&perm).await;
     let fa = finished_state(&tq, &a).await;
     assert_eq!((fa.state.as_str(), fa.attempts), ("dead", 3));
     assert!(
@@ -112,12 +109,7 @@ async fn unknown_kind_goes_dead_naming_kind_and_worker() {
     let mut cfg = fast_worker(&["q"], 2);
     cfg.id = "w-unknown-test".into();
     let w = tq.start_worker(cfg);
-    let id = tq
-        .queue
-        .enqueue(&JobSpec::new("t", "q", "no-such-kind"))
-        .await
-        .expect("enqueue")
-        .id;
+    let id = tq.enqueue(&JobSpec::new("t", "q", "no-such-kind")).await;
     let info = finished_state(&tq, &id).await;
     assert_eq!((info.state.as_str(), info.attempts), ("dead", 1));
     let err = info.last_error.unwrap_or_default();
@@ -125,12 +117,7 @@ async fn unknown_kind_goes_dead_naming_kind_and_worker() {
         err.contains("no-such-kind") && err.contains("w-unknown-test"),
         "{err}"
     );
-    let ok = tq
-        .queue
-        .enqueue(&JobSpec::new("t", "q", "echo"))
-        .await
-        .expect("enqueue")
-        .id;
+    let ok = tq.enqueue(&JobSpec::new("t", "q", "echo")).await;
     assert_eq!(finished_state(&tq, &ok).await.state, "succeeded");
     w.stop().await;
     tq.cleanup().await;
@@ -148,19 +135,12 @@ async fn garbage_from_a_task_program_is_a_clear_failure() {
     )
     .expect("manifest");
     let registry = agentq::executor::Registry::load(dir.path()).expect("registry");
-    let stop = tokio_util::sync::CancellationToken::new();
     let mut cfg = fast_worker(&["q"], 2);
     cfg.backoff_base = Duration::from_millis(10);
-    let worker = agentq::worker::Worker::new(
-        tq.queue.clone(),
-        cfg,
-        registry,
-        agentq::executor::Handlers::with_builtins(),
-    );
-    let handle = tokio::spawn(worker.run(stop.clone()));
+    let worker = tq.start_worker_with(cfg, registry, None);
     let mut s = JobSpec::new("t", "q", "garbage");
     s.max_attempts = Some(1);
-    let id = tq.queue.enqueue(&s).await.expect("enqueue").id;
+    let id = tq.enqueue(&s).await;
     let info = finished_state(&tq, &id).await;
     assert_eq!(info.outcome.as_deref(), Some("failed"));
     assert!(
@@ -168,8 +148,7 @@ async fn garbage_from_a_task_program_is_a_clear_failure() {
             .unwrap_or_default()
             .contains("not a JSON object")
     );
-    stop.cancel();
-    handle.await.expect("join").expect("worker");
+    worker.stop().await;
     tq.cleanup().await;
 }
 
@@ -181,11 +160,8 @@ async fn graceful_shutdown_hands_running_jobs_back_at_once() {
     cfg.shutdown_grace = Duration::from_millis(300);
     let w = tq.start_worker(cfg);
     let id = tq
-        .queue
         .enqueue(&JobSpec::new("t", "q", "sleep").payload(&json!({"ms": 60_000})))
-        .await
-        .expect("enqueue")
-        .id;
+        .await;
     common::job_in_state(&tq, &id, &["running"]).await;
     let summary = w.stop().await;
     assert_eq!(summary.released, 1);
