@@ -26,7 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agentq::queue::{JobSpec, Queue};
-use agentq::servers::PrivateRedis;
+use agentq_servers::PrivateRedis;
 use common::{Table, grouped, knob};
 use fred::prelude::*;
 

@@ -1,10 +1,23 @@
 //! agentq: a durable, multi-tenant job-queue worker runtime.
 //!
-//! Services enqueue tenant-tagged tasks into Redis ([`queue`]); workers
-//! ([`worker`]) claim them fairly across tenants inside each tenant's limits
-//! ([`admission`]), hold them under leases ([`lease`]), and run each attempt
-//! as its own process under hard caps ([`executor`]). The contract is
-//! `DESIGN.md`; the README documents the key layout and the task protocol.
+//! Services enqueue tenant-tagged tasks into Redis; workers claim them fairly
+//! across tenants inside each tenant's limits, hold them under leases, run
+//! each attempt as its own process under hard caps, and write one usage row
+//! per attempt to PostgreSQL. The README documents the contract (task
+//! protocol, key layout, guarantees); `docs/architecture.md` draws the
+//! layers and follows one job from enqueue to ledger row.
+//!
+//! The modules are layers; every import points down:
+//!
+//! | layer | modules |
+//! |---|---|
+//! | command line | [`cli`] (one file per command group, the demo included) |
+//! | surfaces | [`worker`], [`http`], [`client`], [`apalis`] |
+//! | reports | [`usage`] (usage and cost from the ledger, quota reconcile) |
+//! | background duties | [`duties`] (heartbeat, reaper, ledger writer, sampler, tier publisher), [`lease`] (the attempts a worker holds) |
+//! | stores and processes | [`queue`] (Redis and its scripts), [`ledger`] (PostgreSQL), [`executor`] (task processes) |
+//! | observability sink | [`metrics`] |
+//! | ground floor | [`model`] (plain types and pure functions) |
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), agentq::queue::QueueError> {
@@ -33,16 +46,3 @@ pub mod usage;
 pub mod worker;
 
 pub use client::Client;
-// Older paths, kept while callers move to the layered ones.
-#[doc(hidden)]
-pub use agentq_servers as servers;
-pub use http::api;
-pub use model::{text, units};
-#[doc(hidden)]
-pub mod admission {
-    //! Moved: values in [`crate::model::limits`], Redis in [`crate::queue::limits`].
-    pub use crate::model::limits::*;
-    pub use crate::queue::limits::*;
-    /// Moved: [`crate::model::limits::TenantLimits`].
-    pub type Limits = crate::model::limits::TenantLimits;
-}

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use agentq::admission::{LimitsUpdate, Rate, Target};
 use agentq::executor::Outcome;
+use agentq::model::limits::{LimitsUpdate, Rate, Target};
 use agentq::queue::{Completion, JobSpec};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
@@ -61,14 +61,33 @@ fn quota_and_rate_alerts_fire_once_at_their_thresholds() {
             let jobs: Vec<JobSpec> = (0..6).map(|_| JobSpec::new("t", "q", "noop")).collect();
             tq.queue.enqueue_batch(&jobs).await.expect("enqueue");
             // 4 x 300ms: 300, 600, 900 (past 80%), 1200 (past 100%), then held.
+            // The scripts report the thresholds; the caller records them,
+            // as the worker does.
+            let queues = ["q".to_string()];
             for _ in 0..6 {
-                let batch = common::claim(&tq.queue, &["q"], 1, Duration::from_secs(30)).await;
-                for j in batch {
+                let claimed = tq
+                    .queue
+                    .claim(
+                        0,
+                        &agentq::queue::Call::new("w"),
+                        1,
+                        Duration::from_secs(30),
+                        &queues,
+                    )
+                    .await
+                    .expect("claim");
+                agentq::metrics::record_events(&claimed.events);
+                for j in claimed.jobs {
                     let c = Completion {
                         run_ms: 300,
                         ..common::done(&j, Outcome::Succeeded)
                     };
-                    common::complete(&tq.queue, &[c]).await;
+                    let done = tq
+                        .queue
+                        .complete(0, &agentq::queue::Call::new("w"), &[c])
+                        .await
+                        .expect("complete");
+                    agentq::metrics::record_events(&done.events);
                 }
             }
             tq.cleanup().await;

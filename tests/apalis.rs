@@ -7,8 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use agentq::admission::{LimitsUpdate, Target};
 use agentq::apalis::AgentqBackend;
+use agentq::model::limits::{LimitsUpdate, Target};
 use agentq::queue::JobSpec;
 use apalis_core::error::BoxDynError;
 use apalis_core::worker::builder::WorkerBuilder;

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use agentq::admission::{LimitsUpdate, Target};
-use agentq::api::{ApiConfig, keys};
+use agentq::http::api::{ApiConfig, keys};
+use agentq::model::limits::{LimitsUpdate, Target};
 use common::{TestDb, TestQueue};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -50,14 +50,14 @@ async fn req(port: u16, method: &str, path: &str, key: Option<&str>, body: Optio
 }
 
 async fn start(tq: &TestQueue, db: &TestDb, cfg: ApiConfig) -> (u16, CancellationToken) {
-    let port = agentq::servers::free_port().expect("port");
+    let port = agentq_servers::free_port().expect("port");
     let stop = CancellationToken::new();
     let (q, pool, s) = (tq.queue.clone(), db.pool.clone(), stop.clone());
     tokio::spawn(async move {
-        agentq::api::serve(([127, 0, 0, 1], port).into(), q, pool, cfg, s).await
+        agentq::http::api::serve(([127, 0, 0, 1], port).into(), q, pool, cfg, s).await
     });
     common::eventually(Duration::from_secs(10), "api listening", || async {
-        agentq::servers::listening(&format!("127.0.0.1:{port}")).then_some(())
+        agentq_servers::listening(&format!("127.0.0.1:{port}")).then_some(())
     })
     .await;
     (port, stop)
@@ -205,7 +205,7 @@ async fn tenants_reach_only_their_own_jobs_and_every_status_is_real() {
 
     // Usage: only the caller's rows.
     let now = chrono::Utc::now().timestamp_millis();
-    let row = |job: &str, tenant: &str| agentq::ledger::Record {
+    let row = |job: &str, tenant: &str| agentq::model::record::Record {
         job_id: job.into(),
         attempt: 1,
         tenant: tenant.into(),
@@ -318,7 +318,8 @@ async fn openapi_document_matches_the_routes() {
     let (port, stop) = start(&tq, &db, ApiConfig::default()).await;
     let served = req(port, "GET", "/v1/openapi.json", None, None).await;
     assert_eq!(served.status, 200);
-    let file: Value = serde_json::from_str(agentq::api::OPENAPI).expect("openapi.json parses");
+    let file: Value =
+        serde_json::from_str(agentq::http::api::OPENAPI).expect("openapi.json parses");
     assert_eq!(
         served.body, file,
         "the served document is the one in the repository"

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use agentq::queue::inspect::{job_info, queue_stats};
 use agentq::queue::{JobSpec, Queue, QueueConfig, partition_of};
-use agentq::servers::PrivateRedisCluster;
+use agentq_servers::PrivateRedisCluster;
 use common::{
     LedgerRow, Proc, TestDb, TestQueue, database_url, eventually, ledger_rows, workers_dir,
 };
@@ -435,7 +435,7 @@ async fn assert_urls_are_checked(cluster: &PrivateRedisCluster, ns: &str) {
     let err = Queue::connect(cfg).await.err().expect("refused");
     assert!(err.is_input(), "{err}");
     assert!(err.to_string().contains("redis-cluster://"), "{err}");
-    let plain = tokio::task::spawn_blocking(|| agentq::servers::PrivateRedis::start(&[]))
+    let plain = tokio::task::spawn_blocking(|| agentq_servers::PrivateRedis::start(&[]))
         .await
         .expect("join")
         .expect("private redis");

@@ -34,15 +34,15 @@ fn input(kind: &str, payload: serde_json::Value) -> TaskInput {
     }
 }
 
-fn limits(timeout: Duration, memory: Option<u64>) -> Limits {
-    Limits {
+fn caps(timeout: Duration, memory: Option<u64>) -> Caps {
+    Caps {
         timeout,
         memory,
         kill_grace: Duration::from_secs(1),
     }
 }
 
-async fn run_kind(kind: &str, payload: serde_json::Value, lim: &Limits) -> Report {
+async fn run_kind(kind: &str, payload: serde_json::Value, lim: &Caps) -> Report {
     let reg = registry();
     let m = reg
         .get(kind)
@@ -68,7 +68,7 @@ async fn run_adhoc(
     toml: &str,
     script: Option<&str>,
     payload: serde_json::Value,
-    lim: &Limits,
+    lim: &Caps,
 ) -> Report {
     let tmp = tempfile::tempdir().unwrap();
     let m = adhoc(tmp.path(), "adhoc", toml, script);
@@ -82,7 +82,7 @@ async fn run_script(script: &str) -> Report {
         "command = [\"./run\"]",
         Some(script),
         json!({}),
-        &limits(Duration::from_secs(30), None),
+        &caps(Duration::from_secs(30), None),
     )
     .await
 }
@@ -95,7 +95,7 @@ async fn run_command(command: &str) -> Report {
         command,
         None,
         json!({}),
-        &limits(Duration::from_secs(30), None),
+        &caps(Duration::from_secs(30), None),
     )
     .await
 }
@@ -105,7 +105,7 @@ async fn handle(
     h: &Arc<dyn Handler>,
     kind: &str,
     payload: serde_json::Value,
-    lim: &Limits,
+    lim: &Caps,
 ) -> Report {
     run_handler(&**h, input(kind, payload), lim, CancellationToken::new()).await
 }
@@ -116,7 +116,7 @@ async fn echo_round_trips_the_job() {
     let r = run_kind(
         "echo",
         payload.clone(),
-        &limits(Duration::from_secs(30), Some(256 * MIB)),
+        &caps(Duration::from_secs(30), Some(256 * MIB)),
     )
     .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -142,7 +142,7 @@ async fn payload_whitespace_is_compacted_to_one_line() {
     let r = run_process(
         reg.get("echo").unwrap(),
         &i,
-        &limits(Duration::from_secs(30), None),
+        &caps(Duration::from_secs(30), None),
         CancellationToken::new(),
     )
     .await;
@@ -155,7 +155,7 @@ async fn exit_65_is_permanent() {
     let r = run_kind(
         "fail",
         json!({"code": 65, "message": "bad input: no such customer"}),
-        &limits(Duration::from_secs(30), None),
+        &caps(Duration::from_secs(30), None),
     )
     .await;
     assert_eq!(r.outcome, Outcome::Failed);
@@ -172,7 +172,7 @@ async fn other_exit_codes_are_retryable() {
     let r = run_kind(
         "fail",
         json!({"code": 3, "message": "upstream 503"}),
-        &limits(Duration::from_secs(30), Some(256 * MIB)),
+        &caps(Duration::from_secs(30), Some(256 * MIB)),
     )
     .await;
     assert_eq!(r.outcome, Outcome::Failed);
@@ -216,7 +216,7 @@ async fn reported_usage_is_kept() {
     let r = run_kind(
         "agent-sim",
         json!({"mean_ms": 20, "seed": 7}),
-        &limits(Duration::from_secs(30), Some(256 * MIB)),
+        &caps(Duration::from_secs(30), Some(256 * MIB)),
     )
     .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -237,7 +237,7 @@ async fn program_that_never_reads_stdin_gets_a_large_payload() {
             "command = [\"./run\"]",
             Some(script),
             json!({"blob": blob}),
-            &limits(Duration::from_secs(30), None),
+            &caps(Duration::from_secs(30), None),
         )
         .await;
         assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -251,7 +251,7 @@ async fn large_stdout_keeps_the_last_line() {
         "command = [\"./run\"]\nenv = [\"PATH\"]",
         Some("#!/bin/sh\nhead -c 5000000 /dev/zero | tr '\\0' 'x'\necho\necho '{\"output\": \"end\"}'\n"),
         json!({}),
-        &limits(Duration::from_secs(30), None),
+        &caps(Duration::from_secs(30), None),
     )
     .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -262,7 +262,7 @@ async fn large_stdout_keeps_the_last_line() {
 async fn timeout_kills_the_group() {
     let timeout = Duration::from_secs(1);
     let started = Instant::now();
-    let r = run_kind("sleep", json!({"ms": 60000}), &limits(timeout, None)).await;
+    let r = run_kind("sleep", json!({"ms": 60000}), &caps(timeout, None)).await;
     let took = started.elapsed();
     assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
     assert!(!r.permanent);
@@ -274,7 +274,7 @@ async fn timeout_kills_the_group() {
 
 #[tokio::test]
 async fn sigterm_ignored_gets_sigkill_after_grace() {
-    let lim = Limits {
+    let lim = Caps {
         timeout: Duration::from_millis(500),
         memory: None,
         kill_grace: Duration::from_millis(700),
@@ -299,7 +299,7 @@ async fn memory_cap_is_reported_as_memory_exceeded() {
     let r = run_kind(
         "memhog",
         json!({"mib": 300}),
-        &limits(Duration::from_secs(60), Some(64 * MIB)),
+        &caps(Duration::from_secs(60), Some(64 * MIB)),
     )
     .await;
     assert_eq!(r.outcome, Outcome::MemoryExceeded, "{r:?}");
@@ -331,7 +331,7 @@ async fn memory_within_cap_succeeds_and_peak_rss_is_measured() {
     let r = run_kind(
         "memhog",
         json!({"mib": 160}),
-        &limits(Duration::from_secs(60), Some(256 * MIB)),
+        &caps(Duration::from_secs(60), Some(256 * MIB)),
     )
     .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -400,7 +400,7 @@ async fn working_directory_is_fresh_and_removed() {
         let r = run_process(
             &m,
             &input("pwd", json!({})),
-            &limits(Duration::from_secs(30), None),
+            &caps(Duration::from_secs(30), None),
             CancellationToken::new(),
         )
         .await;
@@ -460,7 +460,7 @@ async fn missing_program_is_a_permanent_failure_naming_it() {
     let r = run_process(
         &m,
         &input("noexec", json!({})),
-        &limits(Duration::from_secs(30), None),
+        &caps(Duration::from_secs(30), None),
         CancellationToken::new(),
     )
     .await;
@@ -481,7 +481,7 @@ async fn cancel_interrupts_quickly() {
     let r = run_process(
         reg.get("sleep").unwrap(),
         &input("sleep", json!({"ms": 60000})),
-        &limits(Duration::from_secs(60), None),
+        &caps(Duration::from_secs(60), None),
         cancel,
     )
     .await;
@@ -499,7 +499,7 @@ async fn cancel_interrupts_quickly() {
     let r = run_process(
         reg.get("sleep").unwrap(),
         &input("sleep", json!({"ms": 60000})),
-        &limits(Duration::from_secs(60), None),
+        &caps(Duration::from_secs(60), None),
         cancel,
     )
     .await;
@@ -522,7 +522,7 @@ async fn dropping_the_future_kills_the_group() {
         ),
         None,
     );
-    let lim = limits(Duration::from_secs(60), None);
+    let lim = caps(Duration::from_secs(60), None);
     let i = input("drop", json!({}));
     let fut = run_process(&m, &i, &lim, CancellationToken::new());
     let r = tokio::time::timeout(Duration::from_millis(500), fut).await;
@@ -544,7 +544,7 @@ async fn cpu_time_is_measured() {
         "command = [\"./run\"]",
         Some("#!/bin/sh\ni=0\nwhile [ $i -lt 300000 ]; do i=$((i+1)); done\necho '{\"output\": \"done\"}'\n"),
         json!({}),
-        &limits(Duration::from_secs(60), None),
+        &caps(Duration::from_secs(60), None),
     )
     .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -569,7 +569,7 @@ async fn signal_death_is_retryable() {
 async fn concurrent_attempts_do_not_interfere() {
     let reg = registry();
     let m = reg.get("sleep").unwrap().clone();
-    let lim = limits(Duration::from_secs(30), None);
+    let lim = caps(Duration::from_secs(30), None);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..8u64 {
         let (m, lim) = (m.clone(), lim.clone());
@@ -597,7 +597,7 @@ async fn concurrent_attempts_do_not_interfere() {
 async fn handler_noop_succeeds() {
     let hs = Handlers::with_builtins();
     let h = hs.get("noop").unwrap();
-    let r = handle(&h, "noop", json!({}), &limits(Duration::from_secs(5), None)).await;
+    let r = handle(&h, "noop", json!({}), &caps(Duration::from_secs(5), None)).await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
     assert_eq!(r.output, None);
     assert_eq!(r.error, None);
@@ -614,7 +614,7 @@ async fn handler_timeout() {
         &h,
         "slow",
         json!({}),
-        &limits(Duration::from_millis(200), None),
+        &caps(Duration::from_millis(200), None),
     )
     .await;
     assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
@@ -631,13 +631,7 @@ async fn handler_panic_is_caught() {
         }
         Ok(HandlerOutput::default())
     });
-    let r = handle(
-        &h,
-        "panics",
-        json!({}),
-        &limits(Duration::from_secs(5), None),
-    )
-    .await;
+    let r = handle(&h, "panics", json!({}), &caps(Duration::from_secs(5), None)).await;
     assert_eq!(r.outcome, Outcome::Failed);
     assert!(!r.permanent);
     assert_eq!(r.error.as_deref(), Some("handler panicked: boom"));
@@ -664,7 +658,7 @@ async fn handler_output_errors_and_cancel() {
         }),
     );
     let h = hs.get("double").unwrap();
-    let lim = limits(Duration::from_secs(5), None);
+    let lim = caps(Duration::from_secs(5), None);
     let r = handle(&h, "double", json!({"n": 21}), &lim).await;
     assert_eq!(r.outcome, Outcome::Succeeded);
     assert_eq!(r.output, Some(json!(42)));
@@ -752,7 +746,7 @@ async fn dirty_result_line_becomes_clean_error_text() {
 
 #[tokio::test]
 async fn dirty_handler_errors_become_clean_error_text() {
-    let lim = limits(Duration::from_secs(5), None);
+    let lim = caps(Duration::from_secs(5), None);
     let dirty = "bad\0input \u{1b}[2J\u{7} here\r\n";
     let h = handler_fn(move |_i| async move { Err(HandlerError::permanent(dirty)) });
     let r = handle(&h, "dirty", json!({}), &lim).await;
@@ -814,7 +808,7 @@ async fn a_big_worker_does_not_make_failures_memory_failures_in_rlimit_mode() {
         "command = [\"/bin/sh\", \"-c\", \"exit 3\"]",
         None,
     );
-    let cap = limits(Duration::from_secs(30), Some(32 * MIB));
+    let cap = caps(Duration::from_secs(30), Some(32 * MIB));
     let r = run_process_in(
         &sb,
         &m,
@@ -838,7 +832,7 @@ async fn a_big_worker_does_not_make_failures_memory_failures_in_rlimit_mode() {
         &sb,
         reg.get("memhog").unwrap(),
         &input("memhog", json!({"mib": 300})),
-        &limits(Duration::from_secs(60), Some(64 * MIB)),
+        &caps(Duration::from_secs(60), Some(64 * MIB)),
         CancellationToken::new(),
     )
     .await;
@@ -849,7 +843,7 @@ async fn a_big_worker_does_not_make_failures_memory_failures_in_rlimit_mode() {
         &sb,
         reg.get("memhog").unwrap(),
         &input("memhog", json!({"mib": 320})),
-        &limits(Duration::from_secs(60), Some(512 * MIB)),
+        &caps(Duration::from_secs(60), Some(512 * MIB)),
         CancellationToken::new(),
     )
     .await;

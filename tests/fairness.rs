@@ -237,7 +237,7 @@ async fn slots_follow_weights_across_four_partitions() {
             .await
             .expect("xrange");
         for (_, f) in entries {
-            let f = agentq::ledger::outbox_fields(f);
+            let f = agentq::model::record::outbox_fields(f);
             *started.entry(f["tenant"].clone()).or_default() += 1;
         }
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use agentq::queue::inspect::queue_stats;
 use agentq::queue::{JobSpec, QueueError};
-use agentq::servers::{PrivatePostgres, PrivateRedis};
+use agentq_servers::{PrivatePostgres, PrivateRedis};
 use common::{
     LedgerRow, Proc, TestDb, TestQueue, WorkerProc, WorkerTmp, drained, eventually, ledger_rows,
     sigterm,
@@ -145,7 +145,7 @@ async fn outbox_pending(tq: &TestQueue) -> u64 {
         .client()
         .custom(
             fred::cmd!("XPENDING"),
-            vec![Value::from(key), Value::from(agentq::ledger::GROUP)],
+            vec![Value::from(key), Value::from(agentq::queue::outbox::GROUP)],
         )
         .await;
     v.ok()
@@ -566,14 +566,14 @@ async fn post_json(port: u16, path: &str, key: &str, body: &str) -> (u16, serde_
 
 /// The HTTP API on a free port, in process; its port.
 async fn start_api(tq: &TestQueue, db: &TestDb, stop: CancellationToken) -> u16 {
-    let port = agentq::servers::free_port().expect("port");
+    let port = agentq_servers::free_port().expect("port");
     let (q, pool) = (tq.queue.clone(), db.pool.clone());
-    let cfg = agentq::api::ApiConfig::default();
+    let cfg = agentq::http::api::ApiConfig::default();
     tokio::spawn(async move {
-        agentq::api::serve(([127, 0, 0, 1], port).into(), q, pool, cfg, stop).await
+        agentq::http::api::serve(([127, 0, 0, 1], port).into(), q, pool, cfg, stop).await
     });
     eventually(Duration::from_secs(30), "api listening", || async {
-        agentq::servers::listening(&format!("127.0.0.1:{port}")).then_some(())
+        agentq_servers::listening(&format!("127.0.0.1:{port}")).then_some(())
     })
     .await;
     port
@@ -643,7 +643,7 @@ async fn redis_full_refuses_enqueue_clearly_and_harms_nothing_queued() {
         .expect("redis-server");
     let tq = TestQueue::with_url("faults-full", &redis.url()).await;
     let db = TestDb::new("faults_full").await;
-    let key = agentq::api::keys::create(&db.pool, "a")
+    let key = agentq::http::api::keys::create(&db.pool, "a")
         .await
         .expect("key")
         .key;

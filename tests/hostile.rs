@@ -45,8 +45,8 @@ fn input(kind: &str, tenant: &str, payload: serde_json::Value) -> TaskInput {
     }
 }
 
-fn limits(timeout: Duration) -> Limits {
-    Limits {
+fn caps(timeout: Duration) -> Caps {
+    Caps {
         timeout,
         memory: Some(256 << 20),
         kill_grace: Duration::from_millis(500),
@@ -75,7 +75,7 @@ impl TestSandbox {
         matches!(self.sb.mode(), Mode::Cgroup(_))
     }
 
-    async fn run(&self, m: &Manifest, i: &TaskInput, lim: &Limits) -> Report {
+    async fn run(&self, m: &Manifest, i: &TaskInput, lim: &Caps) -> Report {
         run_process_in(&self.sb, m, i, lim, CancellationToken::new()).await
     }
 }
@@ -144,7 +144,7 @@ async fn fork_bomb_hits_the_process_cap_and_is_killed() {
         .run(
             &m,
             &input("forkbomb", "evil", json!({})),
-            &limits(Duration::from_secs(3)),
+            &caps(Duration::from_secs(3)),
         )
         .await;
     assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
@@ -166,7 +166,7 @@ async fn fork_bomb_hits_the_process_cap_and_is_killed() {
         .run(
             echo.get("echo").unwrap(),
             &input("echo", "good", json!({"after": "bomb"})),
-            &limits(Duration::from_secs(30)),
+            &caps(Duration::from_secs(30)),
         )
         .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -182,7 +182,7 @@ async fn huge_stdout_is_bounded() {
         .run(
             &m,
             &input("bigout", "evil", json!({"mib": 128})),
-            &limits(Duration::from_secs(60)),
+            &caps(Duration::from_secs(60)),
         )
         .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -192,7 +192,7 @@ async fn huge_stdout_is_bounded() {
         .run(
             &m,
             &input("bigout", "evil", json!({"forever": true})),
-            &limits(Duration::from_secs(2)),
+            &caps(Duration::from_secs(2)),
         )
         .await;
     assert_eq!(r.outcome, Outcome::TimedOut, "{r:?}");
@@ -214,7 +214,7 @@ async fn closing_stdout_early_is_a_plain_failure() {
         .run(
             &kind("closeout"),
             &input("closeout", "evil", json!({})),
-            &limits(Duration::from_secs(30)),
+            &caps(Duration::from_secs(30)),
         )
         .await;
     assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
@@ -226,7 +226,7 @@ async fn closing_stdout_early_is_a_plain_failure() {
 #[tokio::test]
 async fn ignoring_sigterm_gets_sigkill_after_the_grace() {
     let ts = TestSandbox::new("noterm", 64, None);
-    let lim = Limits {
+    let lim = Caps {
         timeout: Duration::from_secs(1),
         memory: None,
         kill_grace: Duration::from_millis(500),
@@ -256,7 +256,7 @@ async fn grandchildren_that_leave_the_group_are_killed() {
         .run(
             &kind("escape"),
             &input("escape", "evil", json!({})),
-            &limits(Duration::from_secs(30)),
+            &caps(Duration::from_secs(30)),
         )
         .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -294,7 +294,7 @@ async fn tenants_with_their_own_uids_cannot_read_each_other() {
         "acme",
         json!({"secret": "acme-private", "note": note, "hold_ms": 4000}),
     );
-    let lim = limits(Duration::from_secs(30));
+    let lim = caps(Duration::from_secs(30));
     let ts = std::sync::Arc::new(ts);
     let a_task = {
         let (ts, m, lim) = (ts.clone(), m.clone(), lim.clone());
@@ -359,7 +359,7 @@ async fn tasks_as_nobody_cannot_read_the_workers_secrets() {
         .run(
             &kind("snoop"),
             &input("snoop", "evil", json!({"paths": targets})),
-            &limits(Duration::from_secs(30)),
+            &caps(Duration::from_secs(30)),
         )
         .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:?}");
@@ -404,7 +404,7 @@ async fn cgroup_mode_is_used_where_cgroups_are_writable() {
             .run(
                 &kind("closeout"),
                 &input("closeout", "t", json!({})),
-                &limits(Duration::from_secs(30)),
+                &caps(Duration::from_secs(30)),
             )
             .await;
         assert_eq!(r.exit_code, Some(3));

@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use agentq::ledger::{self, LedgerWriter};
+use agentq::duties::ledger_writer::LedgerWriter;
+use agentq::ledger;
 use agentq::queue::JobSpec;
 use common::{TestDb, TestQueue, drained, fast_worker};
 use fred::prelude::*;
@@ -71,12 +72,12 @@ async fn a_writer_killed_between_insert_and_ack_duplicates_nothing() {
     let _: () = tq
         .queue
         .client()
-        .xgroup_create(&key, ledger::GROUP, "0", true)
+        .xgroup_create(&key, agentq::queue::outbox::GROUP, "0", true)
         .await
         .expect("group");
     let args: Vec<Value> = vec![
         "GROUP".into(),
-        ledger::GROUP.into(),
+        agentq::queue::outbox::GROUP.into(),
         "doomed".into(),
         "COUNT".into(),
         "100".into(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agentq::ledger;
 use agentq::queue::JobSpec;
-use agentq::servers::{PostgresSource, PrivatePostgres};
+use agentq_servers::{PostgresSource, PrivatePostgres};
 use common::{TestQueue, drained, eventually, fast_worker};
 use serde_json::json;
 use sqlx::PgPool;

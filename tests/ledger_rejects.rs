@@ -13,7 +13,8 @@ mod common;
 use std::future::Future;
 use std::time::Duration;
 
-use agentq::ledger::{self, LedgerWriter};
+use agentq::duties::ledger_writer::LedgerWriter;
+use agentq::ledger;
 use agentq::queue::JobSpec;
 use common::{TestDb, TestQueue, eventually, fast_worker};
 use fred::prelude::*;
@@ -76,7 +77,7 @@ async fn outbox_state(tq: &TestQueue, p: u32) -> (u64, i64) {
         .client()
         .custom(
             fred::cmd!("XPENDING"),
-            vec![Value::from(key), Value::from(ledger::GROUP)],
+            vec![Value::from(key), Value::from(agentq::queue::outbox::GROUP)],
         )
         .await
         .expect("xpending");
@@ -308,7 +309,7 @@ fn refused_text_is_repaired_quarantined_and_replays_change_nothing() {
         let _: () = tq
             .queue
             .client()
-            .xgroup_create(&key, ledger::GROUP, "0", true)
+            .xgroup_create(&key, agentq::queue::outbox::GROUP, "0", true)
             .await
             .expect("group");
         assert_eq!(writer.run_once().await.expect("replay"), 5);

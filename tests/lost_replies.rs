@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use agentq::queue::{Call, JobSpec, Queue, QueueConfig, QueueError};
-use agentq::servers::PrivateRedis;
+use agentq_servers::PrivateRedis;
 use common::{TestQueue, eventually};
 use fred::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

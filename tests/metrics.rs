@@ -28,7 +28,7 @@ fn value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_and_gauges_move_with_real_jobs() {
     let tq = TestQueue::new("metrics").await;
-    let port = agentq::servers::free_port().expect("port");
+    let port = agentq_servers::free_port().expect("port");
     let addr = format!("127.0.0.1:{port}");
     let mut w = tq.spawn_worker(&[
         "--queues",

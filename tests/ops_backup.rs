@@ -119,7 +119,7 @@ async fn daily(pool: &PgPool) -> Vec<String> {
 fn runbook_rebuild_sql() -> String {
     // docs/runbook.md still names this test by its old file.
     runbook_sql_block(
-        "tests/ops_assets.rs runs the SQL block below",
+        "tests/ops_backup.rs runs the SQL block below",
         "the tested SQL block",
     )
 }

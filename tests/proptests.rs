@@ -92,7 +92,7 @@ fn body(c: &Case, n: u64) -> (String, Value) {
         o.insert("timeout".into(), json!(format!("{t}ms")));
     }
     if let Some(m) = c.memory {
-        o.insert("memory".into(), json!(agentq::units::format_size(m)));
+        o.insert("memory".into(), json!(agentq::model::units::format_size(m)));
     }
     if let Some(p) = c.priority {
         o.insert("priority".into(), json!(p));
@@ -112,7 +112,7 @@ fn unique(name: &str, n: u64) -> String {
 
 async fn round_trip(tq: &TestQueue, c: &Case, n: u64) -> Result<(), TestCaseError> {
     let (tenant, body) = body(c, n);
-    let (specs, batch) = agentq::api::decode_jobs(&tenant, body.to_string().as_bytes())
+    let (specs, batch) = agentq::http::api::decode_jobs(&tenant, body.to_string().as_bytes())
         .map_err(|e| TestCaseError::fail(format!("decode refused {body}: {e:?}")))?;
     prop_assert!(!batch);
     let spec = &specs[0];

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agentq::queue::JobSpec;
 use agentq::queue::inspect::job_info;
-use agentq::servers::PrivateRedis;
+use agentq_servers::PrivateRedis;
 use common::{TestQueue, eventually, fast_worker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

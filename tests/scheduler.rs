@@ -6,8 +6,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use agentq::admission::LimitsUpdate;
 use agentq::executor::Outcome;
+use agentq::model::limits::LimitsUpdate;
 use agentq::queue::{ClaimedJob, CompleteStatus, Completion, JobSpec, QueueError};
 use common::{TestQueue, complete, done, fill, set_cap_and_weight};
 use fred::prelude::*;
@@ -208,7 +208,7 @@ async fn expired_lease_is_reaped_and_late_completion_refused() {
         .reap(0, Duration::from_millis(1), 100)
         .await
         .expect("reap");
-    assert_eq!(reaped, Some(1));
+    assert_eq!((reaped.ran, reaped.reaped), (true, 1));
     assert_eq!(tq.running().await["t"], 0, "the reaper frees the slot");
     let lost = tq
         .queue
@@ -354,7 +354,7 @@ async fn enqueue_refuses_over_cap_and_bad_input_writing_nothing() {
         max_memory: Some(64 << 20),
         ..Default::default()
     }
-    .apply(&tq.queue, agentq::admission::Target::Tenant("t"))
+    .apply(&tq.queue, agentq::model::limits::Target::Tenant("t"))
     .await
     .expect("set");
     let mut over = JobSpec::new("t", "q", "noop");
@@ -393,7 +393,7 @@ async fn quota_holds_a_tenant_within_one_job_and_raising_it_releases() {
         quota: Some(Duration::from_secs(1)),
         ..Default::default()
     }
-    .apply(&tq.queue, agentq::admission::Target::Tenant("q1"))
+    .apply(&tq.queue, agentq::model::limits::Target::Tenant("q1"))
     .await
     .expect("set");
     fill(&tq.queue, "q1", "q", 5).await;
@@ -431,7 +431,7 @@ async fn quota_holds_a_tenant_within_one_job_and_raising_it_releases() {
         quota: Some(Duration::from_secs(3600)),
         ..Default::default()
     }
-    .apply(&tq.queue, agentq::admission::Target::Tenant("q1"))
+    .apply(&tq.queue, agentq::model::limits::Target::Tenant("q1"))
     .await
     .expect("raise");
     assert_eq!(

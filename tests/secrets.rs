@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use agentq::servers::{PrivatePostgres, PrivateRedis, free_port};
+use agentq_servers::{PrivatePostgres, PrivateRedis, free_port};
 use common::*;
 use fred::prelude::*;
 
@@ -315,7 +315,7 @@ async fn api_keys_stay_out_of_logs_and_storage() {
         .find(|w| w.starts_with("aq_"))
         .expect("a key on stdout")
         .to_string();
-    let (prefix, secret_part) = agentq::api::keys::parse(&key).expect("key format");
+    let (prefix, secret_part) = agentq::http::api::keys::parse(&key).expect("key format");
     let (prefix, secret_part) = (prefix.to_string(), secret_part.to_string());
     let mut transcript = String::from_utf8_lossy(&out.stderr).into_owned();
 
@@ -332,7 +332,7 @@ async fn api_keys_stay_out_of_logs_and_storage() {
         .spawn()
         .expect("serve");
     eventually(Duration::from_secs(30), "serve listening", || async {
-        agentq::servers::listening(&format!("127.0.0.1:{port}")).then_some(())
+        agentq_servers::listening(&format!("127.0.0.1:{port}")).then_some(())
     })
     .await;
     let wrong = format!("aq_{prefix}_{}", "0".repeat(64));

@@ -502,7 +502,7 @@ async fn create_tenants(tq: &TestQueue, db: &TestDb) -> Vec<String> {
     let mut keys = Vec::new();
     for i in 0..TENANTS {
         keys.push(
-            agentq::api::keys::create(&db.pool, &tenant(i))
+            agentq::http::api::keys::create(&db.pool, &tenant(i))
                 .await
                 .expect("create key")
                 .key,
@@ -572,7 +572,7 @@ impl Processes {
         eventually(
             Duration::from_secs(60),
             "agentq serve listening",
-            || async { agentq::servers::listening(&format!("127.0.0.1:{port}")).then_some(()) },
+            || async { agentq_servers::listening(&format!("127.0.0.1:{port}")).then_some(()) },
         )
         .await;
         let names: Vec<String> = std::iter::once("serve".to_string())
@@ -988,7 +988,7 @@ async fn http_soak_100_tenants_50_clients_3_workers() {
     let ns_before = namespace_memory(&tq.queue).await;
     assert_eq!(ns_before.0, 0);
 
-    let port = agentq::servers::free_port().expect("port");
+    let port = agentq_servers::free_port().expect("port");
     let tmp = WorkerTmp::new();
     let procs = Processes::start(&tq, &db, port, tasks.path(), &tmp).await;
     let probe_id = probe_the_whole_path(&tq, port, &keys[HOT * 2]).await;

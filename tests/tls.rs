@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use agentq::servers::{PrivatePostgres, PrivateRedis, free_port};
+use agentq_servers::{PrivatePostgres, PrivateRedis, free_port};
 use common::*;
 
 /// CA and server certificate (SAN 127.0.0.1 and localhost) in `dir`.

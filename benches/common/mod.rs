@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use agentq::admission::{LimitsUpdate, Target};
 use agentq::executor::{HandlerError, HandlerOutput, Handlers, Registry, TaskInput, handler_fn};
+use agentq::model::limits::{LimitsUpdate, Target};
 use agentq::queue::{JobSpec, Queue, QueueConfig};
 use agentq::worker::{Worker, WorkerConfig, WorkerSummary};
 use anyhow::Context;

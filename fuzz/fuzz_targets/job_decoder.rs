@@ -1,5 +1,5 @@
 //! Everything that decodes a job from bytes:
-//! - the HTTP body decoder `agentq::api::decode_jobs` (one job, `[...]` or
+//! - the HTTP body decoder `agentq::http::api::decode_jobs` (one job, `[...]` or
 //!   `{"jobs": [...]}`): never panics, refuses with 400/413 only, and what
 //!   it accepts is a valid spec that the queue receives exactly as asked
 //!   (no duration silently rounded to 0 = "the kind's default", none
@@ -7,15 +7,15 @@
 //!   in canonical form decodes to the same specs;
 //! - job ids (`agentq::queue::partition_of_job`);
 //! - usage records read back from the outbox stream
-//!   (`agentq::ledger::Record::from_fields`, `outbox_fields`).
+//!   (`agentq::model::record::Record::from_fields`, `outbox_fields`).
 #![no_main]
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use agentq::api::decode_jobs;
+use agentq::http::api::decode_jobs;
 use agentq::queue::JobSpec;
-use agentq::units::{format_duration, format_size};
+use agentq::model::units::{format_duration, format_size};
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
@@ -219,11 +219,11 @@ fn ids_and_records(data: &[u8]) {
         ("r".to_string(), r.to_string()),
         ("e".to_string(), e.to_string()),
     ]);
-    if let Some(rec) = agentq::ledger::Record::from_fields(&fields) {
+    if let Some(rec) = agentq::model::record::Record::from_fields(&fields) {
         assert!(rec.attempt >= 1);
         assert_eq!(rec.error, e);
     }
-    let named = agentq::ledger::outbox_fields(fields);
+    let named = agentq::model::record::outbox_fields(fields);
     assert_eq!(named.get("error").map(String::as_str), Some(e));
     // Entries written field by field by earlier versions.
     let mut old: HashMap<String, String> = text
@@ -232,7 +232,7 @@ fn ids_and_records(data: &[u8]) {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     old.remove("r"); // that would be a packed entry
-    if let Some(rec) = agentq::ledger::Record::from_fields(&old) {
+    if let Some(rec) = agentq::model::record::Record::from_fields(&old) {
         assert!(rec.attempt >= 1);
         assert_eq!(Some(&rec.job_id), old.get("job"));
     }

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use agentq::executor::parse_manifest;
-use agentq::units::{format_duration, format_size};
+use agentq::model::units::{format_duration, format_size};
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 

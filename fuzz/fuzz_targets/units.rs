@@ -1,5 +1,5 @@
-//! Durations, sizes, rates and quotas (`agentq::units::parse_duration`,
-//! `parse_size`, `agentq::admission::parse_rate`, `parse_quota`): never
+//! Durations, sizes, rates and quotas (`agentq::model::units::parse_duration`,
+//! `parse_size`, `agentq::model::limits::parse_rate`, `parse_quota`): never
 //! panic; errors are one line; parse(format(x)) == x for every duration and
 //! size, and for every value parsed from text; surrounding whitespace and
 //! the case of the unit change nothing; a rate or quota that is accepted is
@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use agentq::admission::{LimitsUpdate, parse_quota, parse_rate};
-use agentq::units::{format_duration, format_size, parse_duration, parse_size};
+use agentq::model::limits::{LimitsUpdate, parse_quota, parse_rate};
+use agentq::model::units::{format_duration, format_size, parse_duration, parse_size};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,5 +1,5 @@
 //! Connection settings: flags, then environment, then `agentq.toml`, then
-//! defaults (DESIGN.md, "Command-line surface").
+//! defaults (README, "Command line").
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The `agentq` command line (DESIGN.md, "Command-line surface").
+//! The `agentq` command line (README, "Command line").
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (one
 //! line saying what was wrong and how to fix it; nothing is written).

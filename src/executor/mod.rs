@@ -1,7 +1,7 @@
 //! Runs one task attempt and measures what it used.
 //!
 //! Two ways to run a task:
-//! - [`run_process`]: the task program contract (DESIGN.md, "Execution"). One
+//! - [`run_process`]: the task program contract (README, "Task programs"). One
 //!   process per attempt in its own process group, clean environment, fresh
 //!   working directory, job JSON on stdin, result JSON on the last stdout line,
 //!   hard timeout (SIGTERM to the group, SIGKILL after a grace) and memory cap,
@@ -53,10 +53,6 @@ pub struct Caps {
     /// Time between SIGTERM and SIGKILL (timeout and shutdown).
     pub kill_grace: Duration,
 }
-
-/// The former name of [`Caps`] (kept while callers move).
-#[doc(hidden)]
-pub type Limits = Caps;
 
 impl Caps {
     /// The manifest's defaults with [`DEFAULT_KILL_GRACE`].

@@ -1,4 +1,4 @@
-//! The task program protocol (DESIGN.md, "Task program contract"): the job
+//! The task program protocol (README, "Task programs"): the job
 //! as one JSON line on stdin ([`TaskInput`]), the result as the last
 //! non-empty line of stdout ([`parse_task_output`]).
 
@@ -29,8 +29,8 @@ pub struct TaskInput {
 /// At most this many characters of a garbage result line are quoted.
 const SHOWN_CHARS: usize = 200;
 
-/// Parses a task program's stdout as the runtime does (DESIGN.md, "Task
-/// program contract"): the last non-empty line must be a JSON object with
+/// Parses a task program's stdout as the runtime does (README, "Task
+/// programs"): the last non-empty line must be a JSON object with
 /// optional `output` and `usage` keys; empty stdout is a valid empty result.
 /// Returns the `output` value and the reported usage, or the one-line error
 /// text an attempt that printed garbage fails with. Never panics on any

@@ -43,7 +43,8 @@ pub struct TenantLimits {
     pub expected_rate_per_min: u64,
 }
 
-/// Built-in limits for tenants nobody configured (mirrors `lib.lua`).
+/// Built-in limits for tenants nobody configured (the scripts' copy is
+/// generated from [`builtin_fields`]).
 pub const BUILTIN: TenantLimits = TenantLimits {
     max_concurrency: 10,
     max_timeout_ms: 3_600_000,
@@ -82,6 +83,38 @@ impl TenantLimits {
             expected_rate_per_min: get("expected_rate_per_min", b.expected_rate_per_min),
         }
     }
+}
+
+/// Partition settings the scripts fall back to (`B:defaults` may set
+/// them): the payload limit, how long idempotency keys and finished jobs
+/// are kept, and attempts per job.
+pub const PARTITION_BUILTIN: [(&str, u64); 4] = [
+    ("max_payload", 1 << 20),
+    ("idem_ttl_ms", 86_400_000),
+    ("retention_ms", 86_400_000),
+    ("default_max_attempts", 3),
+];
+
+/// Every built-in field by its stored name: [`BUILTIN`] and
+/// [`PARTITION_BUILTIN`] (the scripts' `BUILTIN` table is generated from
+/// this).
+pub fn builtin_fields() -> Vec<(&'static str, u64)> {
+    let b = BUILTIN;
+    let mut v = vec![
+        ("max_concurrency", b.max_concurrency),
+        ("max_timeout_ms", b.max_timeout_ms),
+        ("max_memory", b.max_memory),
+        ("weight", b.weight),
+        ("rate", b.rate),
+        ("rate_period_ms", b.rate_period_ms),
+        ("burst", b.burst),
+        ("quota_ms", b.quota_ms),
+        ("price_minute_micros", b.price_minute_micros),
+        ("price_ktok_micros", b.price_ktok_micros),
+        ("expected_rate_per_min", b.expected_rate_per_min),
+    ];
+    v.extend(PARTITION_BUILTIN);
+    v
 }
 
 /// Valid ranges, checked before anything is written.

@@ -1,8 +1,11 @@
 //! The Lua scripts, loaded once per connection and called by SHA.
 //!
-//! Each script in `scripts/` is prepended with `scripts/lib.lua` (shared
-//! helpers) at build time; the result is what `SCRIPT LOAD` receives and what
-//! [`script_source`] publishes for clients in other languages.
+//! Each script in `scripts/` is prepended with the shared helpers of
+//! `scripts/lib/`, one file per concern in dependency order (as BullMQ's
+//! `includes/`), and with the built-in limits generated from
+//! [`crate::model::limits`] (one table, in Rust); the result is what
+//! `SCRIPT LOAD` receives and what [`script_source`] publishes for clients
+//! in other languages.
 //!
 //! A script call is written to Redis once and never re-sent by the client:
 //! after a lost reply nobody knows whether it ran, and a re-sent claim or
@@ -15,7 +18,46 @@ use fred::types::scripts::Script as FredScript;
 
 use super::QueueError;
 
-const LIB: &str = include_str!("scripts/lib.lua");
+/// The helper files, in the order they are joined (each uses only those
+/// before it).
+const LIB: [(&str, &str); 10] = [
+    ("keys", include_str!("scripts/lib/keys.lua")),
+    ("events", include_str!("scripts/lib/events.lua")),
+    ("time", include_str!("scripts/lib/time.lua")),
+    ("limits", include_str!("scripts/lib/limits.lua")),
+    ("calls", include_str!("scripts/lib/calls.lua")),
+    ("tenants", include_str!("scripts/lib/tenants.lua")),
+    ("sched", include_str!("scripts/lib/sched.lua")),
+    ("outbox", include_str!("scripts/lib/outbox.lua")),
+    ("attempt", include_str!("scripts/lib/attempt.lua")),
+    ("flush", include_str!("scripts/lib/flush.lua")),
+];
+
+/// `local BUILTIN = {...}`: the limits and partition settings used when
+/// neither a tenant, its tier nor the partition defaults set a field.
+fn builtin_table() -> String {
+    let mut t = String::from(
+        "-- Built-in defaults (generated from src/model/limits.rs), used when neither\n\
+         -- the tenant, its tier nor B:defaults sets a field.\nlocal BUILTIN = {\n",
+    );
+    for (name, value) in crate::model::limits::builtin_fields() {
+        t.push_str(&format!("  {name} = {value},\n"));
+    }
+    t.push_str("}\n");
+    t
+}
+
+/// The helpers, BUILTIN placed before the limits file that reads it.
+fn library() -> String {
+    let mut lib = String::new();
+    for (name, text) in LIB {
+        if name == "limits" {
+            lib.push_str(&builtin_table());
+        }
+        lib.push_str(&format!("-- ==== lib/{name}.lua ====\n{text}"));
+    }
+    lib
+}
 
 /// The scripts agentq runs; one atomic script per state change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -101,10 +143,15 @@ impl ScriptName {
 
 /// The full source of a script as loaded into Redis (library + body).
 pub fn script_source(name: ScriptName) -> String {
-    format!("{LIB}\n-- ==== {}.lua ====\n{}", name.as_str(), name.body())
+    format!(
+        "{}\n-- ==== {}.lua ====\n{}",
+        library(),
+        name.as_str(),
+        name.body()
+    )
 }
 
-/// The comment in `now_ms()` (lib.lua) where test builds put the test clock.
+/// The comment in `now_ms()` (lib/time.lua) where test builds put the test clock.
 #[cfg(feature = "test-clock")]
 const CLOCK_MARK: &str = "-- @test-clock";
 

@@ -41,4 +41,5 @@ pub async fn complete(q: &Queue, acks: &[Completion]) -> Vec<CompleteStatus> {
     q.complete(0, &Call::new("w"), acks)
         .await
         .expect("complete")
+        .statuses
 }

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use agentq::admission::{LimitsUpdate, Rate, Target};
 use agentq::executor::{Handlers, Registry};
+use agentq::model::limits::{LimitsUpdate, Rate, Target};
 use agentq::queue::{JobSpec, Queue, QueueConfig};
 use agentq::worker::{Worker, WorkerConfig};
 use fred::prelude::*;
@@ -77,7 +77,7 @@ impl TestQueue {
             .await
             .expect("xrange");
         v.into_iter()
-            .map(|(_, f)| agentq::ledger::outbox_fields(f))
+            .map(|(_, f)| agentq::model::record::outbox_fields(f))
             .collect()
     }
 
@@ -307,7 +307,7 @@ pub async fn drained(tq: &TestQueue, limit: Duration) {
 
 /// Most intervals open at once.
 pub fn peak_overlap(intervals: &[(i64, i64)]) -> usize {
-    agentq::demo::peak_overlap(intervals)
+    agentq::cli::demo::peak_overlap(intervals)
 }
 
 /// Number of a field of an outbox record.

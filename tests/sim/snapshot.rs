@@ -170,7 +170,7 @@ fn outbox(v: &Value, last: &str) -> (Vec<HashMap<String, String>>, String) {
             .chunks(2)
             .map(|c| (c[0].clone(), c[1].clone()))
             .collect();
-        records.push(agentq::ledger::outbox_fields(fields));
+        records.push(agentq::model::record::outbox_fields(fields));
     }
     (records, last)
 }

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use agentq::admission::Target;
 use agentq::executor::{Outcome, TaskUsage};
+use agentq::model::limits::Target;
 use agentq::queue::{Call, CompleteStatus, Completion, JobSpec, Queue, QueueConfig, QueueError};
 use fred::prelude::*;
 
@@ -620,6 +620,7 @@ impl World {
             .complete(p, &call, &done)
             .await
             .map_err(|e| fail("complete error", format!("{said}: {e}")))?
+            .statuses
             .into_iter()
             .map(|s| status_name(s).to_string())
             .collect();
@@ -651,13 +652,18 @@ impl World {
         let said = format!("{kind} again p{p} {}", call.worker());
         let got = match kind {
             "complete" => self.queue.complete(p, &call, &[]).await.map(|v| {
-                Reply::Complete(v.into_iter().map(|s| status_name(s).to_string()).collect())
+                Reply::Complete(
+                    v.statuses
+                        .into_iter()
+                        .map(|s| status_name(s).to_string())
+                        .collect(),
+                )
             }),
             _ => self
                 .queue
                 .release(p, &call, "again", &[])
                 .await
-                .map(Reply::Release),
+                .map(|r| Reply::Release(r.released)),
         }
         .map_err(|e| fail("repeat error", format!("{said}: {e}")))?;
         ensure!(
@@ -710,6 +716,7 @@ impl World {
             .reap(p, Duration::from_millis(1), max)
             .await
             .map_err(|e| fail("reap error", e.to_string()))?;
+        let got = got.ran.then_some(got.reaped);
         ensure!(
             got == Some(want),
             "reap reply",
@@ -745,7 +752,8 @@ impl World {
             .queue
             .release(p, &call, "shutdown", &held)
             .await
-            .map_err(|e| fail("release error", format!("{said}: {e}")))?;
+            .map_err(|e| fail("release error", format!("{said}: {e}")))?
+            .released;
         ensure!(
             got == want,
             "release reply",

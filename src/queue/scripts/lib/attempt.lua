@@ -1,0 +1,89 @@
+-- lib/attempt.lua: leases, and closing an attempt (charge, record, route).
+
+-- Lease deadlines added and removed in this call, written in one command each.
+local lease_adds, lease_rems = {}, {}
+local function lease_add(id, deadline)
+  lease_adds[#lease_adds + 1] = deadline
+  lease_adds[#lease_adds + 1] = id
+end
+local function lease_rem(id) lease_rems[#lease_rems + 1] = id end
+
+-- Close a running attempt: free the tenant slot, drop the lease, write the
+-- outbox record, then route the job: succeeded, retry (delayed by backoff_ms,
+-- or ready at once when backoff_ms is 0), or dead. `a` carries the attempt's
+-- outcome and usage. Returns the job's new state.
+-- Charge an attempt to its tenant's usage this month (the quota counter) and
+-- price it; emits quota threshold events when 80% or 100% is crossed.
+-- Usage of tenants without a quota is summed and written once by finish().
+local usage_delta = {}
+local function charge(t, run_ms, tokens, now)
+  local l = limits(t)
+  if l.quota_ms > 0 then
+    local used = redis.call('HINCRBY', k('usage', t), month_of(now), run_ms)
+    for _, pct in ipairs({ 80, 100 }) do
+      local line = l.quota_ms * pct / 100
+      if used >= line and used - run_ms < line then event('quota_' .. pct .. ':' .. t) end
+    end
+  else
+    usage_delta[t] = (usage_delta[t] or 0) + run_ms
+  end
+  return math.floor(run_ms * l.price_minute_micros / 60000 + tokens * l.price_ktok_micros / 1000)
+end
+
+local function finish_attempt(id, job, a, now)
+  local q, t = job.queue, job.tenant
+  lease_rem(id)
+  add_running(t, -1)
+  stat(q, t, 'running', -1)
+  local started = tonumber(job.started_at) or now
+  local enq = tonumber(job.enqueued_at) or started
+  local finished = now
+  local run_ms = math.max(0, math.floor(a.run_ms or (finished - started)))
+  local tokens = (tonumber(a.input_tokens) or 0) + (tonumber(a.output_tokens) or 0)
+  local cost = charge(t, run_ms, tokens, now)
+  outbox(id, job, a, job.enqueued_at or enq, job.started_at or started, now_str(), run_ms, cost)
+  local jk = k('job', id)
+  local used = (tonumber(job.attempts) or 0) - (tonumber(job.base) or 0)
+  local state
+  if a.outcome == 'succeeded' then
+    state = 'succeeded'
+  elseif a.permanent or used >= (tonumber(job.max_attempts) or 1) then
+    state = 'dead'
+  elseif (a.backoff_ms or 0) > 0 then
+    state = 'delayed'
+  else
+    state = 'ready'
+  end
+  redis.call('HSET', jk, 'state', state, 'outcome', a.outcome, 'finished_at', now_str(),
+    'last_error', a.error or '', 'result', a.result or '')
+  if state == 'succeeded' then
+    redis.call('PEXPIRE', jk, retention_str())
+    -- the worker field stays: it names who ran the finished job
+  elseif state == 'dead' then
+    redis.call('HDEL', jk, 'worker')
+    redis.call('ZADD', k('q', q, 'dead'), now, id)
+    redis.call('ZADD', k('q', q, 'dt', t), now, id)
+    stat(q, t, 'dead', 1)
+  elseif state == 'delayed' then
+    redis.call('HDEL', jk, 'worker')
+    redis.call('HSET', jk, 'run_at', now + a.backoff_ms)
+    redis.call('ZADD', k('q', q, 'delayed'), now + a.backoff_ms, id)
+    stat(q, t, 'delayed', 1)
+  else
+    redis.call('HDEL', jk, 'worker')
+    redis.call('HSET', jk, 'ready_at', now)
+    index_ready(id, q, t, tonumber(job.score))
+  end
+  sync_later(t)
+  return state
+end
+
+local JOB_FIELDS = { 'state', 'tenant', 'queue', 'kind', 'attempts', 'base',
+  'max_attempts', 'enqueued_at', 'ready_at', 'started_at', 'score', 'worker' }
+local function load_job(id)
+  local v = redis.call('HMGET', k('job', id), unpack(JOB_FIELDS))
+  if not v[1] then return nil end
+  local job = {}
+  for i, f in ipairs(JOB_FIELDS) do job[f] = v[i] end
+  return job
+end

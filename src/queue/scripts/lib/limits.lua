@@ -1,0 +1,84 @@
+-- lib/limits.lua: a tenant's limits (own, tier, defaults, built-in) and its
+-- start-rate arithmetic (GCRA). BUILTIN comes first, generated from Rust.
+
+-- Human units for error messages: 3600000 -> "1h", 268435456 -> "256MiB".
+local function fmt_ms(ms)
+  for _, u in ipairs({ { 86400000, 'd' }, { 3600000, 'h' }, { 60000, 'm' }, { 1000, 's' } }) do
+    if ms >= u[1] and ms % u[1] == 0 then return (ms / u[1]) .. u[2] end
+  end
+  return ms .. 'ms'
+end
+local function fmt_bytes(b)
+  for _, u in ipairs({ { 1099511627776, 'TiB' }, { 1073741824, 'GiB' }, { 1048576, 'MiB' }, { 1024, 'KiB' } }) do
+    if b >= u[1] and b % u[1] == 0 then return (b / u[1]) .. u[2] end
+  end
+  return b .. 'B'
+end
+
+local defaults_cache = nil
+local function default(field)
+  if defaults_cache == nil then
+    defaults_cache = {}
+    local flat = redis.call('HGETALL', k('defaults'))
+    for i = 1, #flat, 2 do defaults_cache[flat[i]] = tonumber(flat[i + 1]) end
+  end
+  return defaults_cache[field] or BUILTIN[field]
+end
+
+local retention_text = nil
+local function retention_str()
+  if not retention_text then retention_text = tostring(default('retention_ms')) end
+  return retention_text
+end
+
+-- Limits of a tenant: its own setting, else its tier's (B:tier:<name>), else
+-- the partition default, else built-in. HGETALL, not HMGET of every field:
+-- most tenants set few fields or none, and most calls touch many tenants.
+local limits_cache = {}
+local LIMIT_FIELDS = { 'max_concurrency', 'max_timeout_ms', 'max_memory', 'weight', 'rate',
+  'rate_period_ms', 'burst', 'quota_ms', 'price_minute_micros', 'price_ktok_micros',
+  'expected_rate_per_min' }
+local function read_hash(key)
+  local flat = redis.call('HGETALL', key)
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  return h
+end
+-- Resolved limits of a tier (or of no tier: name ''), built once per call;
+-- a tenant's limits table holds only its own settings and falls back to
+-- these through a metatable, since building an 11-field table per tenant
+-- cost more than the commands of a claim.
+local bases = {}
+local function base_limits(tier_name)
+  local b = bases[tier_name]
+  if b then return b end
+  local tier = (tier_name ~= '') and read_hash(k('tier', tier_name)) or {}
+  local l = {}
+  for _, f in ipairs(LIMIT_FIELDS) do l[f] = tonumber(tier[f]) or default(f) end
+  b = { limits = l, meta = { __index = l } }
+  bases[tier_name] = b
+  return b
+end
+local function limits(t)
+  local l = limits_cache[t]
+  if l then return l end
+  local own = read_hash(k('tenant', t))
+  local base = base_limits(own.tier or '')
+  own.tier = nil
+  if next(own) == nil then
+    l = base.limits
+  else
+    l = {}
+    for f, v in pairs(own) do l[f] = tonumber(v) end
+    setmetatable(l, base.meta)
+  end
+  limits_cache[t] = l
+  return l
+end
+
+-- GCRA: the emission interval and tolerance of a tenant's start rate.
+local function gcra(l)
+  local T = l.rate_period_ms / l.rate
+  local burst = (l.burst > 0) and l.burst or l.rate
+  return T, (burst - 1) * T
+end
