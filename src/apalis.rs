@@ -256,9 +256,14 @@ fn completion(
         cpu_ms: 0,
         peak_rss: 0,
         usage: TaskUsage::default(),
-        // Exponential in the attempt, like the native worker's default base of 1 s.
+        // As the native worker's defaults: from 1 s, doubling, at most 5 min.
         backoff_ms: if failed {
-            1000u64.saturating_mul(1 << attempt.saturating_sub(1).min(8))
+            crate::model::backoff::retry_delay(
+                Duration::from_secs(1),
+                Duration::from_secs(300),
+                attempt,
+            )
+            .as_millis() as u64
         } else {
             0
         },

@@ -305,15 +305,10 @@ impl DemoLedger {
     }
 }
 
-/// Wait until the ledger writers have emptied the outbox.
+/// Wait until the ledger writers have emptied every partition's outbox.
 async fn ledger_caught_up(queue: &Queue, stop: &CancellationToken) -> CliResult {
-    let key = queue.keys(0).key(&["outbox"]);
     loop {
-        let left: u64 = queue
-            .client()
-            .xlen(&key)
-            .await
-            .map_err(crate::queue::QueueError::from)?;
+        let left = crate::queue::outbox::backlog(queue).await?;
         if left == 0 {
             return Ok(());
         }

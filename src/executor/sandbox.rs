@@ -150,15 +150,11 @@ impl fmt::Display for TaskUser {
     }
 }
 
-/// uid and gid of a user name from the password database.
+/// uid and gid of a user name from the system's user database (NSS: files,
+/// LDAP, ... through `getpwnam_r`, via the `nix` crate).
 fn lookup_user(name: &str) -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && f[0] == name)
-            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-            .flatten()
-    })
+    let u = nix::unistd::User::from_name(name).ok()??;
+    Some((u.uid.as_raw(), u.gid.as_raw()))
 }
 
 /// How task programs are contained.

@@ -52,6 +52,17 @@ impl Pacing {
     }
 }
 
+/// How long a failed job waits before its next attempt: uniform in
+/// [d/2, d] with d = `base` * 2^(attempt-1), at most `max` (the jitter
+/// spreads the retries of jobs that failed together).
+pub fn retry_delay(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let d = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(max);
+    let half = d / 2;
+    half + Duration::from_millis(rand::random_range(0..=half.as_millis().max(1) as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +77,23 @@ mod tests {
         assert!(later[19] >= MOST, "{later:?}");
         p.reset();
         assert!(p.next_delay() <= FIRST * 2);
+    }
+
+    #[test]
+    fn job_retries_grow_with_jitter_and_cap() {
+        let (base, max) = (Duration::from_millis(100), Duration::from_secs(1));
+        for _ in 0..50 {
+            let b1 = retry_delay(base, max, 1);
+            assert!(
+                b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(101),
+                "{b1:?}"
+            );
+            let b3 = retry_delay(base, max, 3);
+            assert!(
+                b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(401),
+                "{b3:?}"
+            );
+            assert!(retry_delay(base, max, 30) <= Duration::from_millis(1001));
+        }
     }
 }

@@ -152,6 +152,12 @@ pub struct Queue {
     scripts: Arc<scripts::Scripts>,
 }
 
+/// How every Redis connection of agentq reconnects: forever, from 100 ms
+/// doubling to 5 s, so a Redis restart pauses agentq instead of killing it.
+pub(crate) fn reconnect_policy() -> ReconnectPolicy {
+    ReconnectPolicy::new_exponential(0, 100, 5_000, 2)
+}
+
 /// Build a fred client that reconnects forever with capped backoff, so a
 /// Redis restart pauses agentq instead of killing it; commands time out
 /// after `timeout`.
@@ -175,7 +181,7 @@ fn build_client(url: &str, timeout: Duration) -> Result<Client, QueueError> {
         .with_performance_config(|p| {
             p.default_command_timeout = timeout;
         })
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .set_policy(reconnect_policy())
         .build()?;
     Ok(client)
 }

@@ -183,16 +183,6 @@ pub(super) async fn execute(ctx: &Ctx, job: &ClaimedJob, stop: Stop) -> Report {
     }
 }
 
-/// Exponential backoff with jitter: uniform in [d/2, d] with d = base * 2^(attempt-1), capped.
-pub(super) fn backoff(cfg: &WorkerConfig, attempt: u32) -> Duration {
-    let exp = cfg
-        .backoff_base
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let d = exp.min(cfg.backoff_max);
-    let half = d / 2;
-    half + Duration::from_millis(rand::random_range(0..=half.as_millis().max(1) as u64))
-}
-
 /// The completion of an attempt that ended here; `lapsed`: it was killed
 /// because its lease lapsed, and closes as `lost` (as the reaper would),
 /// ready again at once.
@@ -212,7 +202,8 @@ pub(super) fn completion(
     let backoff_ms = if r.outcome == Outcome::Succeeded || lapsed {
         0
     } else {
-        backoff(cfg, job.attempt).as_millis() as u64
+        crate::model::backoff::retry_delay(cfg.backoff_base, cfg.backoff_max, job.attempt)
+            .as_millis() as u64
     };
     if r.outcome != Outcome::Succeeded {
         tracing::info!(job = %job.id, tenant = %job.tenant, kind = %job.kind, attempt = job.attempt,
@@ -272,25 +263,5 @@ mod tests {
             closing(&ok(false, Some(libc::SIGKILL)), None, false),
             Closing::AsReported
         );
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut cfg = WorkerConfig::new(vec!["q".into()]);
-        cfg.backoff_base = Duration::from_millis(100);
-        cfg.backoff_max = Duration::from_secs(1);
-        for _ in 0..50 {
-            let b1 = backoff(&cfg, 1);
-            assert!(
-                b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(101),
-                "{b1:?}"
-            );
-            let b3 = backoff(&cfg, 3);
-            assert!(
-                b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(401),
-                "{b3:?}"
-            );
-            assert!(backoff(&cfg, 30) <= Duration::from_millis(1001));
-        }
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::lease_guard::monotonic_ns;
+use crate::model::backoff::Pacing;
 use crate::queue::{Call, ClaimedJob};
 
 use super::attempt::start_attempt;
@@ -46,7 +47,7 @@ pub(super) async fn claim_loop(
     let mut calls: Vec<Call> = (0..ctx.queue.partitions())
         .map(|_| Call::new(ctx.cfg.id.clone()))
         .collect();
-    let mut error_backoff = Duration::from_millis(100);
+    let mut pacing = Pacing::default();
     while !signals.shutdown.is_cancelled() {
         crate::metrics::slots(ctx.held.len(), ctx.cfg.concurrency);
         let free = ctx.cfg.concurrency.saturating_sub(ctx.held.len());
@@ -60,13 +61,12 @@ pub(super) async fn claim_loop(
         let round = claim_round(ctx, counters, signals, &mut split, &mut calls, free).await;
         if round.failed {
             tokio::select! {
-                _ = tokio::time::sleep(error_backoff) => {}
+                _ = tokio::time::sleep(pacing.next_delay()) => {}
                 _ = signals.shutdown.cancelled() => {}
             }
-            error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
             continue;
         }
-        error_backoff = Duration::from_millis(100);
+        pacing.reset();
         if round.claimed == 0 {
             let wait = split
                 .next_due(Instant::now())

@@ -19,7 +19,7 @@ pub(super) async fn subscribe_wake(
 ) -> Result<fred::clients::SubscriberClient, QueueError> {
     let config = Config::from_url(&queue.config().redis_url)?;
     let sub = Builder::from_config(config)
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .set_policy(crate::queue::reconnect_policy())
         .build_subscriber_client()?;
     sub.init().await?;
     // Detached: it resubscribes after reconnects for as long as the client lives.

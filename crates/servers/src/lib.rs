@@ -28,12 +28,10 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// Find `name` on PATH.
+/// Find the program `name` on PATH (the `which` crate, as agentq's
+/// executor uses).
 pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    which::which(name).ok()
 }
 
 /// A free TCP port on 127.0.0.1 (racy by nature; good enough for tests).
@@ -607,24 +605,11 @@ fn postgres_bin_dir() -> Result<PathBuf, ServerError> {
     Ok(dir)
 }
 
-/// The uid and gid of system user `name`.
+/// The uid and gid of system user `name` (the `nix` crate's lookup, as
+/// agentq's task users use).
 fn system_user(name: &str) -> Option<(u32, u32)> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: an all-zero passwd is a valid out-parameter (null pointers, zero ids).
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call and `buf.len()` is its size.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &mut pw,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    (rc == 0 && !found.is_null()).then_some((pw.pw_uid, pw.pw_gid))
+    let u = nix::unistd::User::from_name(name).ok()??;
+    Some((u.uid.as_raw(), u.gid.as_raw()))
 }
 
 /// Where PostgreSQL is for a command that may start its own: the configured

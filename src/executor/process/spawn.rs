@@ -281,30 +281,15 @@ pub(super) fn resolve_program(
         };
         return Ok(base.join(p));
     }
-    if let Some(path_var) = path_var {
-        for d in std::env::split_paths(&path_var) {
-            let candidate = d.join(p);
-            if is_executable_file(&candidate) {
-                return Ok(if candidate.is_absolute() {
-                    candidate
-                } else {
-                    std::env::current_dir()
-                        .map(|c| c.join(&candidate))
-                        .unwrap_or(candidate)
-                });
-            }
-        }
+    // The `which` crate: executable files only, relative PATH entries taken
+    // from the current directory.
+    let cwd = std::env::current_dir().unwrap_or_default();
+    if let Some(found) = path_var.and_then(|pv| which::which_in(p, Some(pv), &cwd).ok()) {
+        return Ok(found);
     }
     Err(format!(
         "cannot start task program {name:?}: not found on the worker's PATH (write an absolute path or ./name relative to the kind's folder)"
     ))
-}
-
-pub(super) fn is_executable_file(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
 }
 
 /// Spawn errors that retrying cannot fix.
