@@ -35,7 +35,7 @@ use apalis_core::worker::context::WorkerContext;
 use serde::de::DeserializeOwned;
 
 use crate::executor::{Outcome, TaskUsage};
-use crate::queue::{Call, Claimed, ClaimedJob, Completion, Queue, QueueError};
+use crate::queue::{AttemptKey, Call, Claimed, ClaimedJob, Completion, Queue, QueueError};
 
 type ClaimFuture = Pin<Box<dyn Future<Output = Result<Claimed, QueueError>> + Send>>;
 
@@ -328,7 +328,7 @@ where
                 tokio::select! {
                     r = &mut fut => break r,
                     _ = tokio::time::sleep(every / 3) => {
-                        if let Err(e) = queue.extend(l.partition, every, &[(l.id.clone(), l.attempt)]).await {
+                        if let Err(e) = queue.extend(l.partition, every, &[AttemptKey::new(l.id.clone(), l.attempt)]).await {
                             tracing::warn!(error = %e, job = %l.id, "lease extension failed");
                         }
                     }

@@ -20,28 +20,13 @@
 //! is stopped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::executor::Stop;
 use crate::executor::lease_guard::monotonic_ns;
-
-/// One attempt of one job: the unit of a lease.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AttemptKey {
-    /// Job id.
-    pub id: String,
-    /// Attempt number (the fencing token).
-    pub attempt: u32,
-}
-
-impl fmt::Display for AttemptKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.id, self.attempt)
-    }
-}
+pub use crate::model::attempt::AttemptKey;
 
 /// Why this worker stopped one of its attempts early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +67,21 @@ pub struct HeldLease {
     /// every renewal; past it, the attempt is killed. Shared with the
     /// attempt's [`crate::executor::Watchdog`].
     pub deadline_ns: Arc<AtomicU64>,
+}
+
+impl HeldLease {
+    /// A lease on an attempt of partition `partition` that starts now,
+    /// stopped through `stop`, lapsing at `deadline_ns` unless renewed.
+    pub fn new(partition: u32, stop: Stop, deadline_ns: Arc<AtomicU64>) -> HeldLease {
+        HeldLease {
+            partition,
+            started: Instant::now(),
+            stop,
+            reason: None,
+            done: false,
+            deadline_ns,
+        }
+    }
 }
 
 /// The attempts this worker holds, shared by job tasks, the heartbeat and
@@ -149,13 +149,11 @@ impl Held {
             stop_one(h, reason);
         }
     }
-    /// `(id, attempt)` of every held attempt, by partition.
-    pub fn by_partition(&self) -> BTreeMap<u32, Vec<(String, u32)>> {
-        let mut out: BTreeMap<u32, Vec<(String, u32)>> = BTreeMap::new();
+    /// Every held attempt, by partition.
+    pub fn by_partition(&self) -> BTreeMap<u32, Vec<AttemptKey>> {
+        let mut out: BTreeMap<u32, Vec<AttemptKey>> = BTreeMap::new();
         for (k, h) in self.lock().iter() {
-            out.entry(h.partition)
-                .or_default()
-                .push((k.id.clone(), k.attempt));
+            out.entry(h.partition).or_default().push(k.clone());
         }
         out
     }

@@ -112,8 +112,9 @@ fn unique(name: &str, n: u64) -> String {
 
 async fn round_trip(tq: &TestQueue, c: &Case, n: u64) -> Result<(), TestCaseError> {
     let (tenant, body) = body(c, n);
-    let (specs, batch) = agentq::http::api::decode_jobs(&tenant, body.to_string().as_bytes())
-        .map_err(|e| TestCaseError::fail(format!("decode refused {body}: {e:?}")))?;
+    let agentq::http::api::Decoded { specs, batch } =
+        agentq::http::api::decode_jobs(&tenant, body.to_string().as_bytes())
+            .map_err(|e| TestCaseError::fail(format!("decode refused {body}: {e:?}")))?;
     prop_assert!(!batch);
     let spec = &specs[0];
     let e = tq

@@ -315,7 +315,8 @@ async fn api_keys_stay_out_of_logs_and_storage() {
         .find(|w| w.starts_with("aq_"))
         .expect("a key on stdout")
         .to_string();
-    let (prefix, secret_part) = agentq::http::api::keys::parse(&key).expect("key format");
+    let parts = agentq::http::api::keys::parse(&key).expect("key format");
+    let (prefix, secret_part) = (parts.prefix, parts.secret);
     let (prefix, secret_part) = (prefix.to_string(), secret_part.to_string());
     let mut transcript = String::from_utf8_lossy(&out.stderr).into_owned();
 

@@ -345,18 +345,15 @@ pub(super) async fn tiers(g: &Global, a: ListArgs) -> CliResult {
     let q = g.queue().await?;
     let tiers = crate::queue::limits::published_tiers(&q).await?;
     if a.json {
-        let v: Vec<serde_json::Value> = tiers
-            .iter()
-            .map(|(n, l)| serde_json::json!({ "tier": n, "limits": l }))
-            .collect();
-        output::json(&v);
+        output::json(&tiers);
         return Ok(());
     }
     let rows: Vec<Vec<String>> = tiers
         .iter()
-        .map(|(n, l)| {
+        .map(|t| {
+            let l = &t.limits;
             vec![
-                n.clone(),
+                t.name.clone(),
                 l.max_concurrency.to_string(),
                 format_duration(Duration::from_millis(l.max_timeout_ms)),
                 format_size(l.max_memory),

@@ -86,7 +86,7 @@ pub(super) async fn key(g: &Global, c: KeyCommand) -> CliResult {
         {
             Some(t) => println!(
                 "revoked key {} of tenant {t}",
-                crate::http::api::keys::parse(&key).map_or(key.as_str(), |(p, _)| p)
+                crate::http::api::keys::parse(&key).map_or(key.as_str(), |k| k.prefix)
             ),
             None => {
                 return Err(CliError::Usage(format!(

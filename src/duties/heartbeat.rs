@@ -95,18 +95,12 @@ impl Heartbeat {
                 Ok(lost) => {
                     beat.renewed += leases.len() - lost.len();
                     self.renew(&leases, &lost, local_deadline(sent, self.config.lease));
-                    for (id, attempt) in lost {
+                    for key in lost {
                         // An attempt that already ended may race its own ack
                         // here; only a still-running one has really lost its lease.
-                        if self.held.stop(
-                            &AttemptKey {
-                                id: id.clone(),
-                                attempt,
-                            },
-                            StopReason::LeaseLost,
-                        ) {
+                        if self.held.stop(&key, StopReason::LeaseLost) {
                             beat.lost += 1;
-                            tracing::warn!(job = %id, attempt, "lease lost (expired and reaped); killing the attempt");
+                            tracing::warn!(attempt = %key, "lease lost (expired and reaped); killing the attempt");
                         }
                     }
                 }
@@ -142,16 +136,9 @@ impl Heartbeat {
     }
 
     /// Move the deadline of every extended attempt that was not lost.
-    fn renew(&self, sent: &[(String, u32)], lost: &[(String, u32)], deadline_ns: u64) {
-        for (id, attempt) in sent {
-            if lost.iter().any(|(i, a)| i == id && a == attempt) {
-                continue;
-            }
-            let key = AttemptKey {
-                id: id.clone(),
-                attempt: *attempt,
-            };
-            self.held.renew(&key, deadline_ns);
+    fn renew(&self, sent: &[AttemptKey], lost: &[AttemptKey], deadline_ns: u64) {
+        for key in sent.iter().filter(|k| !lost.contains(k)) {
+            self.held.renew(key, deadline_ns);
             if let Some(g) = &self.guard {
                 g.renew(&key.to_string(), deadline_ns);
             }

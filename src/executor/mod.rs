@@ -29,7 +29,7 @@ pub mod workdir;
 pub use handler::{Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler};
 pub use manifest::{Manifest, ManifestError, Registry, parse_manifest};
 pub use process::{is_memory_exceeded, run_process, run_process_in, task_peak};
-pub use protocol::{TaskInput, parse_task_output};
+pub use protocol::{TaskInput, TaskResult, parse_task_output};
 // The attempt model lives on the ground floor; the executor produces it.
 pub use crate::model::attempt::{
     ERROR_MAX, EXIT_PERMANENT, INTERRUPTED, KILLED, Outcome, Report, TaskUsage, UnknownOutcome,

@@ -35,19 +35,26 @@ const SHOWN_CHARS: usize = 200;
 /// Returns the `output` value and the reported usage, or the one-line error
 /// text an attempt that printed garbage fails with. Never panics on any
 /// input (it is fuzzed: `fuzz/fuzz_targets/task_output.rs`).
-pub fn parse_task_output(stdout: &[u8]) -> Result<(Option<serde_json::Value>, TaskUsage), String> {
+pub fn parse_task_output(stdout: &[u8]) -> Result<TaskResult, String> {
     parse_result(stdout)
+}
+
+/// What a task program's result line said.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TaskResult {
+    /// The `output` value (None: absent or null).
+    pub output: Option<serde_json::Value>,
+    /// The usage it reported (zeros where absent).
+    pub usage: TaskUsage,
 }
 
 /// Parses the result line: the last non-empty line of stdout must be a JSON
 /// object with optional `output` and `usage` keys. Empty stdout is a valid
 /// empty result. Returns the error text for garbage.
-pub(crate) fn parse_result(
-    stdout: &[u8],
-) -> Result<(Option<serde_json::Value>, TaskUsage), String> {
+pub(crate) fn parse_result(stdout: &[u8]) -> Result<TaskResult, String> {
     let text = String::from_utf8_lossy(stdout);
     let Some(line) = text.lines().map(str::trim).rev().find(|l| !l.is_empty()) else {
-        return Ok((None, TaskUsage::default()));
+        return Ok(TaskResult::default());
     };
     let garbage = || {
         let shown: String = line.chars().take(SHOWN_CHARS).collect();
@@ -92,7 +99,7 @@ pub(crate) fn parse_result(
             );
         }
     };
-    Ok((output, usage))
+    Ok(TaskResult { output, usage })
 }
 
 /// The job as one JSON line: `{"id","tenant","queue","kind","attempt","payload"}`.
@@ -154,12 +161,12 @@ mod tests {
 
     #[test]
     fn result_line() {
-        assert_eq!(parse_result(b"").unwrap(), (None, TaskUsage::default()));
-        assert_eq!(
-            parse_result(b"\n  \n").unwrap(),
-            (None, TaskUsage::default())
-        );
-        let (o, u) = parse_result(
+        assert_eq!(parse_result(b"").unwrap(), TaskResult::default());
+        assert_eq!(parse_result(b"\n  \n").unwrap(), TaskResult::default());
+        let TaskResult {
+            output: o,
+            usage: u,
+        } = parse_result(
             b"log line\n{\"output\": {\"a\": 1}, \"usage\": {\"api_calls\": 2, \"input_tokens\": 3}}\n\n",
         )
         .unwrap();
@@ -172,7 +179,7 @@ mod tests {
                 output_tokens: 0
             }
         );
-        assert_eq!(parse_result(b"{}").unwrap(), (None, TaskUsage::default()));
+        assert_eq!(parse_result(b"{}").unwrap(), TaskResult::default());
         for bad in [
             &b"not json"[..],
             b"[1,2]",
@@ -195,10 +202,10 @@ mod tests {
         let line = format!(r#"{{"{magic}":"ignored","output":{{"{magic}":"[1]"}}}}"#);
         assert_eq!(
             parse_result(line.as_bytes()).unwrap(),
-            (
-                Some(serde_json::json!({ magic: "[1]" })),
-                TaskUsage::default()
-            )
+            TaskResult {
+                output: Some(serde_json::json!({ magic: "[1]" })),
+                usage: TaskUsage::default()
+            }
         );
         // Quoted garbage is clean text: no NUL, escape or invalid UTF-8.
         let e = parse_result(b"x\0y\x1b[2J\xff z").unwrap_err();
@@ -226,7 +233,7 @@ mod tests {
             let stdout = lines.join("\n");
             match parse_task_output(stdout.as_bytes()) {
                 Err(e) => proptest::prop_assert!(!e.contains('\n'), "{e:?}"),
-                Ok((output, _)) => proptest::prop_assert_ne!(output, Some(serde_json::Value::Null)),
+                Ok(r) => proptest::prop_assert_ne!(r.output, Some(serde_json::Value::Null)),
             }
         }
 
@@ -264,7 +271,7 @@ mod tests {
             stdout.push_str(&serde_json::Value::Object(obj).to_string());
             stdout.push_str(&trailing);
             let got = parse_task_output(stdout.as_bytes());
-            proptest::prop_assert_eq!(got, Ok((want_output, want)), "{:?}", stdout);
+            proptest::prop_assert_eq!(got, Ok(TaskResult { output: want_output, usage: want }), "{:?}", stdout);
         }
     }
 

@@ -43,7 +43,7 @@ impl SandboxConfig {
     /// Settings from `AGENTQ_CGROUP_PARENT` (`off` disables cgroups),
     /// `AGENTQ_TASK_USER` and `AGENTQ_TASK_PIDS_MAX`, else the defaults.
     /// Unreadable values are reported by [`Sandbox::describe`] and ignored.
-    pub fn from_env(worker_id: &str) -> (SandboxConfig, Vec<String>) {
+    pub fn from_env(worker_id: &str) -> FromEnv {
         let mut problems = Vec::new();
         let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
         let task_user = var("AGENTQ_TASK_USER").and_then(|v| match v.parse() {
@@ -61,7 +61,7 @@ impl SandboxConfig {
             }
             None => DEFAULT_PIDS_MAX,
         };
-        let cfg = SandboxConfig {
+        let config = SandboxConfig {
             cgroup_parent: parse_cgroup_parent(
                 &var("AGENTQ_CGROUP_PARENT").unwrap_or_else(|| DEFAULT_CGROUP_PARENT.into()),
             ),
@@ -69,8 +69,17 @@ impl SandboxConfig {
             pids_max,
             task_user,
         };
-        (cfg, problems)
+        FromEnv { config, problems }
     }
+}
+
+/// Sandbox settings read from the environment, and what was ignored.
+#[derive(Clone, Debug)]
+pub struct FromEnv {
+    /// The settings in effect.
+    pub config: SandboxConfig,
+    /// One line per unreadable variable (ignored: its default holds).
+    pub problems: Vec<String>,
 }
 
 /// `off` (or `none`) means no cgroups; anything else is a parent path.
@@ -396,8 +405,8 @@ pub fn current() -> &'static Sandbox {
     if let Some(sb) = GLOBAL.get() {
         return sb;
     }
-    let (cfg, problems) = SandboxConfig::from_env(&format!("inproc-{}", std::process::id()));
-    install_with_problems(cfg, problems)
+    let env = SandboxConfig::from_env(&format!("inproc-{}", std::process::id()));
+    install_with_problems(env.config, env.problems)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! One attempt's end as every layer sees it: how it ended ([`Outcome`]),
-//! what the task said it used ([`TaskUsage`]) and everything the runtime
-//! measured ([`Report`]).
+//! One attempt as every layer sees it: which one ([`AttemptKey`]), how it
+//! ended ([`Outcome`]), what the task said it used ([`TaskUsage`]) and
+//! everything the runtime measured ([`Report`]).
 //!
 //! Pure data: the executor fills a [`Report`], the worker turns it into a
 //! completion, the queue stores its outcome and the ledger bills it. Error
@@ -11,6 +11,42 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+/// One attempt of one job: the unit of a lease. The attempt number is the
+/// fencing token: scripts act on a job only while it still matches.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttemptKey {
+    /// Job id.
+    pub id: String,
+    /// Attempt number (the fencing token).
+    pub attempt: u32,
+}
+
+impl AttemptKey {
+    /// The key of attempt `attempt` of job `id`.
+    pub fn new(id: impl Into<String>, attempt: u32) -> AttemptKey {
+        AttemptKey {
+            id: id.into(),
+            attempt,
+        }
+    }
+}
+
+impl fmt::Display for AttemptKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.id, self.attempt)
+    }
+}
+
+/// A running attempt handed back to ready (shutdown): which one, and how
+/// long it ran here, so its ledger row bills the time it used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandBack {
+    /// The attempt.
+    pub key: AttemptKey,
+    /// Milliseconds it ran on this worker before it was stopped.
+    pub run_ms: u64,
+}
 
 /// Exit code that means "permanent failure, never retry" (EX_DATAERR).
 pub const EXIT_PERMANENT: i32 = 65;

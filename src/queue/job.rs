@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::QueueError;
-use crate::model::attempt::{Outcome, TaskUsage};
+use crate::model::attempt::{AttemptKey, Outcome, TaskUsage};
 use crate::model::events::QueueEvent;
 
 /// Highest and lowest `priority`; higher runs first within a tenant.
@@ -195,6 +195,13 @@ pub struct ClaimedJob {
     pub max_timeout_ms: u64,
     /// The tenant's memory cap in bytes at claim time.
     pub max_memory: u64,
+}
+
+impl ClaimedJob {
+    /// This attempt's key (its lease).
+    pub fn key(&self) -> AttemptKey {
+        AttemptKey::new(self.id.clone(), self.attempt)
+    }
 }
 
 /// What one claim handed out, and what the worker needs to plan the next.

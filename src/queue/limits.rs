@@ -36,8 +36,18 @@ pub async fn publish_tiers(queue: &Queue, tiers: &[Tier]) -> Result<(), QueueErr
     Ok(())
 }
 
-/// Tier names published in Redis, with their raw settings.
-pub async fn published_tiers(queue: &Queue) -> Result<Vec<(String, TenantLimits)>, QueueError> {
+/// A tier as published in Redis.
+#[derive(Clone, Debug, Serialize)]
+pub struct PublishedTier {
+    /// Tier name.
+    #[serde(rename = "tier")]
+    pub name: String,
+    /// Its limits (own settings, else the defaults, else built-in).
+    pub limits: TenantLimits,
+}
+
+/// The tiers published in Redis, by name.
+pub async fn published_tiers(queue: &Queue) -> Result<Vec<PublishedTier>, QueueError> {
     let keys = queue.keys(0);
     let mut names: Vec<String> = queue.client().smembers(keys.key(&["tiers"])).await?;
     names.sort();
@@ -45,7 +55,10 @@ pub async fn published_tiers(queue: &Queue) -> Result<Vec<(String, TenantLimits)
     let mut out = Vec::new();
     for n in names {
         let own: HashMap<String, String> = queue.client().hgetall(keys.key(&["tier", &n])).await?;
-        out.push((n, TenantLimits::resolve(&[&own, &defaults])));
+        out.push(PublishedTier {
+            limits: TenantLimits::resolve(&[&own, &defaults]),
+            name: n,
+        });
     }
     Ok(out)
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use fred::prelude::*;
 
+pub use crate::model::attempt::{AttemptKey, HandBack};
 pub use crate::model::events::QueueEvent;
 pub use call::Call;
 pub use job::{
@@ -513,24 +514,28 @@ impl Queue {
         })
     }
 
-    /// Extend leases of partition `p` by `(id, attempt)`; returns the
+    /// Extend the leases of `held` (attempts on partition `p`); returns the
     /// attempts whose lease is lost (reaped, or the job moved on).
     pub async fn extend(
         &self,
         p: u32,
         lease: Duration,
-        held: &[(String, u32)],
-    ) -> Result<Vec<(String, u32)>, QueueError> {
+        held: &[AttemptKey],
+    ) -> Result<Vec<AttemptKey>, QueueError> {
         let mut args = vec![lease.as_millis().to_string()];
-        for (id, token) in held {
-            args.push(id.clone());
-            args.push(token.to_string());
+        for key in held {
+            args.push(key.id.clone());
+            args.push(key.attempt.to_string());
         }
         let flat = strings(self.call(ScriptName::Extend, p, args).await?)?;
-        Ok(flat
-            .chunks_exact(2)
-            .map(|c| (c[0].clone(), c[1].parse().unwrap_or(0)))
-            .collect())
+        flat.chunks_exact(2)
+            .map(|c| {
+                let attempt = c[1]
+                    .parse()
+                    .map_err(|_| QueueError::Protocol(format!("extend said attempt {:?}", c[1])))?;
+                Ok(AttemptKey::new(c[0].clone(), attempt))
+            })
+            .collect()
     }
 
     /// Run the reaper on partition `p` unless another worker ran it within
@@ -545,22 +550,26 @@ impl Queue {
         })
     }
 
-    /// Hand running attempts back to ready at once: `(id, attempt, run_ms)`.
+    /// Hand running attempts (on partition `p`) back to ready at once.
     /// Repeated with the same `call`, it answers as the first call did.
     pub async fn release(
         &self,
         p: u32,
         call: &Call,
         reason: &str,
-        held: &[(String, u32, u64)],
+        held: &[HandBack],
     ) -> Result<Released, QueueError> {
         let mut args = vec![
             call.worker().to_string(),
             call.id().to_string(),
             reason.to_string(),
         ];
-        for (id, token, run_ms) in held {
-            args.extend([id.clone(), token.to_string(), run_ms.to_string()]);
+        for h in held {
+            args.extend([
+                h.key.id.clone(),
+                h.key.attempt.to_string(),
+                h.run_ms.to_string(),
+            ]);
         }
         let (n, events) = count_and_events(self.call(ScriptName::Release, p, args).await?)?;
         Ok(Released {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::executor::lease_guard::{local_deadline, monotonic_ns};
 use crate::executor::{self, Caps, Outcome, Report, Stop, TaskInput, Watchdog};
 use crate::lease::{AttemptKey, HeldLease, StopReason};
+use crate::model::attempt::HandBack;
 use crate::queue::{ClaimedJob, Completion};
 
 use super::{Ctx, WorkerConfig};
@@ -28,11 +29,7 @@ pub(super) enum Finished {
         tenant: String,
     },
     /// Hand the job back to ready without counting the attempt (shutdown).
-    Release {
-        partition: u32,
-        key: AttemptKey,
-        run_ms: u64,
-    },
+    Release { partition: u32, back: HandBack },
 }
 
 /// How an attempt that ended locally is closed.
@@ -62,10 +59,7 @@ pub(super) fn closing(report: &Report, reason: Option<StopReason>, lapsed: bool)
 }
 
 pub(super) fn start_attempt(ctx: &Arc<Ctx>, job: ClaimedJob, sent: u64) {
-    let key = AttemptKey {
-        id: job.id.clone(),
-        attempt: job.attempt,
-    };
+    let key = job.key();
     let deadline = Arc::new(AtomicU64::new(local_deadline(sent, ctx.cfg.lease)));
     let stop = Stop {
         watchdog: ctx.guard.as_ref().map(|g| Watchdog {
@@ -77,14 +71,7 @@ pub(super) fn start_attempt(ctx: &Arc<Ctx>, job: ClaimedJob, sent: u64) {
     };
     ctx.held.insert(
         key.clone(),
-        HeldLease {
-            partition: job.partition,
-            started: Instant::now(),
-            stop: stop.clone(),
-            reason: None,
-            done: false,
-            deadline_ns: deadline.clone(),
-        },
+        HeldLease::new(job.partition, stop.clone(), deadline.clone()),
     );
     let ctx = ctx.clone();
     tokio::spawn(async move {
@@ -95,8 +82,10 @@ pub(super) fn start_attempt(ctx: &Arc<Ctx>, job: ClaimedJob, sent: u64) {
         let finished = match closing(&report, ctx.held.reason(&key), lapsed) {
             Closing::HandBack => Finished::Release {
                 partition: job.partition,
-                key,
-                run_ms: started.elapsed().as_millis() as u64,
+                back: HandBack {
+                    key,
+                    run_ms: started.elapsed().as_millis() as u64,
+                },
             },
             how => Finished::Complete {
                 partition: job.partition,

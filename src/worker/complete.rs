@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
 use crate::lease::{AttemptKey, Held};
+use crate::model::attempt::HandBack;
 use crate::queue::{Call, CompleteStatus, Completion, Queue, QueueError};
 
 use super::Counters;
@@ -39,7 +40,7 @@ pub(super) async fn complete_loop(
         let mut done: BTreeMap<u32, Vec<Completion>> = BTreeMap::new();
         let mut labels: std::collections::HashMap<AttemptKey, (String, String)> =
             std::collections::HashMap::new();
-        let mut back: BTreeMap<u32, Vec<(String, u32, u64)>> = BTreeMap::new();
+        let mut back: BTreeMap<u32, Vec<HandBack>> = BTreeMap::new();
         for f in batch {
             match f {
                 Finished::Complete {
@@ -52,14 +53,9 @@ pub(super) async fn complete_loop(
                     labels.insert(key, (queue, tenant));
                     done.entry(partition).or_default().push(completion)
                 }
-                Finished::Release {
-                    partition,
-                    key,
-                    run_ms,
-                } => back
-                    .entry(partition)
-                    .or_default()
-                    .push((key.id, key.attempt, run_ms)),
+                Finished::Release { partition, back: b } => {
+                    back.entry(partition).or_default().push(b)
+                }
             }
         }
         for (p, list) in done {
@@ -67,10 +63,7 @@ pub(super) async fn complete_loop(
             let done = retry("complete", || queue.complete(p, &call, &list)).await;
             crate::metrics::record_events(&done.events);
             for (c, s) in list.iter().zip(done.statuses) {
-                let key = AttemptKey {
-                    id: c.id.clone(),
-                    attempt: c.attempt,
-                };
+                let key = AttemptKey::new(c.id.clone(), c.attempt);
                 if let Some((q, t)) = labels.get(&key) {
                     crate::metrics::completed(
                         q,
@@ -99,11 +92,8 @@ pub(super) async fn complete_loop(
             counters
                 .released
                 .fetch_add(back.released, Ordering::Relaxed);
-            for (id, attempt, _) in &list {
-                held.remove(&AttemptKey {
-                    id: id.clone(),
-                    attempt: *attempt,
-                });
+            for b in &list {
+                held.remove(&b.key);
             }
         }
         slot_freed.notify_one();

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use agentq::executor::{Outcome, TaskUsage};
 use agentq::model::limits::Target;
-use agentq::queue::{Call, CompleteStatus, Completion, JobSpec, Queue, QueueConfig, QueueError};
+use agentq::queue::{
+    AttemptKey, Call, CompleteStatus, Completion, HandBack, JobSpec, Queue, QueueConfig, QueueError,
+};
 use fred::prelude::*;
 
 use super::model::{End, Model, NewJob, St, month_of};
@@ -688,13 +690,17 @@ impl World {
             if self.model.live(id, *a) {
                 self.model.extend(id, lease_ms);
             } else {
-                want.push((id.clone(), *a));
+                want.push(AttemptKey::new(id.clone(), *a));
             }
         }
+        let keys: Vec<AttemptKey> = attempts
+            .iter()
+            .map(|(id, a)| AttemptKey::new(id.clone(), *a))
+            .collect();
         let said = format!("extend p{p} {attempts:?} by {lease_ms}");
         let got = self
             .queue
-            .extend(p, Duration::from_millis(lease_ms), attempts)
+            .extend(p, Duration::from_millis(lease_ms), &keys)
             .await
             .map_err(|e| fail("extend error", format!("{said}: {e}")))?;
         ensure!(
@@ -743,9 +749,12 @@ impl World {
             }
         }
         let call = Call::new(self.setup.workers[worker].clone());
-        let held: Vec<(String, u32, u64)> = attempts
+        let held: Vec<HandBack> = attempts
             .iter()
-            .map(|(id, a)| (id.clone(), *a, run_ms))
+            .map(|(id, a)| HandBack {
+                key: AttemptKey::new(id.clone(), *a),
+                run_ms,
+            })
             .collect();
         let said = format!("release p{p} {} {attempts:?} run {run_ms}", call.worker());
         let got = self

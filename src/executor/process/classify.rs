@@ -114,7 +114,7 @@ pub(super) fn classify(f: Observed<'_>) -> Report {
     };
     let result = parse_result(f.stdout);
     let (output, usage, garbage) = match result {
-        Ok((o, u)) => (o, u, None),
+        Ok(r) => (r.output, r.usage, None),
         Err(e) => (None, TaskUsage::default(), Some(e)),
     };
     let with_tail = |summary: String| {

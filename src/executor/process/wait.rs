@@ -81,30 +81,9 @@ pub(super) async fn wait_exit(pid: libc::pid_t) -> io::Result<()> {
 }
 
 pub(super) async fn wait_exit_blocking(pid: libc::pid_t) -> io::Result<()> {
-    tokio::task::spawn_blocking(move || {
-        loop {
-            // SAFETY: zeroed siginfo_t is a valid out-parameter.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            // SAFETY: valid pointer; pid is our child.
-            let r = unsafe {
-                libc::waitid(
-                    libc::P_PID,
-                    pid as libc::id_t,
-                    &mut info,
-                    libc::WEXITED | libc::WNOWAIT,
-                )
-            };
-            if r == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    })
-    .await
-    .map_err(|e| io::Error::other(e.to_string()))?
+    tokio::task::spawn_blocking(move || peek_exit(pid, 0).map(|_| ()))
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?
 }
 
 pub(super) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
@@ -120,6 +99,14 @@ pub(super) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
 
 /// Non-blocking: has our child `pid` exited (not yet reaped)?
 pub(super) fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
+    peek_exit(pid, libc::WNOHANG)
+}
+
+/// `waitid(WEXITED | WNOWAIT | extra)` on our child `pid`, retried on
+/// EINTR: whether it has exited, leaving it unreaped (its pid stays ours
+/// until [`reap_now`], so no signal can reach a recycled pid). Without
+/// `WNOHANG` in `extra` it blocks until the child exits.
+fn peek_exit(pid: libc::pid_t, extra: libc::c_int) -> io::Result<bool> {
     loop {
         // SAFETY: zeroed siginfo_t is a valid out-parameter.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -129,7 +116,7 @@ pub(super) fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
                 libc::P_PID,
                 pid as libc::id_t,
                 &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                libc::WEXITED | libc::WNOWAIT | extra,
             )
         };
         if r == 0 {

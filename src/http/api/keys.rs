@@ -26,12 +26,21 @@ fn hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
+/// The two parts of an API key `aq_<prefix>_<secret>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyParts<'a> {
+    /// 8 hex digits: names the key in logs and listings (not secret).
+    pub prefix: &'a str,
+    /// 64 hex digits: only its SHA-256 is stored.
+    pub secret: &'a str,
+}
+
 /// Split `aq_<prefix>_<secret>`; None if it is not shaped like a key.
-pub fn parse(key: &str) -> Option<(&str, &str)> {
+pub fn parse(key: &str) -> Option<KeyParts<'_>> {
     let rest = key.strip_prefix("aq_")?;
     let (prefix, secret) = rest.split_once('_')?;
     let hexy = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hexy(prefix, 8) && hexy(secret, 64)).then_some((prefix, secret))
+    (hexy(prefix, 8) && hexy(secret, 64)).then_some(KeyParts { prefix, secret })
 }
 
 /// Create a key for `tenant`.
@@ -53,7 +62,7 @@ pub async fn create(pool: &PgPool, tenant: &str) -> Result<NewKey, LedgerError> 
 
 /// Revoke a key by its prefix (or whole key); returns the tenant it belonged to.
 pub async fn revoke(pool: &PgPool, key_or_prefix: &str) -> Result<Option<String>, LedgerError> {
-    let prefix = parse(key_or_prefix).map_or(key_or_prefix, |(p, _)| p);
+    let prefix = parse(key_or_prefix).map_or(key_or_prefix, |k| k.prefix);
     let tenant: Option<(String,)> =
         sqlx::query_as("UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING tenant")
             .bind(prefix)
@@ -64,7 +73,7 @@ pub async fn revoke(pool: &PgPool, key_or_prefix: &str) -> Result<Option<String>
 
 /// The tenant of a valid, unrevoked key.
 pub async fn verify(pool: &PgPool, key: &str) -> Result<Option<String>, LedgerError> {
-    let Some((prefix, secret)) = parse(key) else {
+    let Some(KeyParts { prefix, secret }) = parse(key) else {
         return Ok(None);
     };
     let row: Option<(String, Vec<u8>)> = sqlx::query_as(
@@ -85,7 +94,14 @@ mod tests {
     #[test]
     fn keys_parse() {
         let k = format!("aq_{}_{}", "a1b2c3d4", "0".repeat(64));
-        assert_eq!(super::parse(&k), Some(("a1b2c3d4", &*"0".repeat(64))));
+        let zeros = "0".repeat(64);
+        assert_eq!(
+            super::parse(&k),
+            Some(super::KeyParts {
+                prefix: "a1b2c3d4",
+                secret: &zeros
+            })
+        );
         assert!(super::parse("aq_zz_00").is_none());
         assert!(super::parse("Bearer x").is_none());
     }

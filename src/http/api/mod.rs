@@ -28,7 +28,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::queue::{Queue, QueueError};
-pub use wire::{ApiJob, decode_jobs};
+pub use wire::{ApiJob, Decoded, decode_jobs};
 
 /// The OpenAPI document served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -256,7 +256,7 @@ async fn tenant_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result
         ));
     };
     let ip = format!("ip:{client}");
-    let prefix = format!("key:{}", keys::parse(key).map_or("malformed", |(p, _)| p));
+    let prefix = format!("key:{}", keys::parse(key).map_or("malformed", |k| k.prefix));
     for who in [&ip, &prefix] {
         if let Some(wait) = st.throttle.blocked_for(who) {
             let mut e = ApiError::new(
@@ -298,7 +298,7 @@ async fn post_jobs(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let tenant = tenant_of(&st, &headers, client.ip()).await?;
-    let (specs, batch) = decode_jobs(&tenant, &body)?;
+    let Decoded { specs, batch } = decode_jobs(&tenant, &body)?;
     let out = st.queue.enqueue_batch(&specs).await?;
     let mut results = Vec::with_capacity(out.len());
     for (spec, e) in specs.iter().zip(&out) {

@@ -109,9 +109,18 @@ fn check_ms(d: std::time::Duration) -> Result<std::time::Duration, &'static str>
     }
 }
 
+/// A decoded enqueue request.
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    /// The jobs, tenant taken from the key.
+    pub specs: Vec<JobSpec>,
+    /// Whether the body was a batch (`[...]` or `{"jobs": [...]}`): a batch
+    /// is answered with a list, one job with one object.
+    pub batch: bool,
+}
+
 /// Decode a request body: one job object, `{"jobs": [...]}` or `[...]`.
-/// Returns the specs (tenant from the key) and whether it was a batch.
-pub fn decode_jobs(tenant: &str, body: &[u8]) -> Result<(Vec<JobSpec>, bool), ApiError> {
+pub fn decode_jobs(tenant: &str, body: &[u8]) -> Result<Decoded, ApiError> {
     let PlainJson(v) = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("body is not valid JSON: {e}")))?;
     let (items, batch) = match v {
@@ -153,7 +162,7 @@ pub fn decode_jobs(tenant: &str, body: &[u8]) -> Result<(Vec<JobSpec>, bool), Ap
             job.into_spec(tenant, n)
         })
         .collect::<Result<Vec<_>, _>>()
-        .map(|specs| (specs, batch))
+        .map(|specs| Decoded { specs, batch })
 }
 
 #[cfg(test)]
@@ -163,7 +172,7 @@ mod tests {
 
     #[test]
     fn shapes_decode() {
-        let (one, batch) = decode_jobs(
+        let Decoded { specs: one, batch } = decode_jobs(
             "t",
             br#"{"queue":"q","kind":"echo","payload":{"a":1},"timeout":"30s"}"#,
         )
@@ -179,14 +188,14 @@ mod tests {
                 br#"[{"queue":"q","kind":"k"},{"queue":"q","kind":"k"}]"#
             )
             .unwrap()
-            .0
+            .specs
             .len(),
             2
         );
         assert!(
             decode_jobs("t", br#"{"jobs":[{"queue":"q","kind":"k"}]}"#)
                 .unwrap()
-                .1
+                .batch
         );
     }
 
@@ -272,7 +281,7 @@ mod tests {
             assert_eq!(e.status().as_u16(), 400, "{body}");
             assert!(e.message.contains(needle), "{body}: {}", e.message);
         }
-        let (specs, _) = decode_jobs(
+        let Decoded { specs, .. } = decode_jobs(
             "t",
             br#"{"queue":"q","kind":"k","timeout":"1.5s","delay":"1000000000000000ms"}"#,
         )
@@ -291,7 +300,7 @@ mod tests {
     fn payload_objects_stay_objects() {
         let body =
             br#"{"queue":"q","kind":"k","payload":{"$serde_json::private::RawValue":"[1]"}}"#;
-        let (specs, _) = decode_jobs("t", body).unwrap();
+        let Decoded { specs, .. } = decode_jobs("t", body).unwrap();
         assert_eq!(
             specs[0].payload,
             r#"{"$serde_json::private::RawValue":"[1]"}"#
@@ -303,9 +312,10 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.status().as_u16(), 400);
         // Found by tests/proptests.rs: an explicit null payload became {}.
-        let (specs, _) = decode_jobs("t", br#"{"queue":"q","kind":"k","payload":null}"#).unwrap();
+        let Decoded { specs, .. } =
+            decode_jobs("t", br#"{"queue":"q","kind":"k","payload":null}"#).unwrap();
         assert_eq!(specs[0].payload, "null");
-        let (specs, _) = decode_jobs("t", br#"{"queue":"q","kind":"k"}"#).unwrap();
+        let Decoded { specs, .. } = decode_jobs("t", br#"{"queue":"q","kind":"k"}"#).unwrap();
         assert_eq!(specs[0].payload, "{}");
     }
 
