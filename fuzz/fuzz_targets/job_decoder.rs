@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use agentq::http::api::decode_jobs;
+use agentq::http::api::{Decoded, decode_jobs};
 use agentq::queue::JobSpec;
 use agentq::model::units::{format_duration, format_size};
 use arbitrary::{Arbitrary, Unstructured};
@@ -112,7 +112,7 @@ impl Shaped {
 }
 
 fn body(data: &[u8]) {
-    let (specs, batch) = match decode_jobs("acme", data) {
+    let Decoded { specs, batch } = match decode_jobs("acme", data) {
         Ok(ok) => ok,
         Err(e) => {
             let status = e.status().as_u16();
@@ -151,7 +151,10 @@ fn body(data: &[u8]) {
         }
     }
     let canonical = encode(&specs, batch, data.len().is_multiple_of(2));
-    let (again, batch2) = decode_jobs("acme", canonical.as_bytes())
+    let Decoded {
+        specs: again,
+        batch: batch2,
+    } = decode_jobs("acme", canonical.as_bytes())
         .unwrap_or_else(|e| panic!("canonical form refused: {e:?}\n{canonical}"));
     assert_eq!(batch, batch2);
     assert_eq!(format!("{specs:?}"), format!("{again:?}"), "{canonical}");

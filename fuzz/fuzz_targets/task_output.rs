@@ -5,7 +5,7 @@
 //! reads back exactly, missing usage keys as 0.
 #![no_main]
 
-use agentq::executor::{TaskUsage, parse_task_output};
+use agentq::executor::{TaskResult, TaskUsage, parse_task_output};
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value, json};
@@ -21,7 +21,7 @@ fn raw(data: &[u8]) {
     let got = parse_task_output(data);
     match &got {
         Err(e) => assert!(!e.contains('\n'), "error on one line: {e:?}"),
-        Ok((output, _)) => assert_ne!(output, &Some(Value::Null), "null output is None"),
+        Ok(result) => assert_ne!(result.output, Some(Value::Null), "null output is None"),
     }
     let mut trailing = data.to_vec();
     trailing.extend_from_slice(b"\n \r\n\t\n\n");
@@ -99,7 +99,7 @@ fn round_trip(r: &ResultLine) {
     }
     stdout.extend_from_slice(Value::Object(obj).to_string().as_bytes());
     stdout.push(b'\n');
-    let (output, usage) = parse_task_output(&stdout)
+    let TaskResult { output, usage } = parse_task_output(&stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&stdout)));
     assert_eq!(output, r.output.as_ref().map(Out::json));
     assert_eq!(usage, want);
