@@ -22,7 +22,8 @@
 //! (`sim/check.rs`, `sim/sched.rs`):
 //! - every job is in exactly one state: its hash, and exactly the index of
 //!   that state (its tenant's ready set, the delayed set, the leases, the
-//!   dead sets) with the right score; purged jobs are gone;
+//!   dead sets) with the right score; purged jobs are gone, and so are jobs
+//!   that succeeded on the first queue, which keeps none (keep_completed 0);
 //! - each tenant's running count equals its live leases;
 //! - the queue counters equal the sets they count; `B:tq` lists the queues
 //!   with ready work; `B:paused` is what was paused;

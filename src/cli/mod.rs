@@ -112,6 +112,8 @@ pub enum Command {
     Pause(ops::PauseArgs),
     /// Undo a pause or a drain.
     Resume(ops::PauseArgs),
+    /// How long a queue's succeeded jobs keep their hash (0: removed on success).
+    KeepCompleted(ops::KeepArgs),
     /// Stop new starts on a queue fleet-wide and wait until nothing runs.
     Drain(drain::DrainArgs),
     /// List, retry or purge dead jobs.
@@ -218,6 +220,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Inspect(a) => jobs::inspect(g, a).await,
         Command::Pause(a) => ops::pause(g, a, true).await,
         Command::Resume(a) => ops::pause(g, a, false).await,
+        Command::KeepCompleted(a) => ops::keep_completed(g, a).await,
         Command::Drain(a) => drain::drain(g, a).await,
         Command::Dead(a) => drain::dead(g, a).await,
         Command::Tenant(c) => ops::tenant(g, c).await,

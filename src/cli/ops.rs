@@ -1,4 +1,5 @@
-//! `agentq queues`, `tenants`, `pause`, `resume`, `tenant set|show|defaults`.
+//! `agentq queues`, `tenants`, `pause`, `resume`, `keep-completed`,
+//! `tenant set|show|defaults`.
 
 use std::time::Duration;
 
@@ -109,6 +110,56 @@ pub(super) async fn tenants(g: &Global, a: TenantsArgs) -> CliResult {
         ],
         &rows,
     );
+    Ok(())
+}
+
+/// `agentq keep-completed`.
+#[derive(Debug, Args)]
+pub struct KeepArgs {
+    /// Queue name.
+    queue: String,
+    /// How long its succeeded jobs keep their hash: `0` (removed as they
+    /// succeed; their ledger rows are written all the same), `10m`, `24h`,
+    /// or `default` (the partition's retention_ms, 24 h unless set).
+    keep: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(super) async fn keep_completed(g: &Global, a: KeepArgs) -> CliResult {
+    validate_name("queue", &a.queue)?;
+    let keep = match a.keep.as_str() {
+        "default" => None,
+        "0" => Some(Duration::ZERO),
+        s => Some(duration_arg(s).map_err(|e| {
+            crate::queue::QueueError::Invalid(format!(
+                "keep {s:?}: {e} (use 0, a duration such as 10m, or default)"
+            ))
+        })?),
+    };
+    let q = g.queue().await?;
+    q.set_keep_completed(&a.queue, keep).await?;
+    let keep_ms = keep.map(|d| d.as_millis() as u64);
+    if a.json {
+        output::json(&serde_json::json!({ "queue": a.queue, "keep_completed_ms": keep_ms }));
+        return Ok(());
+    }
+    match keep {
+        None => println!(
+            "queue {}: succeeded jobs keep their hash for retention_ms",
+            a.queue
+        ),
+        Some(d) if d.is_zero() => println!(
+            "queue {}: succeeded jobs are removed as they succeed",
+            a.queue
+        ),
+        Some(d) => println!(
+            "queue {}: succeeded jobs keep their hash for {}",
+            a.queue,
+            format_duration(d)
+        ),
+    }
     Ok(())
 }
 

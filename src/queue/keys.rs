@@ -20,6 +20,7 @@
 //! | `B:defaults` | hash | limits for tenants that set none, and partition settings |
 //! | `B:running` | hash | tenant -> running jobs (the fleet-wide concurrency count) |
 //! | `B:qvt` | hash | queue → its virtual time (the pass of the latest pick by a pool serving it) |
+//! | `B:qkeep` | hash | queue → how long its succeeded jobs keep their hash, in ms (absent: `retention_ms`; 0: removed on success) |
 //! | `B:q:<q>:pass` | hash | tenant → what it owes on q (its pass when it left q's sched set ahead of q's virtual time) |
 //! | `B:qw` | hash | queue → total weight of the tenants in its sched set |
 //! | `B:q:<q>:dt:<t>` | zset | tenant t's dead jobs in q, by time of death |

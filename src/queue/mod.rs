@@ -29,6 +29,9 @@ pub use job::{
 pub use keys::{Keys, partition_of, partition_of_job};
 pub use scripts::{ScriptName, script_source};
 
+/// The longest a queue may keep succeeded jobs ([`Queue::set_keep_completed`]).
+pub const MAX_KEEP_COMPLETED: Duration = Duration::from_secs(365 * 86_400);
+
 /// Errors from the queue. `Invalid` and `OverCap` are the caller's input
 /// (exit code 2, HTTP 4xx); the rest are runtime failures.
 #[derive(Debug, thiserror::Error)]
@@ -611,6 +614,38 @@ impl Queue {
             changed |= matches!(v, Value::Integer(1));
         }
         Ok(changed)
+    }
+
+    /// How long succeeded jobs of `queue` keep their hash once finished
+    /// (`None`: the partition's `retention_ms`, 24 h unless set; zero:
+    /// removed at once, like BullMQ's removeOnComplete). Their ledger
+    /// records are written either way, and dead jobs always stay until
+    /// purged. Applies to every partition from the next completion on.
+    pub async fn set_keep_completed(
+        &self,
+        queue: &str,
+        keep: Option<Duration>,
+    ) -> Result<(), QueueError> {
+        job::validate_name("queue", queue)?;
+        if keep.is_some_and(|d| d > MAX_KEEP_COMPLETED) {
+            let d = crate::model::units::format_duration(keep.unwrap_or_default());
+            return Err(QueueError::Invalid(format!(
+                "keep_completed {d} is longer than 365d"
+            )));
+        }
+        for p in 0..self.partitions() {
+            let key = self.keys(p).key(&["qkeep"]);
+            match keep {
+                Some(d) => {
+                    let ms = d.as_millis() as u64; // at most 365 d
+                    let _: i64 = self.client.hset(&key, (queue, ms)).await?;
+                }
+                None => {
+                    let _: i64 = self.client.hdel(&key, queue).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Retry (`retry` true) or purge dead jobs of `queue`: the given `jobs`,

@@ -172,6 +172,9 @@ pub struct Model {
     pub closes: Vec<Close>,
     /// Starts per tenant since its rate settings last changed.
     pub starts: HashMap<String, Vec<i64>>,
+    /// Queues that keep no succeeded jobs (keep_completed 0): a job that
+    /// succeeds there is gone at once, its record in the outbox.
+    pub keep_none: BTreeSet<String>,
 }
 
 /// "YYYY-MM" (UTC) of a ms timestamp, as lib.lua's month_of.
@@ -199,6 +202,7 @@ impl Model {
             idem: HashMap::new(),
             closes: Vec::new(),
             starts: HashMap::new(),
+            keep_none: BTreeSet::new(),
         }
     }
 
@@ -502,8 +506,9 @@ impl Model {
             St::Ready
         };
         let name = state.name();
+        let removed = state == St::Succeeded && self.keep_none.contains(&j.queue);
         let j = self.job_mut(id);
-        j.state = state;
+        j.state = if removed { St::Gone } else { state };
         j.worker.clear();
         name
     }

@@ -187,7 +187,7 @@ impl World {
             setup.tenants.clone(),
             setup.queues.clone(),
         );
-        let w = World {
+        let mut w = World {
             setup,
             queue,
             model,
@@ -197,6 +197,14 @@ impl World {
             last_op: None,
         };
         w.set_clock().await;
+        // The first queue keeps no succeeded jobs (BullMQ's removeOnComplete):
+        // their hashes go in the completion, their records stay exact.
+        let first = w.setup.queues[0].clone();
+        w.queue
+            .set_keep_completed(&first, Some(Duration::ZERO))
+            .await
+            .expect("keep_completed 0");
+        w.model.keep_none.insert(first);
         w
     }
 

@@ -30,6 +30,19 @@ local function charge(t, run_ms, tokens, now)
   return math.floor(run_ms * l.price_minute_micros / 60000 + tokens * l.price_ktok_micros / 1000)
 end
 
+-- How long a succeeded job of queue q keeps its hash, in ms as text:
+-- B:qkeep field q (`Queue::set_keep_completed`), else the partition's
+-- retention_ms. "0" removes it on success (BullMQ's removeOnComplete).
+local keep_cache = {}
+local function keep_completed(q)
+  local v = keep_cache[q]
+  if v == nil then
+    v = redis.call('HGET', k('qkeep'), q) or retention_str()
+    keep_cache[q] = v
+  end
+  return v
+end
+
 local function finish_attempt(id, job, a, now)
   local q, t = job.queue, job.tenant
   lease_rem(id)
@@ -54,10 +67,18 @@ local function finish_attempt(id, job, a, now)
   else
     state = 'ready'
   end
+  local keep = state == 'succeeded' and keep_completed(q)
+  if keep == '0' then
+    -- The queue keeps no succeeded jobs: the ledger record above is the
+    -- attempt's account, so the hash goes at once (one DEL, not HSET+PEXPIRE).
+    redis.call('DEL', jk)
+    sync_later(t)
+    return state
+  end
   redis.call('HSET', jk, 'state', state, 'outcome', a.outcome, 'finished_at', now_str(),
     'last_error', a.error or '', 'result', a.result or '')
-  if state == 'succeeded' then
-    redis.call('PEXPIRE', jk, retention_str())
+  if keep then
+    redis.call('PEXPIRE', jk, keep)
     -- the worker field stays: it names who ran the finished job
   elseif state == 'dead' then
     redis.call('HDEL', jk, 'worker')
