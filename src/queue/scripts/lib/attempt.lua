@@ -34,6 +34,7 @@ end
 -- B:qkeep field q (`Queue::set_keep_completed`), else the partition's
 -- retention_ms. "0" removes it on success (BullMQ's removeOnComplete).
 local keep_cache = {}
+local removed_jobs = {} -- job hashes to delete, one DEL at flush_state
 local function keep_completed(q)
   local v = keep_cache[q]
   if v == nil then
@@ -70,8 +71,10 @@ local function finish_attempt(id, job, a, now)
   local keep = state == 'succeeded' and keep_completed(q)
   if keep == '0' then
     -- The queue keeps no succeeded jobs: the ledger record above is the
-    -- attempt's account, so the hash goes at once (one DEL, not HSET+PEXPIRE).
-    redis.call('DEL', jk)
+    -- attempt's account, so the hash goes (one DEL per call for all of them,
+    -- by flush_state; nothing reads it again in this call: a second
+    -- completion of the same attempt is answered from the first).
+    removed_jobs[#removed_jobs + 1] = jk
     sync_later(t)
     return state
   end

@@ -19,6 +19,10 @@ local function flush_state()
   if #lease_rems > 0 then call_chunked('ZREM', K_LEASES, lease_rems) end
   if #lease_adds > 0 then call_chunked('ZADD', K_LEASES, lease_adds) end
   lease_adds, lease_rems = {}, {}
+  for i = 1, #removed_jobs, 1000 do
+    redis.call('DEL', unpack(removed_jobs, i, math.min(i + 999, #removed_jobs)))
+  end
+  removed_jobs = {}
   if next(usage_delta) then
     local month = month_of(now_ms())
     for t, ms in pairs(usage_delta) do redis.call('HINCRBY', k('usage', t), month, ms) end
