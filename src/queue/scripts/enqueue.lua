@@ -289,10 +289,10 @@ local touched = {}
 -- One INCRBY reserves the sequence numbers of the whole batch.
 local seq = redis.call('INCRBY', k('seq'), count) - count
 local new_queues, new_tenants = {}, {}
-local distinct = {}
+local distinct, seen = {}, {}
 for _, job in ipairs(jobs) do
-  if not new_tenants[job.tenant] then
-    new_tenants[job.tenant] = true
+  if not seen[job.tenant] then
+    seen[job.tenant] = true
     distinct[#distinct + 1] = job.tenant
   end
 end
@@ -340,8 +340,13 @@ for _, job in ipairs(jobs) do
       end
       redis.call('HSET', jk, unpack(f))
     end
-    new_queues[job.queue] = true
-    new_tenants[job.tenant] = true
+    -- B:queues and B:tenants only grow; a tenant whose B:tq entry lists
+    -- the queue was added to both by an earlier enqueue (two commands
+    -- fewer for most single enqueues).
+    if not tenant_queues(job.tenant)[job.queue] then
+      new_queues[job.queue] = true
+      new_tenants[job.tenant] = true
+    end
     if delayed then
       redis.call('ZADD', k('q', job.queue, 'delayed'), ready_at, id)
       stat(job.queue, job.tenant, 'delayed', 1)
