@@ -20,9 +20,15 @@
 //! more than single enqueues can sustain, and the heavy level then measures
 //! a growing backlog (the table's "kept up" column says so).
 //!
+//! For a comparison at one offered rate on every system (benches/compare/run
+//! measures every system's peak first, then runs the levels at 80% of the
+//! slowest peak): PEAK_ONLY=1 measures the peak alone and writes
+//! target/bench/agentq-latency-peak.json; HEAVY_RATE=<jobs/s> runs the
+//! heavy level at that rate and measures no peak.
+//!
 //! Knobs: LIGHT_RATE (200), LIGHT_SECS (15), HEAVY_PCT (80), HEAVY_SECS (10),
-//! PEAK, PEAK_MODE (e2e|backlog), PEAK_SECS (5), PEAK_JOBS (20000),
-//! CONCURRENCY (64), TENANTS (50).
+//! HEAVY_RATE, PEAK, PEAK_ONLY, PEAK_MODE (e2e|backlog), PEAK_SECS (5),
+//! PEAK_JOBS (20000), CONCURRENCY (64), TENANTS (50).
 //! Writes target/bench/agentq-latency.json.
 
 mod common;
@@ -81,9 +87,39 @@ async fn main() -> anyhow::Result<()> {
         common::load_note()
     );
 
-    let (peak, peak_source) = peak(&setup).await?;
-    let heavy_rate = (peak * heavy_pct / 100.0).max(1.0);
-    eprintln!("  peak {peak:.0} jobs/s ({peak_source}); heavy load {heavy_rate:.0} jobs/s");
+    if std::env::var("PEAK_ONLY").is_ok_and(|v| !v.is_empty() && v != "0") {
+        let (peak, peak_source) = peak(&setup).await?;
+        println!("peak {peak:.0} jobs/s ({peak_source})");
+        let json = serde_json::json!({
+            "peak_per_s": peak.round(),
+            "peak_source": peak_source,
+            "peak_secs": knob("PEAK_SECS", 5, 2),
+            "in_flight": 128,
+            "concurrency": setup.concurrency,
+            "tenants": setup.tenants,
+            "machine": common::load_note(),
+        });
+        let path = common::write_json("latency-peak", &json)?;
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
+    let heavy_rate_knob = std::env::var("HEAVY_RATE")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|r| r.is_finite() && *r > 0.0);
+    let (peak, peak_source, heavy_rate) = match heavy_rate_knob {
+        // The caller chose the rate (e.g. 80% of the slowest system's peak).
+        Some(rate) => {
+            let peak = std::env::var("PEAK").ok().and_then(|v| v.parse().ok());
+            (peak, "HEAVY_RATE", rate)
+        }
+        None => {
+            let (peak, source) = peak(&setup).await?;
+            (Some(peak), source, (peak * heavy_pct / 100.0).max(1.0))
+        }
+    };
+    let peak_note = peak.map_or_else(|| "not measured".into(), |p| format!("{p:.0} jobs/s"));
+    eprintln!("  peak {peak_note} ({peak_source}); heavy load {heavy_rate:.0} jobs/s");
 
     let queue = common::fresh_queue("latency").await?;
     let body = async {
@@ -295,7 +331,12 @@ async fn paced(
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
-fn report(setup: &Setup, peak: f64, peak_source: &str, levels: &[Level]) -> anyhow::Result<()> {
+fn report(
+    setup: &Setup,
+    peak: Option<f64>,
+    peak_source: &str,
+    levels: &[Level],
+) -> anyhow::Result<()> {
     let mut t = Table::new(&[
         "load",
         "target/s",
@@ -323,7 +364,10 @@ fn report(setup: &Setup, peak: f64, peak_source: &str, levels: &[Level]) -> anyh
         ]);
     }
     t.print();
-    println!("peak {peak:.0} jobs/s ({peak_source})");
+    match peak {
+        Some(p) => println!("peak {p:.0} jobs/s ({peak_source})"),
+        None => println!("heavy rate from {peak_source}"),
+    }
     let level_json = |l: &Level| {
         serde_json::json!({
             "rate_per_s": l.rate.round(),
@@ -341,7 +385,7 @@ fn report(setup: &Setup, peak: f64, peak_source: &str, levels: &[Level]) -> anyh
     let json = serde_json::json!({
         "light": level_json(&levels[0]),
         "heavy": level_json(&levels[1]),
-        "peak_per_s": peak.round(),
+        "peak_per_s": peak.map(f64::round),
         "peak_source": peak_source,
         "concurrency": setup.concurrency,
         "tenants": setup.tenants,

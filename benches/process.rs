@@ -82,6 +82,12 @@ async fn main() -> anyhow::Result<()> {
         "queue_echo_per_s": queued.round(),
         "concurrency": concurrency,
         "jobs": jobs,
+        // Per-attempt cgroups below this parent ("off": none); the worker
+        // falls back to rlimits when the cgroup hierarchy is not writable.
+        "cgroup_parent": agentq::executor::sandbox::SandboxConfig::from_env("bench")
+            .config
+            .cgroup_parent
+            .unwrap_or_else(|| "off".into()),
         "machine": common::load_note(),
     });
     let path = common::write_json("process", &json)?;

@@ -8,7 +8,11 @@
 //! Knobs: JOBS (100000), TENANTS (50), BATCH (500 jobs per enqueue call),
 //! CONCURRENCY (64,256), LEDGER (off,on), CAP (1000, each tenant's cap).
 //! Ledger on: a job counts only once its row is in PostgreSQL (the run ends
-//! when `usage_ledger` holds every row). Writes target/bench/agentq-throughput.json.
+//! when `usage_ledger` holds every row). Also what Redis spent per job over
+//! each run (INFO commandstats and the main thread's CPU time, before the
+//! worker starts and after every job counted; the whole server, so run it
+//! on a Redis of its own for clean figures, as benches/compare/run does).
+//! Writes target/bench/agentq-throughput.json.
 
 mod common;
 
@@ -25,6 +29,8 @@ struct Run {
     /// Jobs/s until the job counted: acked (ledger off) or its row in PostgreSQL (on).
     jobs_per_s: f64,
     completed: u64,
+    /// Redis per job over the run ([`common::RedisStats::per_job`]).
+    redis: serde_json::Value,
 }
 
 struct Sizes {
@@ -86,6 +92,13 @@ fn ledger_modes() -> Vec<bool> {
     modes
 }
 
+/// `redis_us_per_job.<key>` of a run's Redis figures, for the table.
+fn redis_us(redis: &serde_json::Value, key: &str) -> String {
+    redis["redis_us_per_job"][key]
+        .as_f64()
+        .map_or_else(|| "-".into(), |x| format!("{x:.1}"))
+}
+
 fn on_off(b: bool) -> &'static str {
     if b { "on" } else { "off" }
 }
@@ -117,6 +130,7 @@ async fn run_once(sizes: &Sizes, concurrency: usize, ledger: bool) -> anyhow::Re
             acked_per_s: jobs / run.acked_s,
             jobs_per_s: jobs / run.counted_s,
             completed: run.completed,
+            redis: run.redis,
         })
     };
     let result = body.await;
@@ -131,12 +145,21 @@ fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
     let enqueue: Vec<f64> = runs.iter().map(|r| r.enqueue_per_s).collect();
     // Every run enqueues the same backlog; the median is the figure.
     let enqueue_per_s = common::percentile(&enqueue, 0.5);
-    let mut t = Table::new(&["measure", "concurrency", "ledger", "jobs/s"]);
+    let mut t = Table::new(&[
+        "measure",
+        "concurrency",
+        "ledger",
+        "jobs/s",
+        "Redis CPU us/job",
+        "Redis cmd us/job",
+    ]);
     t.row(vec![
         format!("batch enqueue ({}/call, median)", sizes.batch),
         "-".into(),
         "-".into(),
         grouped(enqueue_per_s),
+        "-".into(),
+        "-".into(),
     ]);
     for r in runs {
         t.row(vec![
@@ -144,20 +167,26 @@ fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
             r.concurrency.to_string(),
             on_off(r.ledger).into(),
             grouped(r.jobs_per_s),
+            redis_us(&r.redis, "cpu"),
+            redis_us(&r.redis, "all"),
         ]);
     }
     t.print();
     let process: Vec<serde_json::Value> = runs
         .iter()
         .map(|r| {
-            serde_json::json!({
+            let mut run = serde_json::json!({
                 "concurrency": r.concurrency,
                 "ledger": r.ledger,
                 "jobs_per_s": r.jobs_per_s.round(),
                 "acked_per_s": r.acked_per_s.round(),
                 "enqueue_per_s": r.enqueue_per_s.round(),
                 "completed": r.completed,
-            })
+            });
+            if let (Some(run), Some(redis)) = (run.as_object_mut(), r.redis.as_object()) {
+                run.extend(redis.clone());
+            }
+            run
         })
         .collect();
     let json = serde_json::json!({
@@ -167,6 +196,7 @@ fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
         "enqueue_batch": sizes.batch,
         "tenant_cap": sizes.cap,
         "process": process,
+        "redis_note": "INFO commandstats and the main thread's CPU time of the whole server from the worker's start until every job counted (acked, or its ledger row written), per job: other clients of that Redis count too. 'all' sums every command's usec (Redis 7 counts a script's inner commands in their own entries as well as in the script's); 'cpu' is used_cpu_user_main_thread + used_cpu_sys_main_thread",
         "machine": common::load_note(),
     });
     let path = common::write_json("throughput", &json)?;

@@ -145,6 +145,123 @@ pub fn round_robin_specs(jobs: usize, tenants: usize, kind: &str) -> Vec<JobSpec
         .collect()
 }
 
+/// INFO commandstats and the Redis main thread's CPU time at one moment,
+/// so a run can say what the server spent per job (the same keys as the
+/// BullMQ runners in `benches/compare/` write).
+pub struct RedisStats {
+    /// Command name to (calls, usec).
+    cmds: std::collections::HashMap<String, (u64, u64)>,
+    /// `used_cpu_user_main_thread + used_cpu_sys_main_thread` (seconds).
+    cpu_s: f64,
+}
+
+impl RedisStats {
+    /// Read INFO commandstats and INFO cpu from `queue`'s Redis.
+    pub async fn snapshot(queue: &Queue) -> anyhow::Result<RedisStats> {
+        use fred::prelude::*;
+        let stats: String = queue
+            .client()
+            .info(Some(fred::types::InfoKind::CommandStats))
+            .await?;
+        let cpu: String = queue
+            .client()
+            .info(Some(fred::types::InfoKind::Cpu))
+            .await?;
+        Ok(RedisStats::parse(&stats, &cpu))
+    }
+
+    /// From the text of INFO commandstats and INFO cpu.
+    pub fn parse(commandstats: &str, cpu: &str) -> RedisStats {
+        let mut cmds = std::collections::HashMap::new();
+        for line in commandstats.lines() {
+            let Some((name, rest)) = line
+                .trim()
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let field = |k: &str| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            cmds.insert(name.to_string(), (field("calls"), field("usec")));
+        }
+        let cpu_field = |k: &str| {
+            cpu.lines()
+                .find_map(|l| l.trim().strip_prefix(k)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        // Redis 7 reports the main thread apart; older servers only the process.
+        let cpu_s = match (
+            cpu_field("used_cpu_user_main_thread"),
+            cpu_field("used_cpu_sys_main_thread"),
+        ) {
+            (Some(u), Some(s)) => u + s,
+            _ => {
+                cpu_field("used_cpu_user").unwrap_or(0.0) + cpu_field("used_cpu_sys").unwrap_or(0.0)
+            }
+        };
+        RedisStats { cmds, cpu_s }
+    }
+
+    /// What the server did between `self` and `after`, per job:
+    /// `redis_us_per_job` {`all`: sum of every command's usec (Redis 7
+    /// counts the commands a script runs both in their own entry and in the
+    /// script's), `scripts`: EVAL/EVALSHA/FCALL usec (their inner commands
+    /// included), `cpu`: the main thread's CPU time}, `redis_calls_per_job`
+    /// and `redis_commands` (each command's calls and usec per job).
+    pub fn per_job(&self, after: &RedisStats, jobs: usize) -> serde_json::Value {
+        let n = jobs.max(1) as f64;
+        let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+        let (mut all, mut scripts) = ((0u64, 0u64), (0u64, 0u64));
+        let mut by: Vec<(&String, u64, u64)> = Vec::new();
+        for (name, &(c1, u1)) in &after.cmds {
+            let (c0, u0) = self.cmds.get(name).copied().unwrap_or((0, 0));
+            let (c, u) = (c1.saturating_sub(c0), u1.saturating_sub(u0));
+            if c == 0 {
+                continue;
+            }
+            all = (all.0 + c, all.1 + u);
+            if matches!(
+                name.as_str(),
+                "eval" | "evalsha" | "eval_ro" | "evalsha_ro" | "fcall" | "fcall_ro"
+            ) {
+                scripts = (scripts.0 + c, scripts.1 + u);
+            }
+            by.push((name, c, u));
+        }
+        by.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(b.0)));
+        let commands: serde_json::Map<String, serde_json::Value> = by
+            .iter()
+            .filter(|(_, c, _)| *c as f64 / n >= 0.001)
+            .map(|(name, c, u)| {
+                (
+                    name.to_string(),
+                    serde_json::json!({
+                        "calls_per_job": r3(*c as f64 / n),
+                        "us_per_job": r3(*u as f64 / n),
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "redis_us_per_job": {
+                "all": r3(all.1 as f64 / n),
+                "scripts": r3(scripts.1 as f64 / n),
+                "cpu": r3((after.cpu_s - self.cpu_s).max(0.0) * 1e6 / n),
+            },
+            "redis_calls_per_job": {
+                "all": r3(all.0 as f64 / n),
+                "scripts": r3(scripts.0 as f64 / n),
+            },
+            "redis_commands": commands,
+        })
+    }
+}
+
 /// Times of one backlog run, in seconds.
 pub struct BacklogRun {
     /// Enqueueing the whole backlog (before the worker starts).
@@ -155,6 +272,9 @@ pub struct BacklogRun {
     pub counted_s: f64,
     /// Completions the worker acknowledged.
     pub completed: u64,
+    /// What Redis spent per job from the worker's start until every job
+    /// counted ([`RedisStats::per_job`]), or why it could not be read.
+    pub redis: serde_json::Value,
 }
 
 /// Enqueue `specs` (`batch` per call) with no worker running, then start
@@ -170,6 +290,7 @@ pub async fn process_backlog(
     ledger: Option<&LedgerSchema>,
 ) -> anyhow::Result<BacklogRun> {
     let enqueue_s = enqueue_in_batches(queue, specs, batch).await?;
+    let before = RedisStats::snapshot(queue).await;
     let worker = BenchWorker::start(
         queue,
         worker_config(concurrency),
@@ -198,6 +319,10 @@ pub async fn process_backlog(
         }
         None => acked_s,
     };
+    let redis = match (before, RedisStats::snapshot(queue).await) {
+        (Ok(b), Ok(a)) => b.per_job(&a, specs.len()),
+        (Err(e), _) | (_, Err(e)) => serde_json::json!({ "redis_stats_error": e.to_string() }),
+    };
     let summary = worker.stop().await?;
     anyhow::ensure!(
         summary.completed as usize >= specs.len(),
@@ -210,6 +335,7 @@ pub async fn process_backlog(
         acked_s,
         counted_s,
         completed: summary.completed,
+        redis,
     })
 }
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env node
-// BullMQ yardstick for agentq's benchmarks: the same throughput, latency,
-// flood and footprint scenarios, written as target/bench/bullmq-<scenario>.json
-// with the same keys as the agentq side (target/bench/agentq-<scenario>.json).
+// BullMQ yardstick for agentq's benchmarks: the same throughput, peak,
+// latency, flood and footprint scenarios, written as
+// target/bench/bullmq-<scenario>.json (peak: bullmq-latency-peak.json) with
+// the same keys as the agentq side (target/bench/agentq-<scenario>.json).
 //
-//   node benches/compare/bullmq-bench.mjs [throughput|latency|flood|footprint|all]...
+//   node benches/compare/bullmq-bench.mjs [throughput|peak|latency|flood|footprint|all]...
 //
 // BullMQ and ioredis are loaded from a scratch directory (BULLMQ_SCRATCH,
 // default target/bench/bullmq-scratch/) and installed there with npm if
@@ -16,8 +17,9 @@
 //   CHUNK (500 jobs per addBulk, as agentq's BATCH), CONCURRENCIES ("64,256"),
 //   WORKERS (1: Worker instances sharing each concurrency),
 //   LIGHT_RATE (200), LIGHT_SECS (15), HEAVY_PCT (80), HEAVY_SECS (10),
-//   HEAVY_RATE (default HEAVY_PCT of the c=LATENCY_CONCURRENCY rate in
-//   bullmq-throughput.json), LATENCY_CONCURRENCY (64),
+//   HEAVY_RATE (default HEAVY_PCT of the peak in bullmq-latency-peak.json,
+//   else of the c=LATENCY_CONCURRENCY rate in bullmq-throughput.json),
+//   LATENCY_CONCURRENCY (64), PEAK_SECS (5; QUICK 2),
 //   FLOOD_A_JOBS (2000; QUICK 400), FLOOD_B_JOBS (10), FLOOD_TASK_MS (50),
 //   FLOOD_CONCURRENCY (20), FOOTPRINT_REDIS (private|shared).
 // QUICK=1 (or BENCH_QUICK=1) shrinks the defaults so a run takes seconds.
@@ -36,7 +38,7 @@ const OUT_DIR = process.env.BENCH_OUT_DIR || path.join(path.resolve(REPO, proces
 const SCRATCH = process.env.BULLMQ_SCRATCH || path.join(REPO, 'target', 'bench', 'bullmq-scratch');
 const REDIS_URL = process.env.AGENTQ_REDIS_URL || 'redis://127.0.0.1:6379';
 const QUICK = process.env.QUICK === '1' || process.env.BENCH_QUICK === '1';
-const SCENARIOS = ['throughput', 'latency', 'flood', 'footprint'];
+const SCENARIOS = ['throughput', 'peak', 'latency', 'flood', 'footprint'];
 
 /** Reads a positive number from the environment, or the default. */
 function envNum(name, fallback) {
@@ -62,6 +64,7 @@ const CFG = {
   footprintJobs: envNum('JOBS', QUICK ? 10000 : 100000),
   footprintRedis: process.env.FOOTPRINT_REDIS || 'private',
   latencyConcurrency: envNum('LATENCY_CONCURRENCY', 64),
+  peakSeconds: envNum('PEAK_SECS', QUICK ? 2 : 5),
   lightRate: envNum('LIGHT_RATE', 200),
   floodJobs: envNum('FLOOD_A_JOBS', QUICK ? 400 : 2000),
   floodTaskMs: envNum('FLOOD_TASK_MS', 50),
@@ -243,6 +246,67 @@ function percentile(sorted, p) {
   return sorted[i];
 }
 
+/** INFO commandstats and the main thread's CPU time of the server behind `conn`. */
+async function redisStats(conn) {
+  const cmds = new Map();
+  for (const line of (await conn.info('commandstats')).split('\n')) {
+    const m = /^cmdstat_([^:]+):(.*)$/.exec(line.trim());
+    if (!m) continue;
+    const field = (k) => Number(new RegExp(`(?:^|,)${k}=(\\d+)`).exec(m[2])?.[1] ?? 0);
+    cmds.set(m[1], { calls: field('calls'), usec: field('usec') });
+  }
+  const cpu = await conn.info('cpu');
+  const f = (k) => {
+    const m = new RegExp(`^${k}:([0-9.]+)`, 'm').exec(cpu);
+    return m ? Number(m[1]) : null;
+  };
+  // Redis 7 reports the main thread apart; older servers only the process.
+  const main = f('used_cpu_user_main_thread');
+  const cpuS = main !== null ? main + f('used_cpu_sys_main_thread') : f('used_cpu_user') + f('used_cpu_sys');
+  return { cmds, cpuS };
+}
+
+const SCRIPT_CMDS = new Set(['eval', 'evalsha', 'eval_ro', 'evalsha_ro', 'fcall', 'fcall_ro']);
+
+/**
+ * What the server did between two redisStats() per job, with the keys of
+ * agentq's throughput bench: redis_us_per_job {all, scripts, cpu},
+ * redis_calls_per_job {all, scripts}, redis_commands.
+ */
+function redisPerJob(before, after, jobs) {
+  const r3 = (x) => Math.round(x * 1000) / 1000;
+  const all = { calls: 0, usec: 0 };
+  const scripts = { calls: 0, usec: 0 };
+  const by = [];
+  for (const [name, a] of after.cmds) {
+    const b = before.cmds.get(name) ?? { calls: 0, usec: 0 };
+    const calls = Math.max(0, a.calls - b.calls);
+    const usec = Math.max(0, a.usec - b.usec);
+    if (!calls) continue;
+    all.calls += calls;
+    all.usec += usec;
+    if (SCRIPT_CMDS.has(name)) {
+      scripts.calls += calls;
+      scripts.usec += usec;
+    }
+    by.push([name, calls, usec]);
+  }
+  by.sort((x, y) => y[2] - x[2] || (x[0] < y[0] ? -1 : 1));
+  return {
+    redis_us_per_job: {
+      all: r3(all.usec / jobs),
+      scripts: r3(scripts.usec / jobs),
+      cpu: r3((Math.max(0, after.cpuS - before.cpuS) * 1e6) / jobs),
+    },
+    redis_calls_per_job: { all: r3(all.calls / jobs), scripts: r3(scripts.calls / jobs) },
+    redis_commands: Object.fromEntries(
+      by
+        .filter(([, c]) => c / jobs >= 0.001)
+        .map(([n, c, u]) => [n, { calls_per_job: r3(c / jobs), us_per_job: r3(u / jobs) }]),
+    ),
+  };
+}
+
 /** Backlog of JOBS no-op jobs, drained once per concurrency. */
 async function throughput() {
   const data = tenantData(CFG.jobs, CFG.tenants);
@@ -253,14 +317,24 @@ async function throughput() {
     try {
       const enqS = await bench.addBulk(data);
       enqueueRates.push(CFG.jobs / enqS);
+      const before = await redisStats(bench.admin);
       bench.startWorkers(async () => {}, concurrency);
       const t0 = nowMs();
       const t1 = await completions(bench, CFG.jobs);
+      const after = await redisStats(bench.admin);
       const rate = CFG.jobs / ((t1 - t0) / 1000);
-      process_.push({ concurrency, ledger: false, jobs_per_s: round(rate), workers: bench.workers.length });
+      const redis = redisPerJob(before, after, CFG.jobs);
+      process_.push({
+        concurrency,
+        ledger: false,
+        jobs_per_s: round(rate),
+        workers: bench.workers.length,
+        ...redis,
+      });
       console.log(
         `throughput: addBulk ${round(CFG.jobs / enqS)} jobs/s, process c=${concurrency} ` +
-          `(${bench.workers.length} worker(s)) ${round(rate)} jobs/s`,
+          `(${bench.workers.length} worker(s)) ${round(rate)} jobs/s, ` +
+          `Redis ${redis.redis_us_per_job.cpu} µs CPU per job`,
       );
     } finally {
       await bench.cleanup();
@@ -274,6 +348,8 @@ async function throughput() {
     enqueue_runs_per_s: enqueueRates.map((r) => round(r)),
     enqueue_batch: CFG.chunk,
     process: process_,
+    redis_note:
+      "INFO commandstats and the main thread's CPU time of the whole server from the Worker's start to the last completion, per job: other clients count too; 'all' sums every command's usec (Redis 7 counts a script's inner commands in their own entries as well as in the script's)",
     bullmq: BULLMQ_VERSION,
     machine: loadNote(),
   });
@@ -330,9 +406,23 @@ async function latencyRun(rate, seconds) {
   }
 }
 
-/** 80% (HEAVY_PCT) of BullMQ's processing peak at the latency concurrency. */
+/**
+ * HEAVY_RATE, else 80% (HEAVY_PCT) of BullMQ's peak from the peak scenario
+ * (bullmq-latency-peak.json), else of its backlog processing rate at the
+ * latency concurrency (bullmq-throughput.json).
+ */
 function heavyRate() {
-  if (process.env.HEAVY_RATE) return { rate: envNum('HEAVY_RATE', 1000), peak: null, source: 'HEAVY_RATE' };
+  if (process.env.HEAVY_RATE) {
+    const peak = num(Number(process.env.PEAK));
+    return { rate: envNum('HEAVY_RATE', 1000), peak, source: 'HEAVY_RATE' };
+  }
+  const peakFile = path.join(OUT_DIR, 'bullmq-latency-peak.json');
+  if (existsSync(peakFile)) {
+    const peak = JSON.parse(readFileSync(peakFile, 'utf8')).peak_per_s;
+    if (Number.isFinite(peak) && peak > 0) {
+      return { rate: Math.round((peak * CFG.heavyPct) / 100), peak, source: 'bullmq-latency-peak.json' };
+    }
+  }
   const file = path.join(OUT_DIR, 'bullmq-throughput.json');
   if (existsSync(file)) {
     const tp = JSON.parse(readFileSync(file, 'utf8'));
@@ -342,8 +432,60 @@ function heavyRate() {
       return { rate: Math.round((peak * CFG.heavyPct) / 100), peak, source: 'bullmq-throughput.json' };
     }
   }
-  console.error('latency: no bullmq-throughput.json yet; run the throughput scenario first or set HEAVY_RATE');
+  console.error('latency: no bullmq-latency-peak.json or bullmq-throughput.json yet; run peak first or set HEAVY_RATE');
   process.exit(2);
+}
+
+const num = (x) => (Number.isFinite(x) && x > 0 ? x : null);
+
+/**
+ * Single `add` calls with 128 in flight (each loop sends its next job when
+ * the previous add returns) into a running Worker at LATENCY_CONCURRENCY:
+ * jobs completed per second over PEAK_SECS after a second of warm-up. The
+ * same workload as the latency levels with the producer as fast as it can
+ * go, as agentq's latency bench (PEAK_MODE=e2e) and the Rust port measure it.
+ */
+async function peak() {
+  const bench = new Bench('peak');
+  try {
+    bench.startWorkers(async () => {}, CFG.latencyConcurrency);
+    await Promise.all(bench.workers.map((w) => w.waitUntilReady()));
+    await bench.queue.waitUntilReady();
+    await sleep(500);
+    let done = 0;
+    for (const w of bench.workers) w.on('completed', () => (done += 1));
+    let stop = false;
+    let sent = 0;
+    const loops = Array.from({ length: 128 }, async () => {
+      while (!stop) {
+        sent += 1;
+        await bench.queue.add('noop', { tenant: `tenant${sent % CFG.tenants}`, t: nowMs() });
+      }
+    });
+    await sleep(1000);
+    const d0 = done;
+    const t0 = nowMs();
+    await sleep(CFG.peakSeconds * 1000);
+    const rate = (done - d0) / ((nowMs() - t0) / 1000);
+    stop = true;
+    await Promise.all(loops);
+    const until = nowMs() + 300_000;
+    while (done < sent && nowMs() < until) await sleep(10);
+    if (done < sent) throw new Error(`peak: only ${done} of ${sent} jobs completed`);
+    console.log(`peak (e2e, c=${CFG.latencyConcurrency}): ${Math.round(rate)} jobs/s`);
+    writeJson('latency-peak', {
+      peak_per_s: Math.round(rate),
+      peak_mode: 'e2e',
+      peak_secs: CFG.peakSeconds,
+      in_flight: 128,
+      concurrency: CFG.latencyConcurrency,
+      tenants: CFG.tenants,
+      bullmq: BULLMQ_VERSION,
+      machine: loadNote(),
+    });
+  } finally {
+    await bench.cleanup();
+  }
 }
 
 async function latency() {
@@ -489,8 +631,8 @@ async function main() {
     console.error(`unknown scenario ${bad.join(', ')}; choose from ${SCENARIOS.join(', ')} or all`);
     process.exit(2);
   }
-  const run = { throughput, latency, flood, footprint };
-  // Throughput first: the heavy latency rate is 80% of its peak.
+  const run = { throughput, peak, latency, flood, footprint };
+  // Peak before latency: the heavy latency rate is 80% of it (unless HEAVY_RATE is set).
   for (const s of SCENARIOS.filter((x) => wanted.includes(x))) await run[s]();
 }
 
