@@ -6,7 +6,8 @@
 //!     BENCH_QUICK=1 cargo bench --bench throughput   # 5k jobs, seconds
 //!
 //! Knobs: JOBS (100000), TENANTS (50), BATCH (500 jobs per enqueue call),
-//! CONCURRENCY (64,256), LEDGER (off,on), CAP (1000, each tenant's cap).
+//! CONCURRENCY (64,256), LEDGER (off,on), CAP (1000, each tenant's cap), KEEP
+//! (0: succeeded jobs removed, as the BullMQ peers run; `default`: kept 24 h).
 //! Ledger on: a job counts only once its row is in PostgreSQL (the run ends
 //! when `usage_ledger` holds every row). Also what Redis spent per job over
 //! each run (INFO commandstats and the main thread's CPU time, before the
@@ -51,11 +52,12 @@ async fn main() -> anyhow::Result<()> {
     let concurrencies = knob_list("CONCURRENCY", &[64, 256]);
     let ledgers = ledger_modes();
     println!(
-        "throughput: {} no-op jobs over {} tenants (cap {} each), batch enqueue {} per call; {}",
+        "throughput: {} no-op jobs over {} tenants (cap {} each), batch enqueue {} per call, {}; {}",
         sizes.jobs,
         sizes.tenants,
         sizes.cap,
         sizes.batch,
+        common::keep_note(),
         common::load_note()
     );
 
@@ -197,6 +199,7 @@ fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
         "tenant_cap": sizes.cap,
         "process": process,
         "redis_note": "INFO commandstats and the main thread's CPU time of the whole server from the worker's start until every job counted (acked, or its ledger row written), per job: other clients of that Redis count too. 'all' sums every command's usec (Redis 7 counts a script's inner commands in their own entries as well as in the script's); 'cpu' is used_cpu_user_main_thread + used_cpu_sys_main_thread",
+        "keep_completed": common::keep_note(),
         "machine": common::load_note(),
     });
     let path = common::write_json("throughput", &json)?;

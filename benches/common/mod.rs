@@ -63,13 +63,43 @@ pub fn workers_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workers")
 }
 
-/// A queue handle on a fresh namespace `bench-<tag>-<random>` at `url`.
+/// A queue handle on a fresh namespace `bench-<tag>-<random>` at `url`,
+/// its queue `bench` keeping succeeded jobs as the KEEP knob says.
 pub async fn fresh_queue_at(tag: &str, url: &str) -> anyhow::Result<Queue> {
     let mut cfg = QueueConfig::new(url);
     cfg.namespace = format!("bench-{tag}-{:08x}", rand::random::<u32>());
-    Queue::connect(cfg)
+    let queue = Queue::connect(cfg)
         .await
-        .with_context(|| format!("connect to Redis at {url} (set AGENTQ_REDIS_URL)"))
+        .with_context(|| format!("connect to Redis at {url} (set AGENTQ_REDIS_URL)"))?;
+    queue.set_keep_completed("bench", keep_completed()).await?;
+    Ok(queue)
+}
+
+/// KEEP: how long the bench queue keeps succeeded jobs. `0` (the default)
+/// removes them as they succeed, as the BullMQ peers run
+/// (removeOnComplete); `default` keeps them for retention_ms (24 h); or a
+/// duration such as `10m`.
+pub fn keep_completed() -> Option<Duration> {
+    match std::env::var("KEEP").as_deref() {
+        Err(_) | Ok("0") => Some(Duration::ZERO),
+        Ok("default") => None,
+        Ok(v) => match agentq::model::units::parse_duration(v) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("KEEP={v:?}: {e}; using 0");
+                Some(Duration::ZERO)
+            }
+        },
+    }
+}
+
+/// The KEEP setting as printed in a bench's header and JSON.
+pub fn keep_note() -> String {
+    match keep_completed() {
+        Some(d) if d.is_zero() => "succeeded jobs removed (KEEP=0)".into(),
+        Some(d) => format!("succeeded jobs kept {d:?}"),
+        None => "succeeded jobs kept for retention_ms (KEEP=default)".into(),
+    }
 }
 
 /// [`fresh_queue_at`] on [`redis_url`].
