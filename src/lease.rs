@@ -102,6 +102,10 @@ impl Held {
     pub fn len(&self) -> usize {
         self.lock().len()
     }
+    /// Number of attempts still running here (held and not yet ended).
+    pub fn running(&self) -> usize {
+        self.lock().values().filter(|h| !h.done).count()
+    }
     /// True if nothing is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

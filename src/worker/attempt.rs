@@ -97,6 +97,9 @@ pub(super) fn start_attempt(ctx: &Arc<Ctx>, job: ClaimedJob, sent: u64) {
         };
         // The completer outlives every job task (it ends when all senders drop).
         let _ = ctx.done.send(finished);
+        // Its slot is free now; the lease stays held until Redis takes the
+        // completion (see `free_slots`).
+        ctx.slot_freed.notify_one();
     });
 }
 

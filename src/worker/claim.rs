@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::lease_guard::monotonic_ns;
+use crate::lease::Held;
 use crate::model::backoff::Pacing;
 use crate::queue::{Call, ClaimedJob};
 
@@ -49,8 +50,8 @@ pub(super) async fn claim_loop(
         .collect();
     let mut pacing = Pacing::default();
     while !signals.shutdown.is_cancelled() {
-        crate::metrics::slots(ctx.held.len(), ctx.cfg.concurrency);
-        let free = ctx.cfg.concurrency.saturating_sub(ctx.held.len());
+        let free = free_slots(&ctx.held, ctx.cfg.concurrency);
+        crate::metrics::slots(ctx.cfg.concurrency - free, ctx.cfg.concurrency);
         if free == 0 {
             tokio::select! {
                 _ = signals.slot_freed.notified() => {}
@@ -78,6 +79,20 @@ pub(super) async fn claim_loop(
             }
         }
     }
+}
+
+/// Free local slots. An attempt frees its slot when it ends here, not when
+/// Redis acknowledges its completion, so the next claim and the pending
+/// completions travel side by side (one wait for Redis per job, not two,
+/// when other clients keep Redis busy); its lease stays held until the
+/// acknowledgement. At most `concurrency` ended attempts wait for theirs:
+/// past that, slots free only as acknowledgements come back.
+pub(super) fn free_slots(held: &Held, concurrency: usize) -> usize {
+    let running = held.running();
+    let waiting = held.len().saturating_sub(running);
+    concurrency
+        .saturating_sub(running)
+        .saturating_sub(waiting.saturating_sub(concurrency))
 }
 
 /// What one round of claims did.
@@ -159,4 +174,40 @@ pub(super) fn start_claimed(ctx: &Arc<Ctx>, counters: &Counters, job: ClaimedJob
     let wait = (job.started_at_ms - job.enqueued_at_ms).max(0) as u64;
     crate::metrics::started(&job.queue, &job.tenant, Duration::from_millis(wait));
     start_attempt(ctx, job, sent);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::executor::Stop;
+    use crate::lease::{AttemptKey, HeldLease};
+
+    fn hold(held: &Held, n: usize, done: bool) {
+        for _ in 0..n {
+            let key = AttemptKey::new(format!("job-{}", held.len()), 1);
+            let lease = HeldLease::new(0, Stop::default(), Arc::new(AtomicU64::new(0)));
+            held.insert(key.clone(), lease);
+            if done {
+                held.mark_done(&key);
+            }
+        }
+    }
+
+    #[test]
+    fn an_ended_attempt_frees_its_slot_before_its_ack_up_to_a_second_round() {
+        let held = Held::default();
+        assert_eq!(free_slots(&held, 4), 4);
+        hold(&held, 3, false);
+        assert_eq!(free_slots(&held, 4), 1);
+        hold(&held, 4, true);
+        assert_eq!(
+            free_slots(&held, 4),
+            1,
+            "four ended attempts wait: still free"
+        );
+        hold(&held, 1, true);
+        assert_eq!(free_slots(&held, 4), 0, "a fifth waiting one takes a slot");
+    }
 }

@@ -140,6 +140,9 @@ struct Ctx {
     held: Arc<Held>,
     guard: Option<Arc<LeaseGuard>>,
     done: mpsc::UnboundedSender<Finished>,
+    /// Notified when a slot frees: an attempt ended here, or completions
+    /// were acknowledged.
+    slot_freed: Arc<Notify>,
 }
 
 impl Worker {
@@ -244,6 +247,7 @@ impl Worker {
             held: held.clone(),
             guard,
             done: tx,
+            slot_freed: slot_freed.clone(),
         });
         let signals = ClaimSignals {
             slot_freed: &slot_freed,
