@@ -80,17 +80,13 @@ pub async fn fresh_queue_at(tag: &str, url: &str) -> anyhow::Result<Queue> {
 /// (removeOnComplete); `default` keeps them for retention_ms (24 h); or a
 /// duration such as `10m`.
 pub fn keep_completed() -> Option<Duration> {
-    match std::env::var("KEEP").as_deref() {
-        Err(_) | Ok("0") => Some(Duration::ZERO),
-        Ok("default") => None,
-        Ok(v) => match agentq::model::units::parse_duration(v) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("KEEP={v:?}: {e}; using 0");
-                Some(Duration::ZERO)
-            }
-        },
-    }
+    let Ok(v) = std::env::var("KEEP") else {
+        return Some(Duration::ZERO);
+    };
+    agentq::queue::parse_keep_completed(&v).unwrap_or_else(|e| {
+        eprintln!("KEEP: {e}; using 0");
+        Some(Duration::ZERO)
+    })
 }
 
 /// The KEEP setting as printed in a bench's header and JSON.

@@ -129,15 +129,7 @@ pub struct KeepArgs {
 
 pub(super) async fn keep_completed(g: &Global, a: KeepArgs) -> CliResult {
     validate_name("queue", &a.queue)?;
-    let keep = match a.keep.as_str() {
-        "default" => None,
-        "0" => Some(Duration::ZERO),
-        s => Some(duration_arg(s).map_err(|e| {
-            crate::queue::QueueError::Invalid(format!(
-                "keep {s:?}: {e} (use 0, a duration such as 10m, or default)"
-            ))
-        })?),
-    };
+    let keep = crate::queue::parse_keep_completed(&a.keep)?;
     let q = g.queue().await?;
     q.set_keep_completed(&a.queue, keep).await?;
     let keep_ms = keep.map(|d| d.as_millis() as u64);

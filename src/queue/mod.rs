@@ -32,6 +32,23 @@ pub use scripts::{ScriptName, script_source};
 /// The longest a queue may keep succeeded jobs ([`Queue::set_keep_completed`]).
 pub const MAX_KEEP_COMPLETED: Duration = Duration::from_secs(365 * 86_400);
 
+/// A keep-completed setting as people write it: `0` (removed as they
+/// succeed), a duration such as `10m`, or `default` (None: the partition's
+/// retention_ms).
+pub fn parse_keep_completed(s: &str) -> Result<Option<Duration>, QueueError> {
+    match s {
+        "default" => Ok(None),
+        "0" => Ok(Some(Duration::ZERO)),
+        _ => crate::model::units::parse_duration(s)
+            .map(Some)
+            .map_err(|e| {
+                QueueError::Invalid(format!(
+                    "keep {s:?}: {e} (use 0, a duration such as 10m, or default)"
+                ))
+            }),
+    }
+}
+
 /// Errors from the queue. `Invalid` and `OverCap` are the caller's input
 /// (exit code 2, HTTP 4xx); the rest are runtime failures.
 #[derive(Debug, thiserror::Error)]

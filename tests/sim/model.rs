@@ -152,6 +152,18 @@ pub struct End {
     pub run_ms: i64,
 }
 
+impl End {
+    /// An attempt that ended without a report (reaped, or handed back).
+    fn lost(run_ms: i64) -> End {
+        End {
+            outcome: "lost".into(),
+            permanent: false,
+            backoff_ms: 0,
+            run_ms,
+        }
+    }
+}
+
 pub struct Model {
     pub now: i64,
     pub parts: u32,
@@ -536,13 +548,7 @@ impl Model {
         for (_, id) in &expired {
             let j = self.job(id).expect("known");
             let run_ms = (j.hb.max(j.started) - j.started).max(0);
-            let end = End {
-                outcome: "lost".into(),
-                permanent: false,
-                backoff_ms: 0,
-                run_ms,
-            };
-            self.finish(id, &end);
+            self.finish(id, &End::lost(run_ms));
         }
         expired.len()
     }
@@ -550,13 +556,7 @@ impl Model {
     /// A worker hands a live attempt back: not counted against its attempts.
     pub fn release(&mut self, id: &str, run_ms: i64) {
         self.job_mut(id).base += 1;
-        let end = End {
-            outcome: "lost".into(),
-            permanent: false,
-            backoff_ms: 0,
-            run_ms,
-        };
-        self.finish(id, &end);
+        self.finish(id, &End::lost(run_ms));
     }
 
     /// Pause or resume; whether B:paused of some partition changed.

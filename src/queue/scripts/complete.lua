@@ -32,11 +32,13 @@ local out = { '' }
 -- with one command per kind, not one per job.
 local jobs, tenants, by_queue = {}, {}, {}
 local first_of = {} -- "id/attempt" -> offset of its first mention
+local first_at = {} -- offset -> offset of the first mention of its attempt
 for o = FIRST, #ARGV - N, N do
   local id, token = ARGV[o + 1], ARGV[o + 2]
   local attempt_key = id .. '/' .. token
   local job = not first_of[attempt_key] and load_job(id)
   first_of[attempt_key] = first_of[attempt_key] or o
+  first_at[o] = first_of[attempt_key]
   if job and job.state == 'running' and job.attempts == token then
     jobs[o] = job
     if not by_queue[job.queue] then by_queue[job.queue] = {} end
@@ -49,7 +51,7 @@ for q, ts in pairs(by_queue) do prefetch_sched(q, ts) end
 local status_at = {} -- offset -> status
 for o = FIRST, #ARGV - N, N do
   local job = jobs[o]
-  local first = first_of[ARGV[o + 1] .. '/' .. ARGV[o + 2]]
+  local first = first_at[o]
   if first ~= o then
     out[#out + 1] = status_at[first]
   elseif not job then

@@ -68,6 +68,7 @@ local function finish_attempt(id, job, a, now)
   else
     state = 'ready'
   end
+  sync_later(t)
   local keep = state == 'succeeded' and keep_completed(q)
   if keep == '0' then
     -- The queue keeps no succeeded jobs: the ledger record above is the
@@ -75,30 +76,34 @@ local function finish_attempt(id, job, a, now)
     -- by flush_state; nothing reads it again in this call: a second
     -- completion of the same attempt is answered from the first).
     removed_jobs[#removed_jobs + 1] = jk
-    sync_later(t)
     return state
   end
-  redis.call('HSET', jk, 'state', state, 'outcome', a.outcome, 'finished_at', now_str(),
-    'last_error', a.error or '', 'result', a.result or '')
+  -- One HSET per attempt: a retry's due time goes with its outcome.
+  local due_field = (state == 'delayed' and 'run_at') or (state == 'ready' and 'ready_at') or nil
+  if due_field then
+    local due = (state == 'delayed') and (now + a.backoff_ms) or now
+    redis.call('HSET', jk, 'state', state, 'outcome', a.outcome, 'finished_at', now_str(),
+      'last_error', a.error or '', 'result', a.result or '', due_field, due)
+  else
+    redis.call('HSET', jk, 'state', state, 'outcome', a.outcome, 'finished_at', now_str(),
+      'last_error', a.error or '', 'result', a.result or '')
+  end
   if keep then
     redis.call('PEXPIRE', jk, keep)
     -- the worker field stays: it names who ran the finished job
-  elseif state == 'dead' then
-    redis.call('HDEL', jk, 'worker')
+    return state
+  end
+  redis.call('HDEL', jk, 'worker')
+  if state == 'dead' then
     redis.call('ZADD', k('q', q, 'dead'), now, id)
     redis.call('ZADD', k('q', q, 'dt', t), now, id)
     stat(q, t, 'dead', 1)
   elseif state == 'delayed' then
-    redis.call('HDEL', jk, 'worker')
-    redis.call('HSET', jk, 'run_at', now + a.backoff_ms)
     redis.call('ZADD', k('q', q, 'delayed'), now + a.backoff_ms, id)
     stat(q, t, 'delayed', 1)
   else
-    redis.call('HDEL', jk, 'worker')
-    redis.call('HSET', jk, 'ready_at', now)
     index_ready(id, q, t, tonumber(job.score))
   end
-  sync_later(t)
   return state
 end
 

@@ -2,17 +2,19 @@
 -- start-rate arithmetic (GCRA). BUILTIN comes first, generated from Rust.
 
 -- Human units for error messages: 3600000 -> "1h", 268435456 -> "256MiB".
-local function fmt_ms(ms)
-  for _, u in ipairs({ { 86400000, 'd' }, { 3600000, 'h' }, { 60000, 'm' }, { 1000, 's' } }) do
-    if ms >= u[1] and ms % u[1] == 0 then return (ms / u[1]) .. u[2] end
+-- `units` runs from the largest; `base` names the smallest.
+local function fmt_units(v, units, base)
+  for _, u in ipairs(units) do
+    if v >= u[1] and v % u[1] == 0 then return (v / u[1]) .. u[2] end
   end
-  return ms .. 'ms'
+  return v .. base
+end
+local function fmt_ms(ms)
+  return fmt_units(ms, { { 86400000, 'd' }, { 3600000, 'h' }, { 60000, 'm' }, { 1000, 's' } }, 'ms')
 end
 local function fmt_bytes(b)
-  for _, u in ipairs({ { 1099511627776, 'TiB' }, { 1073741824, 'GiB' }, { 1048576, 'MiB' }, { 1024, 'KiB' } }) do
-    if b >= u[1] and b % u[1] == 0 then return (b / u[1]) .. u[2] end
-  end
-  return b .. 'B'
+  return fmt_units(b, { { 1099511627776, 'TiB' }, { 1073741824, 'GiB' }, { 1048576, 'MiB' },
+    { 1024, 'KiB' } }, 'B')
 end
 
 local defaults_cache = nil
