@@ -163,3 +163,28 @@ async fn the_cli_sets_and_resets_it() {
     assert!(err.contains("use 0, a duration"), "{err}");
     tq.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_setting_edited_by_hand_into_garbage_falls_back_to_retention() {
+    let tq = TestQueue::new("keep_garbage").await;
+    let key = tq.queue.keys(0).key(&["qkeep"]);
+    let _: i64 = tq
+        .queue
+        .client()
+        .hset(&key, ("q", "soon"))
+        .await
+        .expect("HSET");
+    let jobs = claimed(&tq, 1).await;
+    let statuses = complete(&tq.queue, &[done(&jobs[0], Outcome::Succeeded)]).await;
+    assert_eq!(
+        statuses,
+        [CompleteStatus::Succeeded],
+        "the completion still lands"
+    );
+    let ttl = ttl_ms(&tq, &jobs[0].id).await;
+    assert!(
+        ttl > 23 * 3_600_000,
+        "TTL {ttl} ms, want retention_ms (24 h)"
+    );
+    tq.cleanup().await;
+}

@@ -38,7 +38,10 @@ local removed_jobs = {} -- job hashes to delete, one DEL at flush_state
 local function keep_completed(q)
   local v = keep_cache[q]
   if v == nil then
-    v = redis.call('HGET', k('qkeep'), q) or retention_str()
+    v = redis.call('HGET', k('qkeep'), q)
+    -- Only whole ms reach PEXPIRE: a field edited by hand must not make
+    -- every completion on the queue fail.
+    if not (v and v:match('^%d+$')) then v = retention_str() end
     keep_cache[q] = v
   end
   return v
