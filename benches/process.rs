@@ -12,8 +12,10 @@
 //! repository's workers/ (each attempt: private temp dir, process group,
 //! rlimits, usage from wait4, as in production).
 //!
-//! Knobs: JOBS (2000), CONCURRENCY (16). Target (issue 6): >= 70% of bare
-//! spawn. Writes target/bench/agentq-process.json.
+//! Knobs: JOBS (2000), CONCURRENCY (16), PART (`all`; `bare` or `queue`
+//! runs only concurrent bare spawn or only the queue path and prints its
+//! rate, for profiling one of them: benches/profile/process-path). Target
+//! (issue 6): >= 70% of bare spawn. Writes target/bench/agentq-process.json.
 
 mod common;
 
@@ -39,6 +41,20 @@ async fn main() -> anyhow::Result<()> {
         "process: {jobs} runs of workers/echo each way, concurrency {concurrency}; {}",
         common::load_note()
     );
+    match std::env::var("PART").as_deref() {
+        Ok("bare") => {
+            let rate = bare_spawn_rate(&program, jobs, concurrency).await?;
+            println!("bare spawn, {concurrency} at once: {rate:.0}/s");
+            return Ok(());
+        }
+        Ok("queue") => {
+            let rate = queue_rate(jobs, concurrency).await?;
+            println!("through agentq, concurrency {concurrency}: {rate:.0} jobs/s");
+            return Ok(());
+        }
+        Ok("all") | Err(_) => {}
+        Ok(other) => anyhow::bail!("PART={other}: use all, bare or queue"),
+    }
     let bare = bare_spawn_rate(&program, jobs, 1).await?;
     eprintln!("  bare spawn, one at a time: {bare:.0}/s");
     let bare_concurrent = bare_spawn_rate(&program, jobs, concurrency).await?;
