@@ -14,8 +14,16 @@ use std::time::Duration;
 use crate::model::events::QueueEvent;
 use crate::model::record::{Record, RejectReason};
 
-/// Jobs enqueued by this process, by queue and tenant.
+/// Jobs enqueued by this process, by queue and tenant (recorded by
+/// [`enqueued`], for library users' own enqueues; no agentq process calls
+/// it, so fleet dashboards read [`SUBMITTED`]).
 pub const ENQUEUED: &str = "agentq_jobs_enqueued_total";
+/// Jobs Redis accepted from every producer (HTTP API, the published
+/// script, clients, CLI; idempotent repeats included), the sum of the
+/// partitions' job sequence counters (`B:seq`), sampled. Only goes up, but
+/// is a gauge set to Redis's value, so it follows Redis (a reset after data
+/// loss reads as a counter reset) rather than a counter's running maximum.
+pub const SUBMITTED: &str = "agentq_jobs_submitted_total";
 /// Attempts started, by queue and tenant.
 pub const STARTED: &str = "agentq_jobs_started_total";
 /// Attempts completed, by queue, tenant and outcome.
@@ -58,7 +66,11 @@ pub const LEDGER_ERRORS: &str = "agentq_ledger_write_errors_total";
 pub const LEDGER_REJECTS: &str = "agentq_ledger_rejects_total";
 /// Cost of attempts written to the ledger, micro-dollars, by tenant.
 pub const COST_MICROS: &str = "agentq_cost_micros_total";
-/// Agent time written to the ledger, seconds, by tenant.
+/// Agent time written to the ledger, seconds with their fractions (each
+/// attempt's `run_ms` / 1000), by tenant. It only goes up, like a counter,
+/// but is exported as a gauge (`# TYPE ... gauge`): the `metrics` facade's
+/// counters hold whole numbers, and whole seconds would drop every attempt
+/// shorter than one. `rate()` and `increase()` read it as a counter.
 pub const AGENT_SECONDS: &str = "agentq_agent_seconds_total";
 /// Quota threshold crossings, by tenant and threshold (80, 100).
 pub const QUOTA_ALERTS: &str = "agentq_quota_alerts_total";
@@ -73,8 +85,8 @@ pub fn ledger_batch(inserted: u64, records: &[Record]) {
         let tenant = tenant_label(&r.tenant);
         ::metrics::counter!(COST_MICROS, "tenant" => tenant.clone())
             .increment(r.cost_micros.max(0) as u64);
-        ::metrics::counter!(AGENT_SECONDS, "tenant" => tenant)
-            .increment((r.run_ms.max(0) / 1000) as u64);
+        ::metrics::gauge!(AGENT_SECONDS, "tenant" => tenant)
+            .increment(r.run_ms.max(0) as f64 / 1000.0);
     }
 }
 

@@ -61,7 +61,10 @@ async fn counters_and_gauges_move_with_real_jobs() {
                 "agentq_queue_jobs",
                 &[("queue", "q"), ("state", "dead")],
             )?;
+            // Six jobs submitted to Redis (by this test, not a worker):
+            // the sampler reads the partitions' sequence counters.
             (dead == 1.0
+                && value(&b, "agentq_jobs_submitted_total", &[]) == Some(6.0)
                 && value(
                     &b,
                     "agentq_jobs_completed_total",
@@ -114,4 +117,69 @@ async fn counters_and_gauges_move_with_real_jobs() {
     let _ = w.kill();
     let _ = w.wait();
     tq.cleanup().await;
+}
+
+/// `agentq_agent_seconds_total` counts fractions of a second: a 0.3 s task
+/// adds about 0.3 (the attempt's `run_ms` in the ledger, in seconds), not
+/// the whole seconds of it (which would be 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_seconds_count_fractions_of_a_second() {
+    let tq = TestQueue::new("metrics_agent_s").await;
+    let db = common::TestDb::new("metrics_agent_s").await;
+    let port = agentq_servers::free_port().expect("port");
+    let addr = format!("127.0.0.1:{port}");
+    let mut w = common::Proc(tq.spawn_worker_with(
+        &[
+            "--queues",
+            "q",
+            "--metrics-addr",
+            &addr,
+            "--metrics-tenant-labels",
+            "all",
+        ],
+        &common::WorkerProc {
+            database_url: Some(db.url()),
+            ..Default::default()
+        },
+    ));
+    tq.queue
+        .enqueue(&JobSpec::new("short", "q", "sleep").payload(&json!({"ms": 300})))
+        .await
+        .expect("enqueue");
+    drained(&tq, Duration::from_secs(60)).await;
+    let run_ms: i64 = eventually(Duration::from_secs(60), "the ledger row", || async {
+        sqlx::query_scalar::<_, i64>("SELECT run_ms FROM usage_ledger WHERE tenant = 'short'")
+            .fetch_optional(&db.pool)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert!(
+        (300..5_000).contains(&run_ms),
+        "the attempt slept 300 ms: run_ms {run_ms}"
+    );
+    let seconds = eventually(
+        Duration::from_secs(30),
+        "agentq_agent_seconds_total for tenant short",
+        || async {
+            let (s, b) = http_get(port, "/metrics").ok()?;
+            (s == 200)
+                .then(|| value(&b, "agentq_agent_seconds_total", &[("tenant", "short")]))
+                .flatten()
+        },
+    )
+    .await;
+    assert!(
+        (seconds - run_ms as f64 / 1000.0).abs() < 1e-6,
+        "agentq_agent_seconds_total = {seconds}, the ledger says {run_ms} ms"
+    );
+    assert!(
+        seconds >= 0.3,
+        "a 0.3 s task adds about 0.3 agent-seconds, not 0: {seconds}"
+    );
+    let _ = w.kill();
+    let _ = w.wait();
+    tq.cleanup().await;
+    db.cleanup().await;
 }

@@ -1,10 +1,10 @@
 //! Operations assets: `docker/compose.yml` (Redis with AOF, PostgreSQL,
-//! migrations, two workers, Prometheus, Grafana), the Dockerfile and its
-//! build context, and the YAML reading the ops tests share.
+//! migrations, two workers, Prometheus, Grafana) and the YAML reading the
+//! ops tests share. The Dockerfile and its build context: tests/ops_docker.rs.
 
 mod common;
 
-use common::ops::{Yaml, YamlExt, parse_yaml, read, root, volumes, words};
+use common::ops::{Yaml, YamlExt, parse_yaml, read, read_yaml, root, volumes, words};
 
 #[test]
 fn compose_file_wires_redis_postgres_migrate_workers_prometheus_grafana() {
@@ -162,21 +162,9 @@ fn compose_file_wires_redis_postgres_migrate_workers_prometheus_grafana() {
         }
     }
 
-    // The image builds: sqlx::migrate! embeds migrations/ at compile time,
-    // and the task programs ship in the runtime image.
-    let df = read("docker/Dockerfile");
-    for dir in ["src", "migrations", "benches", "workers"] {
-        assert!(
-            df.lines()
-                .any(|l| l.starts_with("COPY") && l.contains(&format!(" {dir} "))),
-            "docker/Dockerfile copies {dir}/"
-        );
-    }
-    let ignore = read("docker/Dockerfile.dockerignore");
-    assert!(
-        ignore.lines().any(|l| l.trim() == "target"),
-        "build context excludes target/"
-    );
+    // That the image builds (every file cargo needs is in the context and
+    // copied, task kinds only with DEMO_TASKS=1) is tests/ops_docker.rs's
+    // job: it replays docker/Dockerfile's build stages on the context.
 }
 
 /// The YAML constructs the assets use read as they mean: comments, anchors
@@ -218,5 +206,279 @@ fn yaml_reading_handles_what_the_assets_use() {
     assert!(
         parse_yaml("a: 1\n   b: 2\n").is_err(),
         "bad indentation is refused"
+    );
+}
+
+/// The value after `flag` in a command's words (`--flag value`).
+fn flag_value<'a>(cmd: &'a [String], flag: &str) -> Option<&'a str> {
+    cmd.iter()
+        .position(|w| w == flag)
+        .and_then(|i| cmd.get(i + 1))
+        .map(String::as_str)
+}
+
+/// The HTTP API, Redis's memory limit, the `ha` profile (replica and
+/// Sentinels, and the URL workers switch to), Alertmanager, and Prometheus
+/// scraping serve.
+#[test]
+fn compose_runs_serve_limits_redis_and_has_an_ha_profile_and_alertmanager() {
+    let text = read("docker/compose.yml");
+    let c = parse_yaml(&text).expect("docker/compose.yml");
+    let svc = |name: &str| {
+        c.get("services")
+            .and_then(|s| s.get(name))
+            .unwrap_or_else(|| panic!("service {name}"))
+    };
+    let profiles = |name: &str| words(svc(name).get("profiles"));
+
+    // serve: all interfaces, published, health-checked, metrics for Prometheus.
+    let serve = svc("serve");
+    assert!(profiles("serve").is_empty(), "serve starts with `up`");
+    assert_eq!(serve.str_at(&["image"]), svc("worker").str_at(&["image"]));
+    let cmd = words(serve.get("command"));
+    assert_eq!(cmd.first().map(String::as_str), Some("serve"));
+    let listen = flag_value(&cmd, "--listen").expect("serve --listen");
+    let port = listen
+        .strip_prefix("0.0.0.0:")
+        .unwrap_or_else(|| panic!("serve listens on all interfaces: --listen {listen}"));
+    let published: Vec<String> = words(serve.get("ports"));
+    assert!(
+        published
+            .iter()
+            .any(|p| p.rsplit_once(':').is_some_and(|(_, c)| c == port)),
+        "serve publishes its port {port}: {published:?}"
+    );
+    let hc = words(serve.path(&["healthcheck", "test"])).join(" ");
+    assert!(
+        hc.contains("python3") && hc.contains(&format!("127.0.0.1:{port}/healthz")),
+        "serve healthcheck (python3, no curl in the image) on its port: {hc}"
+    );
+    assert_eq!(
+        serve.str_at(&["depends_on", "migrate", "condition"]),
+        Some("service_completed_successfully"),
+        "serve reads API keys from the migrated database"
+    );
+    assert!(
+        serve
+            .str_at(&["environment", "AGENTQ_DATABASE_URL"])
+            .is_some()
+    );
+    let metrics = flag_value(&cmd, "--metrics-addr").expect("serve --metrics-addr");
+    let metrics_port: u64 = metrics
+        .strip_prefix("0.0.0.0:")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("serve --metrics-addr {metrics}"));
+
+    // Prometheus scrapes serve, in a job of its own (the worker alerts
+    // count job="agentq").
+    let prom = read_yaml("docker/prometheus/prometheus.yml");
+    let jobs = prom.get("scrape_configs").expect("scrape_configs").seq();
+    let serve_job = jobs
+        .iter()
+        .find(|j| {
+            j.get("dns_sd_configs")
+                .map(Yaml::seq)
+                .unwrap_or(&[])
+                .iter()
+                .any(|sd| {
+                    sd.get("names")
+                        .map(Yaml::seq)
+                        .unwrap_or(&[])
+                        .iter()
+                        .any(|n| n.as_str() == Some("serve"))
+                        && sd.get("port").and_then(Yaml::as_u64) == Some(metrics_port)
+                })
+        })
+        .expect("prometheus.yml scrapes the serve service on its metrics port");
+    assert_ne!(serve_job.str_at(&["job_name"]), Some("agentq"));
+    let deps = svc("prometheus").get("depends_on").expect("depends_on");
+    let deps: Vec<&str> = match deps {
+        Yaml::Sequence(s) => s.iter().filter_map(Yaml::as_str).collect(),
+        Yaml::Mapping(m) => m.keys().filter_map(Yaml::as_str).collect(),
+        _ => Vec::new(),
+    };
+    for d in ["worker", "serve", "alertmanager"] {
+        assert!(deps.contains(&d), "prometheus depends on {d}: {deps:?}");
+    }
+    assert!(
+        profiles("alertmanager").is_empty(),
+        "alertmanager starts with `up`"
+    );
+
+    // Redis: a memory limit from the environment with a default, and
+    // noeviction, so full means refused writes (503), not an OOM kill.
+    let redis = words(svc("redis").get("command"));
+    let maxmemory = flag_value(&redis, "--maxmemory").expect("redis --maxmemory");
+    let default = maxmemory
+        .strip_prefix("${REDIS_MAXMEMORY:-")
+        .and_then(|d| d.strip_suffix('}'))
+        .unwrap_or_else(|| panic!("--maxmemory ${{REDIS_MAXMEMORY:-<default>}}: {maxmemory}"));
+    let digits = default.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    assert!(
+        digits.parse::<u64>().is_ok_and(|n| n > 0)
+            && ["", "kb", "mb", "gb"].contains(&default[digits.len()..].to_lowercase().as_str()),
+        "a Redis size for the default maxmemory: {default}"
+    );
+    assert_eq!(flag_value(&redis, "--maxmemory-policy"), Some("noeviction"));
+    assert!(profiles("redis").is_empty());
+
+    // ha: one replica of `redis` and three Sentinels, only with --profile ha.
+    let services = c
+        .get("services")
+        .and_then(Yaml::as_mapping)
+        .expect("services");
+    let ha: Vec<&str> = services
+        .keys()
+        .filter_map(Yaml::as_str)
+        .filter(|n| profiles(n).iter().any(|p| p == "ha"))
+        .collect();
+    let replicas: Vec<&str> = ha
+        .iter()
+        .copied()
+        .filter(|n| {
+            let cmd = words(svc(n).get("command"));
+            cmd.first().map(String::as_str) == Some("redis-server")
+                && cmd
+                    .windows(3)
+                    .any(|w| w == ["--replicaof", "redis", "6379"])
+        })
+        .collect();
+    assert_eq!(
+        replicas.len(),
+        1,
+        "one replica of redis in the ha profile: {ha:?}"
+    );
+    let replica = words(svc(replicas[0]).get("command"));
+    assert_eq!(flag_value(&replica, "--maxmemory"), Some(maxmemory));
+    assert_eq!(
+        flag_value(&replica, "--maxmemory-policy"),
+        Some("noeviction")
+    );
+    let sentinels: Vec<&str> = ha
+        .iter()
+        .copied()
+        .filter(|n| {
+            words(svc(n).get("command"))
+                .join(" ")
+                .contains("redis-sentinel")
+        })
+        .collect();
+    assert_eq!(
+        sentinels.len(),
+        3,
+        "three Sentinels in the ha profile: {ha:?}"
+    );
+
+    // Each Sentinel copies the read-only template into a writable volume of
+    // its own and runs on the copy.
+    let conf = read("docker/redis/sentinel.conf");
+    let mut data_volumes = std::collections::BTreeSet::new();
+    for s in &sentinels {
+        let mounts = volumes(&c, s);
+        let (_, template) = mounts
+            .iter()
+            .find(|(src, _)| src == "./redis/sentinel.conf")
+            .unwrap_or_else(|| panic!("{s} mounts ./redis/sentinel.conf: {mounts:?}"));
+        let v: Vec<&str> = svc(s)
+            .get("volumes")
+            .map(Yaml::seq)
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(Yaml::as_str)
+            .collect();
+        assert!(
+            v.iter()
+                .any(|m| m.starts_with("./redis/sentinel.conf:") && m.ends_with(":ro")),
+            "{s}: the template is mounted read-only"
+        );
+        let script = words(svc(s).get("command")).join(" ");
+        let runs = script
+            .split("redis-sentinel ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{s}: redis-sentinel <config>: {script}"));
+        assert_ne!(
+            runs, template,
+            "{s} must run on a writable copy, not the template"
+        );
+        assert!(
+            script.contains(&format!("cp {template} {runs}")),
+            "{s} copies {template} to {runs}: {script}"
+        );
+        let (vol, _) = mounts
+            .iter()
+            .find(|(_, d)| runs.starts_with(&format!("{d}/")))
+            .unwrap_or_else(|| panic!("{s}: {runs} is on a volume: {mounts:?}"));
+        assert!(
+            !vol.starts_with('.'),
+            "{s}: a named volume, not a bind mount"
+        );
+        assert!(data_volumes.insert(vol.clone()), "{s}: a volume of its own");
+    }
+    let monitor: Vec<&str> = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("sentinel monitor "))
+        .expect("sentinel.conf: sentinel monitor")
+        .split_whitespace()
+        .collect();
+    let [name, host, port, quorum] = monitor[..] else {
+        panic!("sentinel monitor <name> <host> <port> <quorum>: {monitor:?}");
+    };
+    assert_eq!((host, port, quorum), ("redis", "6379", "2"));
+    let resolve = conf
+        .lines()
+        .position(|l| l.trim() == "sentinel resolve-hostnames yes")
+        .expect("Sentinels resolve the compose service name");
+    assert!(
+        resolve
+            < conf
+                .lines()
+                .position(|l| l.contains("sentinel monitor"))
+                .unwrap_or(0),
+        "resolve-hostnames before the monitor line"
+    );
+
+    // The header tells how to switch workers to the Sentinels, with a URL
+    // fred (agentq's Redis client) reads as these three Sentinels and name.
+    let url = text
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .find_map(|l| {
+            let at = l.find("redis-sentinel://")?;
+            let rest = &l[at..];
+            let end = rest.find(['\'', ' ', '"']).unwrap_or(rest.len());
+            Some(rest[..end].to_string())
+        })
+        .filter(|u| !u.contains(":PASSWORD@"))
+        .expect("the compose header documents the redis-sentinel:// URL");
+    let cfg = fred::prelude::Config::from_url(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    let fred::prelude::ServerConfig::Sentinel {
+        hosts,
+        service_name,
+        ..
+    } = cfg.server
+    else {
+        panic!("{url} is not a Sentinel URL for fred");
+    };
+    assert_eq!(service_name, name, "the name the Sentinels monitor");
+    let mut got: Vec<String> = hosts
+        .iter()
+        .map(|h| format!("{}:{}", h.host, h.port))
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = sentinels.iter().map(|s| format!("{s}:26379")).collect();
+    want.sort();
+    assert_eq!(got, want, "the URL names every Sentinel");
+    assert!(
+        text.contains("--profile ha"),
+        "the header says how to start the ha profile"
+    );
+    // Workers pick the URL up from the environment.
+    let url_env = svc("worker")
+        .str_at(&["environment", "AGENTQ_REDIS_URL"])
+        .expect("worker AGENTQ_REDIS_URL");
+    assert!(
+        url_env.starts_with("${AGENTQ_REDIS_URL:-redis://redis:6379}"),
+        "AGENTQ_REDIS_URL can be switched from the environment: {url_env}"
     );
 }

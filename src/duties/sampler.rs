@@ -1,6 +1,7 @@
 //! The sampler: turns Redis state into gauges (jobs per queue and state,
 //! running and cap per tenant, quota use, held tenants by reason, the
-//! outbox backlog), from one worker of the fleet at a time.
+//! outbox backlog, jobs submitted by every producer), from one worker of
+//! the fleet at a time.
 //!
 //! The first worker to take the sampler lock (`B:sampler`) keeps it while
 //! it lives, so a stale copy of the gauges exists only on a dead worker;
@@ -155,5 +156,13 @@ async fn sample(queue: &Queue) -> Result<(), QueueError> {
         ::metrics::gauge!(m::THROTTLED, "reason" => reason).set(n);
     }
     ::metrics::gauge!(m::OUTBOX_BACKLOG).set(crate::queue::outbox::backlog(queue).await? as f64);
+    // Every enqueue, whoever made it, reserves its jobs' sequence numbers
+    // with one INCRBY of its partition's B:seq (enqueue.lua).
+    let mut submitted = 0u64;
+    for p in 0..queue.partitions() {
+        let n: Option<u64> = queue.client().get(queue.keys(p).key(&["seq"])).await?;
+        submitted += n.unwrap_or(0);
+    }
+    ::metrics::gauge!(m::SUBMITTED).set(submitted as f64);
     Ok(())
 }

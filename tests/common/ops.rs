@@ -15,6 +15,7 @@ pub use serde_norway::Value as Yaml;
 /// Every metric agentq exports (without histogram suffixes).
 pub const METRICS: &[&str] = &[
     "agentq_jobs_enqueued_total",
+    "agentq_jobs_submitted_total",
     "agentq_jobs_started_total",
     "agentq_jobs_completed_total",
     "agentq_jobs_retried_total",
