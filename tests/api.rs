@@ -252,12 +252,16 @@ async fn tenants_reach_only_their_own_jobs_and_every_status_is_real() {
         400
     );
 
-    // A revoked key is refused.
-    keys::revoke(&db.pool, &b).await.expect("revoke");
-    assert_eq!(
-        req(port, "GET", "/v1/usage", Some(&b), None).await.status,
-        401
-    );
+    // A revoked key is refused (the server hears of it through Redis).
+    let r = keys::revoke(&db.pool, Some(&tq.queue), &b)
+        .await
+        .expect("revoke")
+        .expect("an active key");
+    assert_eq!((r.tenant.as_str(), r.not_announced), ("b", None));
+    common::eventually(Duration::from_secs(5), "revoked key refused", || async {
+        (req(port, "GET", "/v1/usage", Some(&b), None).await.status == 401).then_some(())
+    })
+    .await;
     stop.cancel();
     db.cleanup().await;
     tq.cleanup().await;
@@ -329,7 +333,14 @@ async fn openapi_document_matches_the_routes() {
     documented.sort();
     assert_eq!(
         documented,
-        vec!["/v1/jobs", "/v1/jobs/{id}", "/v1/openapi.json", "/v1/usage"]
+        vec![
+            "/v1/jobs",
+            "/v1/jobs/{id}",
+            "/v1/openapi.json",
+            "/v1/schedules",
+            "/v1/schedules/{name}",
+            "/v1/usage"
+        ]
     );
     for (path, ops) in paths {
         for method in ops

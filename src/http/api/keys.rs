@@ -60,29 +60,104 @@ pub async fn create(pool: &PgPool, tenant: &str) -> Result<NewKey, LedgerError> 
     })
 }
 
-/// Revoke a key by its prefix (or whole key); returns the tenant it belonged to.
-pub async fn revoke(pool: &PgPool, key_or_prefix: &str) -> Result<Option<String>, LedgerError> {
+/// A revocation done by [`revoke`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    /// The tenant the key belonged to.
+    pub tenant: String,
+    /// The key's prefix.
+    pub prefix: String,
+    /// Why running `agentq serve` processes could not be told through Redis
+    /// (None: told). They still stop accepting the key within their cache
+    /// refresh (see [`KeyCacheConfig::refresh`](super::key_cache::KeyCacheConfig)).
+    pub not_announced: Option<String>,
+}
+
+/// Revoke a key by its prefix (or whole key) in PostgreSQL, then announce
+/// the prefix on the namespace's revocation stream in Redis, so every
+/// `agentq serve` drops it from its key cache within a second (see
+/// [`key_cache`](super::key_cache)). None if there is no active key so named.
+/// `queue` None (Redis unreachable): revoked all the same, not announced.
+pub async fn revoke(
+    pool: &PgPool,
+    queue: Option<&crate::queue::Queue>,
+    key_or_prefix: &str,
+) -> Result<Option<Revocation>, LedgerError> {
     let prefix = parse(key_or_prefix).map_or(key_or_prefix, |k| k.prefix);
     let tenant: Option<(String,)> =
         sqlx::query_as("UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING tenant")
             .bind(prefix)
             .fetch_optional(pool)
             .await?;
-    Ok(tenant.map(|t| t.0))
+    let Some((tenant,)) = tenant else {
+        return Ok(None);
+    };
+    let not_announced = match queue {
+        Some(q) => super::key_cache::announce_revocation(q, prefix)
+            .await
+            .err()
+            .map(|e| e.to_string()),
+        None => Some("no connection to Redis".to_string()),
+    };
+    Ok(Some(Revocation {
+        tenant,
+        prefix: prefix.to_string(),
+        not_announced,
+    }))
 }
 
-/// The tenant of a valid, unrevoked key.
+/// A key's row: what the key cache keeps (never the secret itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRow {
+    /// The key's prefix.
+    pub prefix: String,
+    /// The tenant it belongs to.
+    pub tenant: String,
+    /// SHA-256 of its secret.
+    pub secret_hash: Vec<u8>,
+    /// Revoked (in PostgreSQL, or announced through Redis).
+    pub revoked: bool,
+}
+
+impl KeyRow {
+    /// The tenant, if this row is unrevoked and `secret` matches its hash
+    /// (compared in constant time).
+    pub fn accepts(&self, secret: &str) -> Option<&str> {
+        (!self.revoked && constant_time_eq(&self.secret_hash, &hash(secret)))
+            .then_some(self.tenant.as_str())
+    }
+}
+
+/// The rows of `prefixes` (revoked ones included; unknown ones left out).
+pub async fn load(pool: &PgPool, prefixes: &[String]) -> Result<Vec<KeyRow>, LedgerError> {
+    let rows: Vec<(String, String, Vec<u8>, bool)> = sqlx::query_as(
+        "SELECT prefix, tenant, secret_hash, revoked_at IS NOT NULL FROM api_keys WHERE prefix = ANY($1)",
+    )
+    .bind(prefixes)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(prefix, tenant, secret_hash, revoked)| KeyRow {
+            prefix,
+            tenant,
+            secret_hash,
+            revoked,
+        })
+        .collect())
+}
+
+/// The tenant of a valid, unrevoked key, straight from PostgreSQL (the API
+/// server goes through its [`KeyCache`](super::key_cache::KeyCache) instead).
 pub async fn verify(pool: &PgPool, key: &str) -> Result<Option<String>, LedgerError> {
     let Some(KeyParts { prefix, secret }) = parse(key) else {
         return Ok(None);
     };
-    let row: Option<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT tenant, secret_hash FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
-    )
-    .bind(prefix)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.and_then(|(tenant, stored)| constant_time_eq(&stored, &hash(secret)).then_some(tenant)))
+    let rows = load(pool, &[prefix.to_string()]).await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.accepts(secret))
+        .map(str::to_string))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
