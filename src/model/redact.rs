@@ -7,7 +7,8 @@
 
 /// A URL with its secrets replaced by `***`, for logs and messages: the
 /// password of the user info (`scheme://user:***@host`) and the values of
-/// query parameters that carry one (`password`, `sslpassword`, `pass`,
+/// query parameters that carry one (`password`, `sslpassword`,
+/// `sentinelPassword`, `pass`,
 /// `passwd`, `secret`, `token`, any case).
 pub fn redact_url(url: &str) -> String {
     // The query starts at the first '?' after the user info, whose '@' is
@@ -40,9 +41,10 @@ fn redact_user_info(url: &str) -> String {
 }
 
 fn redact_query(query: &str) -> String {
-    const SECRET_KEYS: [&str; 6] = [
+    const SECRET_KEYS: [&str; 7] = [
         "password",
         "sslpassword",
+        "sentinelpassword",
         "pass",
         "passwd",
         "secret",
@@ -66,6 +68,10 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis-sentinel://:pw@s1:26379?sentinelServiceName=m&sentinelPassword=sp"),
+            "redis-sentinel://:***@s1:26379?sentinelServiceName=m&sentinelPassword=***"
+        );
         assert_eq!(redact_url("redis://:secret@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact_url("postgres://u:p@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");

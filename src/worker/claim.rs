@@ -3,7 +3,11 @@
 //! each claimed attempt, and sleep until a slot frees, a tenant becomes
 //! claimable or something is due. A claim that failed (perhaps after Redis
 //! acted) is repeated with the same call id, so its jobs are never
-//! stranded.
+//! stranded. With `--min-replicas-ack` (`QueueConfig::min_replicas_ack`)
+//! a claim returns only jobs that enough replicas confirmed: an
+//! unconfirmed one fails as `NotReplicated` after `Queue::claim` handed
+//! its jobs back, so nothing here ever starts a claim a failover could
+//! hand to another worker under the same attempt number.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

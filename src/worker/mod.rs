@@ -1,6 +1,6 @@
 //! The worker: claims fairly in batches, runs each attempt, acknowledges
 //! completions in batches, and shuts down gracefully, with its background
-//! duties (heartbeat, reaper, ledger writer, sampler) beside it.
+//! duties (heartbeat, reaper, ledger writer, sampler, schedules) beside it.
 //!
 //! Files: `claim` (the claim loop), `slots` (splitting slots across
 //! partitions), `attempt` (one attempt, start to close), `complete` (the
@@ -24,6 +24,7 @@ use crate::duties::heartbeat::{Heartbeat, HeartbeatConfig};
 use crate::duties::ledger_writer::LedgerWriter;
 use crate::duties::reaper::{Reaper, ReaperConfig};
 use crate::duties::sampler::{Sampler, SamplerConfig};
+use crate::duties::schedules::{Schedules, SchedulesConfig};
 use crate::executor::lease_guard::LeaseGuard;
 use crate::executor::{self, Handlers, Registry};
 use crate::lease::{Held, StopReason};
@@ -216,6 +217,9 @@ impl Worker {
             },
         );
         let reaper = tokio::spawn(reaper.run(background.clone()));
+        let schedules = tokio::spawn(
+            Schedules::new(self.queue.clone(), SchedulesConfig::default()).run(background.clone()),
+        );
         let writer = self.ledger.clone().map(|(pool, tiers)| {
             let mut w = LedgerWriter::new(self.queue.clone(), pool, self.cfg.id.clone());
             w.tiers = tiers;
@@ -275,6 +279,7 @@ impl Worker {
         background.cancel();
         let _ = heartbeat.await;
         let _ = reaper.await;
+        let _ = schedules.await;
         for task in [writer, sampler].into_iter().flatten() {
             let _ = task.await;
         }

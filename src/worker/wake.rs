@@ -17,10 +17,12 @@ pub(super) async fn subscribe_wake(
     wake: Arc<Notify>,
     woken: Arc<Vec<AtomicBool>>,
 ) -> Result<fred::clients::SubscriberClient, QueueError> {
-    let config = Config::from_url(&queue.config().redis_url)?;
-    let sub = Builder::from_config(config)
-        .set_policy(crate::queue::reconnect_policy())
-        .build_subscriber_client()?;
+    // The queue's own connection settings and URL forms: behind Sentinels
+    // the subscriber asks them for the primary at every reconnect, so after
+    // a failover it resubscribes on the promoted replica.
+    let sub =
+        crate::queue::client_builder(&queue.config().redis_url, queue.config().command_timeout)?
+            .build_subscriber_client()?;
     sub.init().await?;
     // Detached: it resubscribes after reconnects for as long as the client lives.
     drop(sub.manage_subscriptions());

@@ -526,6 +526,13 @@ impl Model {
     }
 
     /// Extend the lease of a live attempt.
+    /// A repeated claim (same call id) renews the leases of the jobs it
+    /// hands out again, from now, without a heartbeat (claim.lua).
+    pub fn renew_lease(&mut self, id: &str, lease_ms: u64) {
+        let now = self.now;
+        self.job_mut(id).lease = now + lease_ms as i64;
+    }
+
     pub fn extend(&mut self, id: &str, lease_ms: u64) {
         let now = self.now;
         let j = self.job_mut(id);

@@ -556,9 +556,10 @@ impl World {
                 "claim again p{p} w{worker}: no earlier claim (nothing sent)"
             ));
         };
+        let renew = Duration::from_secs(1);
         let got = self
             .queue
-            .claim(p, &call, 1, Duration::from_secs(1), &self.setup.queues)
+            .claim(p, &call, 1, renew, &self.setup.queues)
             .await
             .map_err(|e| fail("claim error", e.to_string()))?;
         let want: Vec<(String, u32)> = jobs
@@ -580,6 +581,9 @@ impl World {
             got.weight,
             got.due_in
         );
+        for (id, _) in &seen {
+            self.model.renew_lease(id, renew.as_millis() as u64);
+        }
         Ok(format!("claim again p{p} {} -> {seen:?}", call.worker()))
     }
 
@@ -750,13 +754,17 @@ impl World {
             return Ok(format!("release p{p}: no attempt to name (nothing sent)"));
         }
         let mut want = 0;
+        let me = self.setup.workers[worker].clone();
         for (id, a) in attempts {
-            if self.model.live(id, *a) {
+            // Fenced by attempt and worker: another worker's run is not
+            // this one's to hand back.
+            let mine = self.model.job(id).is_some_and(|j| j.worker == me);
+            if self.model.live(id, *a) && mine {
                 self.model.release(id, run_ms as i64);
                 want += 1;
             }
         }
-        let call = Call::new(self.setup.workers[worker].clone());
+        let call = Call::new(me);
         let held: Vec<HandBack> = attempts
             .iter()
             .map(|(id, a)| HandBack {

@@ -36,7 +36,10 @@ local now = now_ms()
 local now_s = tostring(now)
 
 -- The jobs a repeated call handed out the first time: those still running
--- under that attempt for this worker (the others were reaped meanwhile).
+-- under that attempt for this worker (the others were reaped or handed back
+-- meanwhile). Their leases are renewed from now: the worker counts its local
+-- deadline from the repeat, and the write makes a WAIT behind this call
+-- (--min-replicas-ack) cover the first call's claim too.
 local function claimed_again(text)
   local first = cjson.decode(text)
   local out = { 0, '', first[1] }
@@ -45,6 +48,7 @@ local function claimed_again(text)
     local v = redis.call('HMGET', k('job', id), 'state', 'attempts', 'worker', 'tenant', 'queue',
       'kind', 'payload', 'timeout_ms', 'memory', 'enqueued_at', 'started_at')
     if v[1] == 'running' and tonumber(v[2]) == attempt and v[3] == worker then
+      lease_add(id, now + lease_ms)
       local l = limits(v[4])
       for _, x in ipairs({ id, attempt, v[4], v[5], v[6], v[7], tonumber(v[8]) or 0,
         tonumber(v[9]) or 0, tonumber(v[10]) or now, tonumber(v[11]) or now, l.max_timeout_ms,
@@ -56,7 +60,11 @@ local function claimed_again(text)
   return out
 end
 local again = remembered(worker, 'claim', call)
-if again then return claimed_again(again) end
+if again then
+  local out = claimed_again(again)
+  flush_state()
+  return out
+end
 -- The pool's queues: all of them keep its clock (virtual time), so a
 -- paused one resumes in step; the unpaused ones are served.
 local listed, queues = {}, {}

@@ -6,8 +6,9 @@
 --          returns the first reply and changes nothing ("" opts out)
 -- ARGV[3]  reason, recorded as the attempt's error
 -- ARGV[4..] triples: id, token, run_ms
--- Returns  { released, events }: attempts released (stale tokens are
---          skipped) and the space-separated events they caused.
+-- Returns  { released, events }: attempts released (stale tokens, and
+--          attempts running for another worker, are skipped) and the
+--          space-separated events they caused.
 -- Invariant: like the reaper but without waiting for the lease to expire: the
 --          slot is freed, a "lost" ledger record is written for the time used,
 --          and the job is ready again at once; the interrupted attempt does
@@ -21,7 +22,11 @@ local released = 0
 for i = 4, #ARGV - 2, 3 do
   local id, token = ARGV[i], ARGV[i + 1]
   local job = load_job(id)
-  if job and job.state == 'running' and job.attempts == token then
+  -- Fenced by attempt number and worker: after a failover the promoted
+  -- replica may lack this worker's claim and have handed the job to
+  -- another worker under the same attempt number (an unconfirmed claim
+  -- handed back, README "Redis Sentinel"); that run is not ours to end.
+  if job and job.state == 'running' and job.attempts == token and job.worker == worker then
     redis.call('HINCRBY', k('job', id), 'base', 1)
     job.base = (tonumber(job.base) or 0) + 1
     finish_attempt(id, job, {
