@@ -14,12 +14,14 @@
 //! | [`reaper`] | returns other workers' expired leases to ready (once per interval fleet-wide) |
 //! | [`ledger_writer`] | moves usage records from the outbox to PostgreSQL, exactly once |
 //! | [`sampler`] | turns Redis state into gauges (one worker of the fleet at a time) |
+//! | [`schedules`] | enqueues the due slots of tenants' recurring schedules (each slot once fleet-wide) |
 //! | [`tier_publisher`] | writes the configured tiers to Redis and PostgreSQL |
 
 pub mod heartbeat;
 pub mod ledger_writer;
 pub mod reaper;
 pub mod sampler;
+pub mod schedules;
 pub mod tier_publisher;
 
 /// A duty's configuration is out of range.

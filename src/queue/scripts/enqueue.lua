@@ -283,12 +283,9 @@ for j = 1, count do
 end
 
 local now = now_ms()
-local partition = B:match(':(%d+)}$') or '0'
 local out = {}
-local touched = {}
 -- One INCRBY reserves the sequence numbers of the whole batch.
 local seq = redis.call('INCRBY', k('seq'), count) - count
-local new_queues, new_tenants = {}, {}
 local distinct, seen = {}, {}
 for _, job in ipairs(jobs) do
   if not seen[job.tenant] then
@@ -297,84 +294,21 @@ for _, job in ipairs(jobs) do
   end
 end
 prefetch(distinct)
-local ready_adds = {} -- ready-set key -> { score, id, score, id, ... }
+local adds = new_adds()
 for _, job in ipairs(jobs) do
   local existing = nil
-  local idem_key = nil
   if job.idem ~= '' then
-    idem_key = k('idem', job.tenant, job.idem)
-    existing = redis.call('GET', idem_key)
+    existing = redis.call('GET', k('idem', job.tenant, job.idem))
   end
   if existing then
     out[#out + 1] = existing
     out[#out + 1] = 0
   else
     seq = seq + 1
-    local id = string.format('%s-%x%06x', partition, now, seq % 16777216)
-    if idem_key then redis.call('SET', idem_key, id, 'PX', default('idem_ttl_ms')) end
-    local score = (100 - job.priority) * 1099511627776 + seq
-    local max_attempts = job.max_attempts
-    if max_attempts == 0 then max_attempts = default('default_max_attempts') end
-    local ready_at = now + job.delay_ms
-    local delayed = job.delay_ms > 0
-    -- Fields at their default (0, "", ready_at = enqueued_at) are left out:
-    -- every reader treats a missing one as the default, and a queued job
-    -- costs Redis memory for each field it holds.
-    local jk = k('job', id)
-    if job.timeout_ms == 0 and job.memory == 0 and job.priority == 0 and job.idem == ''
-        and not delayed then
-      redis.call('HSET', jk, 'tenant', job.tenant, 'queue', job.queue, 'kind', job.kind,
-        'payload', job.payload, 'max_attempts', max_attempts, 'enqueued_at', now,
-        'score', score, 'state', 'ready')
-    else
-      local f = { 'tenant', job.tenant, 'queue', job.queue, 'kind', job.kind,
-        'payload', job.payload, 'max_attempts', max_attempts, 'enqueued_at', now,
-        'score', score, 'state', delayed and 'delayed' or 'ready' }
-      if job.timeout_ms ~= 0 then f[#f + 1] = 'timeout_ms'; f[#f + 1] = job.timeout_ms end
-      if job.memory ~= 0 then f[#f + 1] = 'memory'; f[#f + 1] = job.memory end
-      if job.priority ~= 0 then f[#f + 1] = 'priority'; f[#f + 1] = job.priority end
-      if job.idem ~= '' then f[#f + 1] = 'idem'; f[#f + 1] = job.idem end
-      if delayed then
-        f[#f + 1] = 'ready_at'; f[#f + 1] = ready_at
-        f[#f + 1] = 'run_at'; f[#f + 1] = ready_at
-      end
-      redis.call('HSET', jk, unpack(f))
-    end
-    -- B:queues and B:tenants only grow; a tenant whose B:tq entry lists
-    -- the queue was added to both by an earlier enqueue (two commands
-    -- fewer for most single enqueues).
-    if not tenant_queues(job.tenant)[job.queue] then
-      new_queues[job.queue] = true
-      new_tenants[job.tenant] = true
-    end
-    if delayed then
-      redis.call('ZADD', k('q', job.queue, 'delayed'), ready_at, id)
-      stat(job.queue, job.tenant, 'delayed', 1)
-    else
-      local rk = k('q', job.queue, 't', job.tenant)
-      local adds = ready_adds[rk]
-      if not adds then
-        adds = {}
-        ready_adds[rk] = adds
-        tq_add(job.tenant, job.queue)
-      end
-      adds[#adds + 1] = score
-      adds[#adds + 1] = id
-      stat(job.queue, job.tenant, 'ready', 1)
-      touched[job.tenant] = true
-    end
-    out[#out + 1] = id
+    out[#out + 1] = add_job(adds, job, now, seq)
     out[#out + 1] = 1
   end
 end
-for rk, adds in pairs(ready_adds) do call_chunked('ZADD', rk, adds) end
-local function set_members(m)
-  local list = {}
-  for x in pairs(m) do list[#list + 1] = x end
-  return list
-end
-if next(new_queues) then call_chunked('SADD', k('queues'), set_members(new_queues)) end
-if next(new_tenants) then call_chunked('SADD', k('tenants'), set_members(new_tenants)) end
-for t in pairs(touched) do sync_tenant(t) end
+flush_adds(adds)
 finish()
 return out
