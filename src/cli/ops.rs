@@ -260,6 +260,12 @@ pub struct TenantSetArgs {
     /// The limits to change.
     #[command(flatten)]
     limits: LimitFlags,
+    /// Queues the tenant may enqueue to over the HTTP API, e.g. a,b (* : all).
+    #[arg(long)]
+    allowed_queues: Option<String>,
+    /// Kinds the tenant may enqueue over the HTTP API, e.g. echo,sleep (* : all).
+    #[arg(long)]
+    allowed_kinds: Option<String>,
 }
 
 /// `agentq tenant show`.
@@ -310,10 +316,41 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
     match c {
         TenantCommand::Set(a) => {
             validate_name("tenant", &a.tenant)?;
-            let u = checked(a.limits.update())?;
+            let parse = |what: &str, v: &Option<String>| {
+                v.as_deref()
+                    .map(|s| crate::http::api::allowed::parse_list(what, s))
+                    .transpose()
+            };
+            let queues = parse("queue", &a.allowed_queues)?;
+            let kinds = parse("kind", &a.allowed_kinds)?;
+            let restrict = queues.is_some() || kinds.is_some();
+            let u = a.limits.update();
+            let u = if restrict && u.is_empty() {
+                u.validate()?;
+                u
+            } else {
+                checked(u)?
+            };
             let q = g.queue().await?;
-            u.apply(&q, Target::Tenant(&a.tenant)).await?;
-            println!("tenant {}: set {}", a.tenant, u.describe());
+            if !u.is_empty() {
+                u.apply(&q, Target::Tenant(&a.tenant)).await?;
+                println!("tenant {}: set {}", a.tenant, u.describe());
+            }
+            if restrict {
+                crate::http::api::allowed::set(&q, &a.tenant, queues.clone(), kinds.clone())
+                    .await?;
+                let show = |v: &Option<Option<Vec<String>>>| match v {
+                    None => "unchanged".to_string(),
+                    Some(None) => "all".to_string(),
+                    Some(Some(l)) => l.join(","),
+                };
+                println!(
+                    "tenant {}: allowed queues {}, allowed kinds {} (HTTP API)",
+                    a.tenant,
+                    show(&queues),
+                    show(&kinds)
+                );
+            }
         }
         TenantCommand::Defaults(f) => {
             let u = checked(f.update())?;
@@ -331,10 +368,14 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
             validate_name("tenant", &a.tenant)?;
             let q = g.queue().await?;
             let s = crate::queue::limits::settings(&q, Some(&a.tenant)).await?;
+            let allowed = crate::http::api::allowed::read(&q, &a.tenant).await?;
             if a.json {
-                output::json(&s);
+                let mut v = serde_json::to_value(&s).unwrap_or_default();
+                v["allowed"] = serde_json::to_value(&allowed).unwrap_or_default();
+                output::json(&v);
                 return Ok(());
             }
+            let list = |l: &Option<Vec<String>>| l.as_ref().map_or("all".into(), |l| l.join(","));
             let src = |fs: &[&str]| {
                 if fs.iter().any(|f| s.own.iter().any(|o| o == f)) {
                     "tenant".to_string()
@@ -376,6 +417,16 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
                         "price/1k tokens".into(),
                         dollars(l.price_ktok_micros),
                         src(&["price_ktok_micros"]),
+                    ],
+                    vec![
+                        "allowed queues (HTTP)".into(),
+                        list(&allowed.queues),
+                        "tenant".into(),
+                    ],
+                    vec![
+                        "allowed kinds (HTTP)".into(),
+                        list(&allowed.kinds),
+                        "tenant".into(),
                     ],
                 ],
             );
