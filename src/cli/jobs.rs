@@ -43,6 +43,9 @@ pub struct EnqueueArgs {
     /// A second enqueue with the same key returns the first job's id.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Replica confirmation of the enqueue.
+    #[command(flatten)]
+    ack: super::ReplicaAck,
 }
 
 fn read_payload(arg: &str) -> Result<String, CliError> {
@@ -75,7 +78,7 @@ pub(super) async fn enqueue(g: &Global, a: EnqueueArgs) -> CliResult {
     };
     // Check the input before touching the network: bad input is exit 2 even when Redis is down.
     spec.validate(1 << 20)?;
-    let queue = g.queue().await?;
+    let queue = g.queue_acked(&a.ack).await?;
     let e = queue.enqueue(&spec).await?;
     println!("{}", e.id);
     Ok(())

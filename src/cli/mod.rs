@@ -10,6 +10,7 @@ mod jobs;
 mod ops;
 pub mod output;
 mod run;
+mod schedules;
 mod serve;
 mod usage;
 
@@ -123,6 +124,9 @@ pub enum Command {
     Tenant(ops::TenantCommand),
     /// Tiers as published in Redis.
     Tiers(ops::ListArgs),
+    /// Tenants' recurring schedules: add, list, rm.
+    #[command(subcommand)]
+    Schedule(schedules::ScheduleCommand),
     /// Usage per tenant from the ledger: agent time, CPU, outcomes, tokens, cost.
     Usage(usage::UsageArgs),
     /// Print a Lua script as loaded into Redis (enqueue: the wire format for other languages).
@@ -143,6 +147,21 @@ pub fn size_arg(s: &str) -> Result<u64, String> {
     crate::model::units::parse_size(s).map_err(|e| e.to_string())
 }
 
+/// `--min-replicas-ack` and `--min-replicas-timeout`, for the commands
+/// that enqueue and for the worker's claims (README, "Redis Sentinel").
+#[derive(Debug, Args)]
+pub struct ReplicaAck {
+    /// Acknowledge an enqueue, or start a claimed job, only once this many
+    /// replicas confirmed it (Redis WAIT); fewer within
+    /// --min-replicas-timeout is an error (an enqueue: retry with the same
+    /// idempotency key; a claim: its jobs are handed back unstarted).
+    #[arg(long, env = "AGENTQ_MIN_REPLICAS_ACK", default_value_t = 0)]
+    pub min_replicas_ack: u32,
+    /// How long an enqueue or a claim waits for --min-replicas-ack replicas.
+    #[arg(long, env = "AGENTQ_MIN_REPLICAS_TIMEOUT", default_value = "1s", value_parser = duration_arg)]
+    pub min_replicas_timeout: Duration,
+}
+
 impl Global {
     /// Resolve the settings.
     pub fn settings(&self) -> Result<Settings, CliError> {
@@ -160,13 +179,33 @@ impl Global {
         let s = self.settings()?;
         connect(&s, &s.redis_url).await
     }
+
+    /// Connect to the queue, acknowledging enqueues as `ack` says.
+    pub async fn queue_acked(&self, ack: &ReplicaAck) -> Result<Queue, CliError> {
+        let s = self.settings()?;
+        connect_with(&s, &s.redis_url, |cfg| {
+            cfg.min_replicas_ack = ack.min_replicas_ack;
+            cfg.min_replicas_timeout = ack.min_replicas_timeout;
+        })
+        .await
+    }
 }
 
 /// Connect to Redis at `url` with the layout in `s`.
 pub async fn connect(s: &Settings, url: &str) -> Result<Queue, CliError> {
+    connect_with(s, url, |_| {}).await
+}
+
+/// [`connect`], with `adjust` changing the config first.
+async fn connect_with(
+    s: &Settings,
+    url: &str,
+    adjust: impl FnOnce(&mut QueueConfig),
+) -> Result<Queue, CliError> {
     let mut cfg = QueueConfig::new(url);
     cfg.namespace = s.namespace.clone();
     cfg.partitions = s.partitions;
+    adjust(&mut cfg);
     Queue::connect(cfg).await.map_err(|e| match e {
         QueueError::Redis(re) => CliError::Runtime(anyhow::anyhow!(
             "cannot reach Redis at {}: {re}; {}",
@@ -186,8 +225,13 @@ fn redis_hint(error: &str) -> &'static str {
         || error.contains("Authentication")
     {
         "the password (or user) in the URL is wrong: redis://:PASSWORD@host:port or redis://USER:PASSWORD@host:port"
+    } else if error.contains("Sentinel") {
+        "check that Sentinels listen at the URL's host and node= addresses and monitor the \
+         name given as sentinelServiceName (redis-cli -p 26379 SENTINEL masters)"
     } else {
-        "is redis-server running? (set AGENTQ_REDIS_URL or --redis-url; rediss:// for TLS)"
+        "is redis-server running? (set AGENTQ_REDIS_URL or --redis-url; rediss:// for TLS, \
+         redis-cluster:// for a Redis Cluster, \
+         redis-sentinel://HOST:26379?sentinelServiceName=NAME behind Sentinels)"
     }
 }
 
@@ -225,6 +269,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Dead(a) => drain::dead(g, a).await,
         Command::Tenant(c) => ops::tenant(g, c).await,
         Command::Tiers(a) => ops::tiers(g, a).await,
+        Command::Schedule(c) => schedules::schedule(g, c).await,
         Command::Usage(a) => usage::usage(g, a).await,
         Command::Serve(a) => serve::serve(g, a).await,
         Command::Script(a) => jobs::script(a),

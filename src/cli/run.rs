@@ -60,6 +60,11 @@ pub struct WorkerArgs {
     /// (each running attempt gets its own uid) [default: the worker's user].
     #[arg(long, env = "AGENTQ_TASK_USER")]
     task_user: Option<String>,
+    /// Replica confirmation of every claim: a claimed job starts only once
+    /// this many replicas hold the claim, so a failover cannot hand it to
+    /// another worker under the same attempt while it runs here.
+    #[command(flatten)]
+    ack: super::ReplicaAck,
 }
 
 impl WorkerArgs {
@@ -128,6 +133,24 @@ impl WorkerArgs {
     }
 }
 
+/// Makes this process not dumpable (`PR_SET_DUMPABLE` 0): a process of the
+/// same uid that is not privileged, such as a task program when the worker
+/// runs without `--task-user`, can no longer read its `/proc/<pid>/environ`
+/// (database URL, Redis password), `mem`, `fd/` or attach to it. The
+/// programs it starts are dumpable again after their `execve` (the kernel
+/// resets the flag for a binary that changes no credentials), which they
+/// need for nothing of ours. Called first thing by `worker` and `serve`.
+pub(super) fn forbid_dumping() -> Result<(), CliError> {
+    // SAFETY: plain syscall with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(CliError::Runtime(anyhow::anyhow!(
+            "cannot make the process non-dumpable (prctl PR_SET_DUMPABLE): {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
 /// Cancel `token` on SIGINT or SIGTERM.
 pub fn cancel_on_signals(token: CancellationToken) -> Result<(), CliError> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -144,13 +167,14 @@ pub fn cancel_on_signals(token: CancellationToken) -> Result<(), CliError> {
 }
 
 pub(super) async fn worker(g: &Global, a: WorkerArgs) -> CliResult {
+    forbid_dumping()?;
     let cfg = a.config()?;
     let sandbox = crate::executor::sandbox::install(a.sandbox(&cfg.id)?);
     let registry = Registry::load(&a.workers_dir).map_err(|e| CliError::Usage(e.to_string()))?;
     if registry.is_empty() {
         tracing::warn!(dir = %a.workers_dir.display(), "no task kinds found; only in-process kinds (noop) will run");
     }
-    let queue = g.queue().await?;
+    let queue = g.queue_acked(&a.ack).await?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone())?;
     let tiers = g.settings()?.tiers;
@@ -208,7 +232,7 @@ pub(super) async fn migrate(g: &Global) -> CliResult {
 
 /// Start the metrics endpoint: an explicit address must bind (exit 1
 /// otherwise); the default one only warns, so several workers can share a host.
-async fn serve_metrics(
+pub(super) async fn serve_metrics(
     addr: Option<&str>,
     ready: crate::http::probes::Readiness,
     stop: CancellationToken,

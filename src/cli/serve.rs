@@ -16,24 +16,121 @@ pub struct ServeArgs {
     /// Requests per second allowed per tenant (burst: twice that).
     #[arg(long, default_value_t = NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN))]
     rate_limit: NonZeroU32,
+    /// Replica confirmation of every enqueue (503 not_replicated without it).
+    #[command(flatten)]
+    ack: super::ReplicaAck,
+    /// Serve Prometheus metrics, /healthz and /readyz on this address (for
+    /// example 0.0.0.0:9464), or off.
+    #[arg(long, default_value = "off")]
+    metrics_addr: String,
+    /// Tenant label values on serve's metrics: all or none ("other"); workers
+    /// rank tenants for top:N, serve does not.
+    #[arg(long, default_value = "none")]
+    metrics_tenant_labels: crate::metrics::TenantLabels,
+    /// JWT sign-in besides API keys (README, "Enqueueing from other services").
+    #[command(flatten)]
+    jwt: JwtArgs,
+}
+
+/// `agentq serve`'s JWT flags: with a JWKS (file or URL), bearer tokens
+/// signed RS256 or ES256 are accepted besides API keys.
+#[derive(Debug, Args)]
+pub struct JwtArgs {
+    /// JWKS file of the identity provider's public keys.
+    #[arg(long, conflicts_with = "jwks_url")]
+    jwks_file: Option<std::path::PathBuf>,
+    /// JWKS URL (http:// or https://), fetched at start and re-read.
+    #[arg(long)]
+    jwks_url: Option<String>,
+    /// Required `iss` of a JWT (required with a JWKS).
+    #[arg(long)]
+    jwt_issuer: Option<String>,
+    /// Required `aud` of a JWT (required with a JWKS).
+    #[arg(long)]
+    jwt_audience: Option<String>,
+    /// Claim holding the tenant: a top-level claim, else a dotted path (org.id).
+    #[arg(long, default_value = "tenant")]
+    jwt_tenant_claim: String,
+    /// How often the JWKS is re-read.
+    #[arg(long, default_value = "5m", value_parser = super::duration_arg)]
+    jwks_refresh: std::time::Duration,
+    /// Least time between two re-reads of the JWKS for unknown kids.
+    #[arg(long, default_value = "30s", value_parser = super::duration_arg)]
+    jwks_min_refetch: std::time::Duration,
+}
+
+impl JwtArgs {
+    async fn start(&self) -> Result<Option<std::sync::Arc<crate::http::api::jwt::Jwt>>, CliError> {
+        use crate::http::api::jwt::{JwksSource, JwtConfig};
+        let source = match (&self.jwks_file, &self.jwks_url) {
+            (Some(f), _) => JwksSource::File(f.clone()),
+            (None, Some(u)) => JwksSource::Url(u.clone()),
+            (None, None) => {
+                if self.jwt_issuer.is_some() || self.jwt_audience.is_some() {
+                    return Err(CliError::Usage(
+                        "agentq serve: --jwt-issuer and --jwt-audience need --jwks-file or --jwks-url"
+                            .into(),
+                    ));
+                }
+                return Ok(None);
+            }
+        };
+        let mut cfg = JwtConfig::new(
+            source,
+            self.jwt_issuer.as_deref().unwrap_or(""),
+            self.jwt_audience.as_deref().unwrap_or(""),
+        );
+        cfg.tenant_claim = self.jwt_tenant_claim.clone();
+        cfg.refresh = self.jwks_refresh;
+        cfg.min_refetch = self.jwks_min_refetch;
+        if let Err(e) = cfg.validate() {
+            return Err(CliError::Usage(format!("agentq serve: {}", e.problem)));
+        }
+        crate::http::api::jwt::Jwt::start(cfg)
+            .await
+            .map(Some)
+            .map_err(|e| CliError::Runtime(anyhow::anyhow!("agentq serve: {e}")))
+    }
 }
 
 pub(super) async fn serve(g: &Global, a: ServeArgs) -> CliResult {
+    super::run::forbid_dumping()?;
     let addr: std::net::SocketAddr = a.listen.parse().map_err(|_| {
         CliError::Usage(format!(
             "--listen {:?} is not HOST:PORT, for example 127.0.0.1:8080",
             a.listen
         ))
     })?;
-    let queue = g.queue().await?;
+    let queue = g.queue_acked(&a.ack).await?;
     let db = super::usage::database(g).await?;
     crate::ledger::migrate(&db)
         .await
         .map_err(|e| CliError::Runtime(e.into()))?;
+    if matches!(
+        a.metrics_tenant_labels,
+        crate::metrics::TenantLabels::Top(_)
+    ) {
+        return Err(CliError::Usage(
+            "agentq serve: --metrics-tenant-labels is all or none (top:N needs a worker's ranking)"
+                .into(),
+        ));
+    }
+    crate::metrics::set_tenant_labels(a.metrics_tenant_labels);
+    let jwt = a.jwt.start().await?;
     let stop = CancellationToken::new();
     super::cancel_on_signals(stop.clone())?;
+    super::run::serve_metrics(
+        Some(&a.metrics_addr),
+        crate::http::probes::Readiness {
+            queue: queue.clone(),
+            db: Some(db.clone()),
+        },
+        stop.clone(),
+    )
+    .await?;
     let cfg = crate::http::api::ApiConfig {
         tenant_rate: a.rate_limit,
+        jwt,
         ..Default::default()
     };
     crate::http::api::serve(addr, queue, db, cfg, stop)
@@ -80,20 +177,34 @@ pub(super) async fn key(g: &Global, c: KeyCommand) -> CliResult {
                 );
             }
         }
-        KeyCommand::Revoke { key } => match crate::http::api::keys::revoke(&db, &key)
-            .await
-            .map_err(|e| CliError::Runtime(e.into()))?
-        {
-            Some(t) => println!(
-                "revoked key {} of tenant {t}",
-                crate::http::api::keys::parse(&key).map_or(key.as_str(), |k| k.prefix)
-            ),
-            None => {
-                return Err(CliError::Usage(format!(
-                    "no active key {key:?}: give the prefix printed at creation"
-                )));
+        KeyCommand::Revoke { key } => {
+            // The revocation is announced in the namespace, so every
+            // `agentq serve` on it drops the key from its cache at once.
+            // Redis being unreachable does not stop the revocation itself.
+            let queue = g.queue().await;
+            match crate::http::api::keys::revoke(&db, queue.as_ref().ok(), &key)
+                .await
+                .map_err(|e| CliError::Runtime(e.into()))?
+            {
+                Some(r) => {
+                    println!("revoked key {} of tenant {}", r.prefix, r.tenant);
+                    let why = queue.err().map(|e| e.to_string());
+                    if let Some(e) = why.or(r.not_announced) {
+                        return Err(CliError::Runtime(anyhow::anyhow!(
+                            "key {} is revoked in PostgreSQL, but running `agentq serve` processes \
+                             could not be told through Redis ({e}): they refuse it within 60s \
+                             (their key cache refresh)",
+                            r.prefix
+                        )));
+                    }
+                }
+                None => {
+                    return Err(CliError::Usage(format!(
+                        "no active key {key:?}: give the prefix printed at creation"
+                    )));
+                }
             }
-        },
+        }
     }
     Ok(())
 }

@@ -37,6 +37,10 @@
 //! | `B:sampler` | string (PX) | the worker currently sampling gauges |
 //! | `B:reaper` | string (PX) | guard: one reaper run per interval across the fleet |
 //! | `B:wake` | pub/sub channel | "a tenant became claimable" for idle workers |
+//! | `B:schedule:<t>:<name>` | hash | one recurring schedule: `cron` + `tz` or `every_ms`, the job, `missed`, what it last fired |
+//! | `B:schedules` | zset | `<t>:<name>` -> next-due slot (ms) of each schedule of the partition |
+//! | `B:schedules:<t>` | set | tenant t's schedule names |
+//! | `B:api:revoked` | stream (partition 0 only) | revoked API key prefixes, read by every `agentq serve` (`http::api::key_cache`) |
 
 /// The base key (hash tag included) of partition `p` in namespace `ns`.
 pub fn base(ns: &str, p: u32) -> String {

@@ -11,6 +11,7 @@ pub mod job;
 pub mod keys;
 pub mod limits;
 pub mod outbox;
+pub mod schedules;
 pub use crate::model::payload;
 mod scripts;
 
@@ -85,6 +86,15 @@ pub enum QueueError {
     /// Redis answered something agentq does not understand.
     #[error("unexpected reply from redis: {0}")]
     Protocol(String),
+    /// An enqueue or a claim ran on the primary, but fewer replicas than
+    /// [`QueueConfig::min_replicas_ack`] confirmed it within
+    /// [`QueueConfig::min_replicas_timeout`] (`WAIT`). An enqueue's jobs
+    /// exist on the primary now, but a failover may lose them: retry with
+    /// the same idempotency keys (a retry answers with the same job ids and
+    /// waits for the replicas again). A claim's jobs were handed back
+    /// unstarted ([`Queue::claim`]). The text says which and what to do.
+    #[error("{0}")]
+    NotReplicated(String),
 }
 
 impl From<crate::model::names::InvalidInput> for QueueError {
@@ -134,7 +144,11 @@ impl QueueError {
 pub struct QueueConfig {
     /// `redis://`, `rediss://` (TLS), or for a Redis Cluster
     /// `redis-cluster://host:port?node=host:port&...` (`rediss-cluster://`
-    /// with TLS): the scheme selects cluster mode, the nodes are seeds.
+    /// with TLS): the scheme selects cluster mode, the nodes are seeds; or
+    /// for a primary watched by Sentinels
+    /// `redis-sentinel://sentinel:26379?sentinelServiceName=NAME&node=sentinel2:26379&...`
+    /// (`rediss-sentinel://` with TLS): the hosts are Sentinels, asked for
+    /// the current primary at every (re)connect.
     pub redis_url: String,
     /// Key namespace: every key starts with `{<namespace>:<partition>}`.
     pub namespace: String,
@@ -149,6 +163,20 @@ pub struct QueueConfig {
     /// How long a command may wait for its reply before the caller gets an
     /// error (for a script: [`QueueError::Unknown`]).
     pub command_timeout: Duration,
+    /// Replicas that must confirm an enqueue before it is acknowledged, and
+    /// a claim before its jobs are handed to the caller (0: none, the
+    /// default). Above 0, each enqueue and claim script call is followed by
+    /// `WAIT <n> <min_replicas_timeout>` on the same connection (a dedicated
+    /// one, so a slow `WAIT` never holds up other commands of this process,
+    /// such as lease extensions and completions), and fewer confirmations
+    /// fail the call with [`QueueError::NotReplicated`] (a claim's jobs are
+    /// handed back unstarted). Bounds what a failover can lose to
+    /// unacknowledged enqueues and unstarted claims; it does not make Redis
+    /// strongly consistent (README, "Redis Sentinel").
+    pub min_replicas_ack: u32,
+    /// How long an enqueue or a claim waits for [`Self::min_replicas_ack`]
+    /// replicas (keep it well below `command_timeout`).
+    pub min_replicas_timeout: Duration,
 }
 
 impl QueueConfig {
@@ -161,6 +189,8 @@ impl QueueConfig {
             partitions: 1,
             max_payload: 1 << 20,
             command_timeout: Duration::from_secs(10),
+            min_replicas_ack: 0,
+            min_replicas_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -169,6 +199,14 @@ impl QueueConfig {
 #[derive(Clone)]
 pub struct Queue {
     client: Client,
+    /// The connection acknowledged enqueues and claims use
+    /// (`min_replicas_ack` > 0): its own, because `WAIT` holds up every
+    /// later command of a connection.
+    acked: Option<Client>,
+    /// Per partition: its last claim on `acked` was not confirmed by enough
+    /// replicas, so the next one first checks that they answer again
+    /// ([`Queue::claim`]).
+    replicas_short: Arc<Vec<std::sync::atomic::AtomicBool>>,
     cfg: Arc<QueueConfig>,
     scripts: Arc<scripts::Scripts>,
 }
@@ -179,17 +217,44 @@ pub(crate) fn reconnect_policy() -> ReconnectPolicy {
     ReconnectPolicy::new_exponential(0, 100, 5_000, 2)
 }
 
-/// Build a fred client that reconnects forever with capped backoff, so a
-/// Redis restart pauses agentq instead of killing it; commands time out
-/// after `timeout`.
-fn build_client(url: &str, timeout: Duration) -> Result<Client, QueueError> {
+/// The reconnect policy for `url`: behind Sentinels every attempt first
+/// asks a Sentinel for the current primary, so the backoff stops at 1 s
+/// there; a promoted replica is then found within about a second of its
+/// promotion (README, "Redis Sentinel").
+pub(crate) fn reconnect_policy_for(url: &str) -> ReconnectPolicy {
+    if is_sentinel_url(url) {
+        ReconnectPolicy::new_exponential(0, 100, 1_000, 2)
+    } else {
+        reconnect_policy()
+    }
+}
+
+/// True for `redis-sentinel://` and `rediss-sentinel://` URLs.
+pub fn is_sentinel_url(url: &str) -> bool {
+    url.split_once("://")
+        .is_some_and(|(scheme, _)| scheme.ends_with("-sentinel"))
+}
+
+/// The URL forms agentq takes, for error messages.
+pub(crate) const URL_FORMS: &str = "use redis://host:port, rediss:// for TLS, \
+     redis-cluster://host:port?node=host:port for a Redis Cluster, or \
+     redis-sentinel://sentinel:26379?sentinelServiceName=NAME&node=sentinel2:26379 for a \
+     primary watched by Sentinels";
+
+/// A fred builder for `url` with agentq's connection settings: reconnect
+/// forever with capped backoff ([`reconnect_policy_for`]), TCP_NODELAY,
+/// 5 s to connect, commands timing out after `timeout`. Every client agentq
+/// makes (the queue's, the acknowledged-enqueue one, the workers' wake
+/// subscriber) comes from here, so every URL form works for all of them.
+pub(crate) fn client_builder(url: &str, timeout: Duration) -> Result<Builder, QueueError> {
     let config = Config::from_url(url).map_err(|e| {
         QueueError::Invalid(format!(
-            "redis URL is not valid ({e}); use redis://host:port, rediss:// for TLS, \
-             redis-cluster://host:port?node=host:port for a Redis Cluster"
+            "redis URL {} is not valid ({e}); {URL_FORMS}",
+            crate::model::redact::redact_url(url)
         ))
     })?;
-    let client = Builder::from_config(config)
+    let mut builder = Builder::from_config(config);
+    builder
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(5);
             c.internal_command_timeout = Duration::from_secs(10);
@@ -202,9 +267,15 @@ fn build_client(url: &str, timeout: Duration) -> Result<Client, QueueError> {
         .with_performance_config(|p| {
             p.default_command_timeout = timeout;
         })
-        .set_policy(reconnect_policy())
-        .build()?;
-    Ok(client)
+        .set_policy(reconnect_policy_for(url));
+    Ok(builder)
+}
+
+/// Build a fred client that reconnects forever with capped backoff, so a
+/// Redis restart (or a Sentinel failover) pauses agentq instead of killing
+/// it; commands time out after `timeout`.
+fn build_client(url: &str, timeout: Duration) -> Result<Client, QueueError> {
+    Ok(client_builder(url, timeout)?.build()?)
 }
 
 impl Queue {
@@ -241,8 +312,30 @@ impl Queue {
         }
         check_not_cluster_node(&client, &cfg.redis_url).await?;
         scripts.load(&client).await?;
+        let acked = if cfg.min_replicas_ack > 0 {
+            if cfg.min_replicas_timeout >= cfg.command_timeout {
+                return Err(QueueError::Invalid(format!(
+                    "min_replicas_timeout ({:?}) must be shorter than command_timeout ({:?})",
+                    cfg.min_replicas_timeout, cfg.command_timeout
+                )));
+            }
+            let acked = build_client(&cfg.redis_url, cfg.command_timeout)?;
+            if let Err(e) = acked.init().await {
+                return Err(topology_error(&cfg.redis_url, e));
+            }
+            Some(acked)
+        } else {
+            None
+        };
+        let replicas_short = Arc::new(
+            (0..cfg.partitions)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+        );
         let queue = Queue {
             client,
+            acked,
+            replicas_short,
             cfg: Arc::new(cfg),
             scripts: Arc::new(scripts),
         };
@@ -383,6 +476,58 @@ impl Queue {
             .map_err(QueueError::from_script)
     }
 
+    /// The enqueue script on partition `p`, then `WAIT` for
+    /// `min_replicas_ack` replicas, pipelined on the dedicated `acked`
+    /// connection (`WAIT` counts the replicas that confirmed every write
+    /// this connection made before it, so it must follow the script on the
+    /// same connection; both are written at most once). The script's reply,
+    /// flat, once enough replicas confirmed; [`QueueError::NotReplicated`]
+    /// otherwise.
+    async fn enqueue_acked(
+        &self,
+        acked: &Client,
+        p: u32,
+        args: Vec<String>,
+    ) -> Result<Vec<String>, QueueError> {
+        let want = self.cfg.min_replicas_ack;
+        let timeout = self.cfg.min_replicas_timeout;
+        let base = self.keys(p).base().to_string();
+        let args = args.into_iter().map(Value::from).collect();
+        let (reply, mut confirmed) = self
+            .scripts
+            .call_then_wait(acked, ScriptName::Enqueue, &base, args, want, timeout)
+            .await
+            .map_err(QueueError::from_script)?;
+        let flat = strings(reply)?;
+        // An idempotency key that found an earlier job wrote nothing, so the
+        // WAIT above only covered this connection's own earlier writes; the
+        // earlier job may have come through another connection. A no-op
+        // write (the partition count plus 0) moves this connection's offset
+        // past it, and a second WAIT covers it.
+        if confirmed >= i64::from(want) && flat.iter().skip(1).step_by(2).any(|c| c != "1") {
+            confirmed =
+                scripts::touch_then_wait(acked, &self.keys(p).key(&["meta"]), want, timeout)
+                    .await
+                    .map_err(QueueError::from_script)?;
+        }
+        if confirmed < i64::from(want) {
+            let ids: Vec<&str> = flat.iter().step_by(2).map(String::as_str).collect();
+            let named = match ids.len() {
+                1 => format!("job {}", ids[0]),
+                n if n <= 5 => format!("jobs {}", ids.join(", ")),
+                n => format!("jobs {} and {} more", ids[..5].join(", "), n - 5),
+            };
+            return Err(QueueError::NotReplicated(format!(
+                "enqueued on the Redis primary, but {confirmed} of the {want} replicas required \
+                 (--min-replicas-ack) confirmed {named} within {} ms; a failover now could lose \
+                 it: retry with the same idempotency key (safe: it answers with the same job), or \
+                 check the replicas (INFO replication)",
+                timeout.as_millis()
+            )));
+        }
+        Ok(flat)
+    }
+
     /// Enqueue one job.
     pub async fn enqueue(&self, spec: &JobSpec) -> Result<Enqueued, QueueError> {
         let mut v = self.enqueue_batch(std::slice::from_ref(spec)).await?;
@@ -418,8 +563,10 @@ impl Queue {
             for &i in &idx {
                 args.extend(specs[i].wire_fields());
             }
-            let reply = self.call(ScriptName::Enqueue, p, args).await?;
-            let flat = strings(reply)?;
+            let flat = match &self.acked {
+                None => strings(self.call(ScriptName::Enqueue, p, args).await?)?,
+                Some(acked) => self.enqueue_acked(acked, p, args).await?,
+            };
             if flat.len() != idx.len() * 2 {
                 return Err(QueueError::Protocol(format!(
                     "enqueue returned {} values",
@@ -444,6 +591,14 @@ impl Queue {
     /// into a busy loop), and the admissible weight left (`batch` 0 only
     /// asks for these). Repeated with the same `call` (after an error), it
     /// hands out the jobs the first call did, if that one ran.
+    ///
+    /// With [`QueueConfig::min_replicas_ack`] above 0, a claim (of at least
+    /// one job) is followed by `WAIT` like an enqueue, and its jobs are
+    /// returned only once enough replicas confirmed it, so no failover to a
+    /// replica that confirmed it can hand them to another worker under the
+    /// same attempt number while the caller runs them. Otherwise they are
+    /// handed back unstarted and the claim fails with
+    /// [`QueueError::NotReplicated`] (see `claim_acked`).
     pub async fn claim(
         &self,
         p: u32,
@@ -459,47 +614,110 @@ impl Queue {
             lease.as_millis().to_string(),
         ];
         args.extend(queues.iter().cloned());
-        let flat = strings(self.call(ScriptName::Claim, p, args).await?)?;
-        let [first, events, weight, rest @ ..] = flat.as_slice() else {
-            return Err(QueueError::Protocol("short claim reply".into()));
-        };
-        let events = QueueEvent::parse_all(events);
-        let weight = weight.parse::<f64>().unwrap_or(0.0).max(0.0);
-        let due_in = match first.parse::<u64>() {
-            Ok(0) | Err(_) => None,
-            Ok(ms) => Some(Duration::from_millis(ms)),
-        };
-        if rest.len() % 12 != 0 {
-            return Err(QueueError::Protocol(format!(
-                "claim returned {} values",
-                flat.len()
-            )));
+        match &self.acked {
+            Some(acked) if batch > 0 => self.claim_acked(acked, p, call, args).await,
+            _ => claimed_from(p, strings(self.call(ScriptName::Claim, p, args).await?)?),
         }
-        let num = |s: &String| s.parse::<i64>().unwrap_or(0);
-        let jobs = rest
-            .chunks_exact(12)
-            .map(|c| ClaimedJob {
-                id: c[0].clone(),
-                attempt: num(&c[1]) as u32,
-                partition: p,
-                tenant: c[2].clone(),
-                queue: c[3].clone(),
-                kind: c[4].clone(),
-                payload: c[5].clone(),
-                timeout_ms: num(&c[6]).max(0) as u64,
-                memory: num(&c[7]).max(0) as u64,
-                enqueued_at_ms: num(&c[8]),
-                started_at_ms: num(&c[9]),
-                max_timeout_ms: num(&c[10]).max(0) as u64,
-                max_memory: num(&c[11]).max(0) as u64,
+    }
+
+    /// The claim script on partition `p`, then `WAIT` for
+    /// `min_replicas_ack` replicas, pipelined on the `acked` connection
+    /// exactly as [`Self::enqueue_acked`] does (each written at most once;
+    /// a connection lost in between fails the claim as `Unknown`, and the
+    /// worker repeats it with the same call id: the repeat renews the
+    /// leases of the jobs it hands out again, a write, so its `WAIT` covers
+    /// the first claim too). The claimed jobs once enough replicas
+    /// confirmed; otherwise they are handed back and the call fails with
+    /// [`QueueError::NotReplicated`].
+    async fn claim_acked(
+        &self,
+        acked: &Client,
+        p: u32,
+        call: &Call,
+        args: Vec<String>,
+    ) -> Result<Claimed, QueueError> {
+        use std::sync::atomic::Ordering;
+        let want = self.cfg.min_replicas_ack;
+        let timeout = self.cfg.min_replicas_timeout;
+        let short = &self.replicas_short[p as usize];
+        // After a claim the replicas did not confirm, check that they
+        // answer before claiming again (a no-op write and its WAIT), so a
+        // replica outage does not turn every claim into a hand-back (each
+        // one an attempt and a `lost` ledger row).
+        if short.load(Ordering::Relaxed) {
+            let confirmed =
+                scripts::touch_then_wait(acked, &self.keys(p).key(&["meta"]), want, timeout)
+                    .await
+                    .map_err(QueueError::from_script)?;
+            if confirmed < i64::from(want) {
+                return Err(QueueError::NotReplicated(format!(
+                    "claims wait for replicas: {confirmed} of the {want} replicas required \
+                     (--min-replicas-ack) answered within {} ms; nothing claimed: check the \
+                     replicas (INFO replication)",
+                    timeout.as_millis()
+                )));
+            }
+        }
+        let base = self.keys(p).base().to_string();
+        let args = args.into_iter().map(Value::from).collect();
+        let (reply, confirmed) = self
+            .scripts
+            .call_then_wait(acked, ScriptName::Claim, &base, args, want, timeout)
+            .await
+            .map_err(QueueError::from_script)?;
+        let claimed = claimed_from(p, strings(reply)?)?;
+        short.store(confirmed < i64::from(want), Ordering::Relaxed);
+        if confirmed >= i64::from(want) || claimed.jobs.is_empty() {
+            return Ok(claimed);
+        }
+        // Not confirmed: the primary may lose this claim in a failover, and
+        // the replica promoted then hands the jobs out again under the same
+        // attempt numbers, so they must not run here. Hand them back with
+        // the release script (what a worker's shutdown uses). That is safe
+        // whatever the primary holds: the script releases an attempt only
+        // if the job is running under that attempt number *for this
+        // worker*, so on the primary that holds this claim the jobs are
+        // ready again at once (the attempt does not count against
+        // max_attempts; the ledger gets a `lost` record of 0 ms), and on a
+        // promoted replica that never got the claim it touches nothing (the
+        // job is ready there, or running under another worker's claim).
+        // If the release cannot be sent or its reply is lost, the jobs stay
+        // claimed by this worker, which never starts them and never
+        // extends their leases: the reaper hands them on when the leases
+        // lapse (or this worker's repeated claim, same call id, gets them
+        // again once replicas confirm it). Either way nothing runs them
+        // meanwhile, so the worst case is a delay of one lease.
+        let back: Vec<HandBack> = claimed
+            .jobs
+            .iter()
+            .map(|j| HandBack {
+                key: j.key(),
+                run_ms: 0,
             })
             .collect();
-        Ok(Claimed {
-            jobs,
-            due_in,
-            weight,
-            events,
-        })
+        let ids: Vec<&str> = claimed.jobs.iter().map(|j| j.id.as_str()).collect();
+        let named = match ids.len() {
+            1 => format!("job {}", ids[0]),
+            n if n <= 5 => format!("jobs {}", ids.join(", ")),
+            n => format!("jobs {} and {} more", ids[..5].join(", "), n - 5),
+        };
+        let reason = "claim not confirmed by replicas (--min-replicas-ack): handed back unstarted";
+        let handed = match self
+            .release(p, &Call::new(call.worker()), reason, &back)
+            .await
+        {
+            Ok(r) => format!("handed back unstarted ({} released)", r.released),
+            Err(e) => format!(
+                "not started; handing them back failed ({e}): the reaper hands them on when \
+                 their leases lapse"
+            ),
+        };
+        Err(QueueError::NotReplicated(format!(
+            "claimed on the Redis primary, but {confirmed} of the {want} replicas required \
+             (--min-replicas-ack) confirmed {named} within {} ms, so a failover could hand \
+             them out again: {handed}; check the replicas (INFO replication)",
+            timeout.as_millis()
+        )))
     }
 
     /// Complete attempts of partition `p` (fenced by attempt number).
@@ -863,6 +1081,12 @@ pub struct UsageRaised {
 /// A clear error for a `redis-cluster://` URL that points at a server
 /// without cluster support; other connection errors pass through.
 fn topology_error(url: &str, e: fred::error::Error) -> QueueError {
+    if *e.kind() == fred::error::ErrorKind::Sentinel && is_sentinel_url(url) {
+        return QueueError::Redis(fred::error::Error::new(
+            fred::error::ErrorKind::Sentinel,
+            format!("no primary found through the Sentinels ({})", e.details()),
+        ));
+    }
     if e.details().contains("cluster support disabled") {
         return QueueError::Invalid(format!(
             "Redis at {} is not a cluster: use redis://host:port for a single server",
@@ -891,6 +1115,50 @@ async fn check_not_cluster_node(client: &Client, url: &str) -> Result<(), QueueE
         )));
     }
     Ok(())
+}
+
+/// A claim script's reply on partition `p`, parsed.
+fn claimed_from(p: u32, flat: Vec<String>) -> Result<Claimed, QueueError> {
+    let [first, events, weight, rest @ ..] = flat.as_slice() else {
+        return Err(QueueError::Protocol("short claim reply".into()));
+    };
+    let events = QueueEvent::parse_all(events);
+    let weight = weight.parse::<f64>().unwrap_or(0.0).max(0.0);
+    let due_in = match first.parse::<u64>() {
+        Ok(0) | Err(_) => None,
+        Ok(ms) => Some(Duration::from_millis(ms)),
+    };
+    if rest.len() % 12 != 0 {
+        return Err(QueueError::Protocol(format!(
+            "claim returned {} values",
+            flat.len()
+        )));
+    }
+    let num = |s: &String| s.parse::<i64>().unwrap_or(0);
+    let jobs = rest
+        .chunks_exact(12)
+        .map(|c| ClaimedJob {
+            id: c[0].clone(),
+            attempt: num(&c[1]) as u32,
+            partition: p,
+            tenant: c[2].clone(),
+            queue: c[3].clone(),
+            kind: c[4].clone(),
+            payload: c[5].clone(),
+            timeout_ms: num(&c[6]).max(0) as u64,
+            memory: num(&c[7]).max(0) as u64,
+            enqueued_at_ms: num(&c[8]),
+            started_at_ms: num(&c[9]),
+            max_timeout_ms: num(&c[10]).max(0) as u64,
+            max_memory: num(&c[11]).max(0) as u64,
+        })
+        .collect();
+    Ok(Claimed {
+        jobs,
+        due_in,
+        weight,
+        events,
+    })
 }
 
 /// A `{ count, events }` reply.

@@ -20,7 +20,7 @@ use super::QueueError;
 
 /// The helper files, in the order they are joined (each uses only those
 /// before it).
-const LIB: [(&str, &str); 10] = [
+const LIB: [(&str, &str); 11] = [
     ("keys", include_str!("scripts/lib/keys.lua")),
     ("events", include_str!("scripts/lib/events.lua")),
     ("time", include_str!("scripts/lib/time.lua")),
@@ -31,6 +31,7 @@ const LIB: [(&str, &str); 10] = [
     ("outbox", include_str!("scripts/lib/outbox.lua")),
     ("attempt", include_str!("scripts/lib/attempt.lua")),
     ("flush", include_str!("scripts/lib/flush.lua")),
+    ("jobs", include_str!("scripts/lib/jobs.lua")),
 ];
 
 /// `local BUILTIN = {...}`: the limits and partition settings used when
@@ -86,11 +87,15 @@ pub enum ScriptName {
     Cancel,
     /// Raise a usage counter to at least a value (reconcile).
     UsageRaise,
+    /// Fire due slots of recurring schedules (compare-and-set on next-due).
+    ScheduleFire,
+    /// Add, replace or remove a recurring schedule.
+    ScheduleSet,
 }
 
 impl ScriptName {
     /// Every script, in load order.
-    pub const ALL: [ScriptName; 12] = [
+    pub const ALL: [ScriptName; 14] = [
         ScriptName::Enqueue,
         ScriptName::Claim,
         ScriptName::Complete,
@@ -103,6 +108,8 @@ impl ScriptName {
         ScriptName::Purge,
         ScriptName::Cancel,
         ScriptName::UsageRaise,
+        ScriptName::ScheduleFire,
+        ScriptName::ScheduleSet,
     ];
 
     /// The script's file name without `.lua`.
@@ -120,6 +127,8 @@ impl ScriptName {
             ScriptName::Purge => "purge",
             ScriptName::Cancel => "cancel",
             ScriptName::UsageRaise => "usage_raise",
+            ScriptName::ScheduleFire => "schedule_fire",
+            ScriptName::ScheduleSet => "schedule_set",
         }
     }
 
@@ -137,6 +146,8 @@ impl ScriptName {
             ScriptName::Purge => include_str!("scripts/purge.lua"),
             ScriptName::Cancel => include_str!("scripts/cancel.lua"),
             ScriptName::UsageRaise => include_str!("scripts/usage_raise.lua"),
+            ScriptName::ScheduleFire => include_str!("scripts/schedule_fire.lua"),
+            ScriptName::ScheduleSet => include_str!("scripts/schedule_set.lua"),
         }
     }
 }
@@ -261,6 +272,110 @@ impl Scripts {
             other => other.map_err(unknown_outcome),
         }
     }
+}
+
+impl Scripts {
+    /// [`Scripts::call`], then `WAIT replicas timeout` right behind it on
+    /// the same connection (one pipeline, each command written at most
+    /// once): the script's reply and how many replicas confirmed every
+    /// write of this connection up to it.
+    pub(crate) async fn call_then_wait(
+        &self,
+        client: &Client,
+        name: ScriptName,
+        base: &str,
+        args: Vec<Value>,
+        replicas: u32,
+        timeout: std::time::Duration,
+    ) -> Result<(Value, i64), QueueError> {
+        let sha = self.get(name).sha1().to_string();
+        match evalsha_then_wait(client, &sha, base, args.clone(), replicas, timeout).await {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                self.load(client).await?;
+                evalsha_then_wait(client, &sha, base, args, replicas, timeout)
+                    .await
+                    .map_err(unknown_outcome)
+            }
+            other => other.map_err(unknown_outcome),
+        }
+    }
+}
+
+/// `EVALSHA` then `WAIT`, pipelined on one connection (the one of `base`'s
+/// slot in a cluster), each written at most once. The script's error, if
+/// any, comes first; then the WAIT's.
+async fn evalsha_then_wait(
+    client: &Client,
+    sha: &str,
+    base: &str,
+    args: Vec<Value>,
+    replicas: u32,
+    timeout: std::time::Duration,
+) -> Result<(Value, i64), fred::error::Error> {
+    let pipe = fred::clients::Pipeline::from(client.with_options(&Options {
+        max_attempts: Some(1),
+        ..Default::default()
+    }));
+    let mut all: Vec<Value> = Vec::with_capacity(args.len() + 3);
+    all.push(sha.into());
+    all.push(1.into());
+    all.push(base.into());
+    all.extend(args);
+    let on_base = fred::types::ClusterHash::from(base);
+    let () = pipe
+        .custom(fred::cmd!("EVALSHA", hash: on_base.clone()), all)
+        .await?;
+    let () = pipe
+        .custom(
+            fred::cmd!("WAIT", hash: on_base),
+            vec![Value::from(replicas), wait_ms(timeout)],
+        )
+        .await?;
+    let mut replies = pipe.try_all::<Value>().await.into_iter();
+    let reply = replies.next().unwrap_or(Ok(Value::Null))?;
+    let confirmed = replies.next().unwrap_or(Ok(Value::Null))?;
+    Ok((reply, confirmed.as_i64().unwrap_or(0)))
+}
+
+/// `HINCRBY <meta> partitions 0` then `WAIT`, pipelined: a write that
+/// changes nothing but is replicated, so the `WAIT` covers everything the
+/// primary held before it (an earlier job an idempotency key found).
+/// How many replicas confirmed.
+pub(crate) async fn touch_then_wait(
+    client: &Client,
+    meta: &str,
+    replicas: u32,
+    timeout: std::time::Duration,
+) -> Result<i64, QueueError> {
+    let pipe = fred::clients::Pipeline::from(client.with_options(&Options {
+        max_attempts: Some(1),
+        ..Default::default()
+    }));
+    let on_meta = fred::types::ClusterHash::from(meta);
+    let run = async {
+        let () = pipe
+            .custom(
+                fred::cmd!("HINCRBY", hash: on_meta.clone()),
+                vec![Value::from(meta), "partitions".into(), 0.into()],
+            )
+            .await?;
+        let () = pipe
+            .custom(
+                fred::cmd!("WAIT", hash: on_meta),
+                vec![Value::from(replicas), wait_ms(timeout)],
+            )
+            .await?;
+        let mut replies = pipe.try_all::<Value>().await.into_iter();
+        replies.next().unwrap_or(Ok(Value::Null))?;
+        let confirmed = replies.next().unwrap_or(Ok(Value::Null))?;
+        Ok::<i64, fred::error::Error>(confirmed.as_i64().unwrap_or(0))
+    };
+    run.await.map_err(unknown_outcome)
+}
+
+/// A WAIT timeout in ms, at least 1 (0 would wait forever).
+fn wait_ms(timeout: std::time::Duration) -> Value {
+    Value::from(timeout.as_millis().clamp(1, i64::MAX as u128) as i64)
 }
 
 /// `EVALSHA sha 1 base args...`, written at most once (no re-send after a

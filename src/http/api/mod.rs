@@ -1,14 +1,28 @@
 //! The HTTP API (`agentq serve`): enqueue, status, cancel and usage for
-//! services in any language, authenticated by tenant API keys.
+//! services in any language, authenticated by tenant API keys or, with a
+//! JWKS configured, by JWTs (see [`jwt`]).
 //!
-//! The tenant always comes from the key, never from the request. Errors are
-//! `{"error": {"code", "message"}}` with 400 (malformed), 401 (no or bad
-//! key), 403 (another tenant's job), 404, 409 (idempotency key reused with a
+//! The tenant always comes from the key (or the JWT's tenant claim), never
+//! from the request. Errors are `{"error": {"code", "message"}}` with 400
+//! (malformed), 401 (no or bad key or JWT), 403 (another tenant's job, or a
+//! queue or kind outside the tenant's restrictions, see [`allowed`]), 404, 409 (idempotency key reused with a
 //! different job, or a job that can no longer be cancelled), 413 (payload too
 //! large), 422 (over the tenant's caps), 429 (over the request rate, with
-//! `Retry-After`) and 503 (Redis or PostgreSQL unavailable, or Redis full).
+//! `Retry-After`) and 503 (Redis or PostgreSQL unavailable, or Redis full;
+//! `auth_unavailable` when a key not in the [`key_cache`] cannot be checked
+//! because PostgreSQL is down).
+//!
+//! Keys are checked against the [`key_cache`], so enqueues go on while
+//! PostgreSQL is down. The failed-authentication limiters (per client
+//! address and per key prefix) and the per-tenant request limiter are
+//! pruned every [`ApiConfig::prune_every`], so their memory stays bounded
+//! however many addresses or prefixes are tried.
 
+pub mod allowed;
+pub mod jwt;
+pub mod key_cache;
 pub mod keys;
+mod schedules;
 mod wire;
 
 use std::collections::HashMap;
@@ -91,6 +105,16 @@ impl From<QueueError> for ApiError {
                      check (GET /v1/jobs/{id}) or retry with the same idempotency_key",
                 )
             }
+            QueueError::NotReplicated(_) => {
+                tracing::warn!(error = %m, "enqueue not confirmed by replicas");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_replicated",
+                    "the job was written to the Redis primary but too few replicas confirmed it \
+                     in time (--min-replicas-ack): a failover could lose it; retry with the same \
+                     idempotency_key",
+                )
+            }
             QueueError::Redis(_) | QueueError::Protocol(_) => {
                 tracing::error!(error = %m, "queue unavailable");
                 Self::new(
@@ -137,6 +161,20 @@ pub struct ApiConfig {
     pub auth_failures_per_min: NonZeroU32,
     /// Longest a request may take.
     pub request_timeout: Duration,
+    /// How often the rate limiters forget clients whose state is back to
+    /// fresh, and expired blocks are dropped (default 10 s).
+    pub prune_every: Duration,
+    /// Clients (addresses and key prefixes) tracked by the failed-auth
+    /// limiter above which it is pruned at once rather than at the next
+    /// `prune_every` (default 100,000).
+    pub max_tracked: usize,
+    /// The API key cache.
+    pub key_cache: key_cache::KeyCacheConfig,
+    /// JWT sign-in (None: API keys only); see [`jwt`].
+    pub jwt: Option<Arc<jwt::Jwt>>,
+    /// How long a tenant's queue and kind restrictions are kept after a
+    /// read (default 5 s); see [`allowed`].
+    pub allowed_ttl: Duration,
 }
 
 impl Default for ApiConfig {
@@ -145,6 +183,11 @@ impl Default for ApiConfig {
             tenant_rate: NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN),
             auth_failures_per_min: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
             request_timeout: Duration::from_secs(30),
+            prune_every: Duration::from_secs(10),
+            max_tracked: 100_000,
+            key_cache: key_cache::KeyCacheConfig::default(),
+            jwt: None,
+            allowed_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -153,6 +196,23 @@ struct Throttle {
     tenants: DefaultKeyedRateLimiter<String>,
     failures: DefaultKeyedRateLimiter<String>,
     blocked: Mutex<HashMap<String, Instant>>,
+    max_tracked: usize,
+    last_forced: Mutex<Option<Instant>>,
+}
+
+/// How many clients the API server keeps state for (see [`Api::tracked`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tracked {
+    /// Tenants in the request-rate limiter.
+    pub tenants: usize,
+    /// Client addresses and key prefixes in the failed-auth limiter.
+    pub failures: usize,
+    /// Addresses and prefixes currently blocked (429).
+    pub blocked: usize,
+    /// Keys in the key cache (revoked ones included).
+    pub cached_keys: usize,
+    /// Unknown prefixes remembered by the key cache.
+    pub unknown_prefixes: usize,
 }
 
 impl Throttle {
@@ -170,6 +230,9 @@ impl Throttle {
     /// Count a failed authentication by `who`; past the allowance it is
     /// blocked until the limiter lets it try again.
     fn failed(&self, who: String) {
+        if self.failures.len() > self.max_tracked {
+            self.prune_soon();
+        }
         if let Err(not_until) = self.failures.check_key(&who) {
             let wait = not_until.wait_time_from(governor::clock::Clock::now(
                 &governor::clock::DefaultClock::default(),
@@ -180,6 +243,30 @@ impl Throttle {
                 .insert(who, Instant::now() + wait);
         }
     }
+    /// Prune now unless a forced prune ran less than a second ago (a flood
+    /// of live clients would otherwise prune at every failure).
+    fn prune_soon(&self) {
+        {
+            let mut last = self.last_forced.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        self.prune();
+    }
+    /// Forget clients whose limiter state is back to fresh and blocks that
+    /// have ended.
+    fn prune(&self) {
+        for l in [&self.tenants, &self.failures] {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+        let now = Instant::now();
+        let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        b.retain(|_, until| *until > now);
+        b.shrink_to_fit();
+    }
 }
 
 #[derive(Clone)]
@@ -187,10 +274,93 @@ struct AppState {
     queue: Queue,
     db: PgPool,
     throttle: Arc<Throttle>,
+    keys: Arc<key_cache::KeyCache>,
+    jwt: Option<Arc<jwt::Jwt>>,
+    allowed: Arc<allowed::AllowedCache>,
 }
 
-/// Build the router.
-pub fn router(queue: Queue, db: PgPool, cfg: &ApiConfig) -> Router {
+/// The API server: its router, and the duties that keep its key cache
+/// current and its per-client state bounded.
+#[derive(Clone)]
+pub struct Api {
+    state: AppState,
+    cfg: ApiConfig,
+}
+
+impl Api {
+    /// A server over `queue` and `db`.
+    pub fn new(queue: Queue, db: PgPool, cfg: &ApiConfig) -> Api {
+        Api {
+            state: state(queue, db, cfg),
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// Its routes.
+    pub fn router(&self) -> Router {
+        routes(self.state.clone(), &self.cfg)
+    }
+
+    /// The key cache.
+    pub fn key_cache(&self) -> &key_cache::KeyCache {
+        &self.state.keys
+    }
+
+    /// One pruning pass over the per-client state (as the loop in
+    /// [`Api::serve`] does every [`ApiConfig::prune_every`]); what is left.
+    pub fn prune(&self) -> Tracked {
+        self.state.throttle.prune();
+        self.state.keys.prune();
+        self.state.allowed.prune();
+        self.tracked()
+    }
+
+    /// How many clients it holds state for.
+    pub fn tracked(&self) -> Tracked {
+        let t = &self.state.throttle;
+        let c = self.state.keys.sizes();
+        Tracked {
+            tenants: t.tenants.len(),
+            failures: t.failures.len(),
+            blocked: t.blocked.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            cached_keys: c.keys,
+            unknown_prefixes: c.unknown,
+        }
+    }
+
+    /// Serve on `listener` until `stop` fires (in-flight requests finish),
+    /// running the key cache and the pruning alongside.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        stop: CancellationToken,
+    ) -> std::io::Result<()> {
+        let duties = stop.child_token();
+        let keys = self.state.keys.clone();
+        let d = duties.clone();
+        tokio::spawn(async move { keys.run(d).await });
+        if let Some(jwt) = self.state.jwt.clone() {
+            let d = duties.clone();
+            tokio::spawn(async move { jwt.run(d).await });
+        }
+        let (pruner, d, every) = (self.clone(), duties.clone(), self.cfg.prune_every);
+        tokio::spawn(async move {
+            while !crate::duties::pause(every, &d).await {
+                pruner.prune();
+            }
+        });
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let out = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        duties.cancel();
+        out
+    }
+}
+
+fn state(queue: Queue, db: PgPool, cfg: &ApiConfig) -> AppState {
     let throttle = Throttle {
         tenants: RateLimiter::keyed(
             Quota::per_second(cfg.tenant_rate).allow_burst(
@@ -200,16 +370,33 @@ pub fn router(queue: Queue, db: PgPool, cfg: &ApiConfig) -> Router {
         ),
         failures: RateLimiter::keyed(Quota::per_minute(cfg.auth_failures_per_min)),
         blocked: Mutex::new(HashMap::new()),
+        max_tracked: cfg.max_tracked,
+        last_forced: Mutex::new(None),
     };
-    let state = AppState {
+    let keys = key_cache::KeyCache::new(queue.clone(), db.clone(), cfg.key_cache.clone());
+    AppState {
+        allowed: Arc::new(allowed::AllowedCache::new(queue.clone(), cfg.allowed_ttl)),
         queue,
         db,
         throttle: Arc::new(throttle),
-    };
+        keys: Arc::new(keys),
+        jwt: cfg.jwt.clone(),
+    }
+}
+
+/// Build the router. Its key cache gets no refresh and hears no
+/// revocations: servers use [`Api::serve`] (or [`serve`]), which runs them.
+pub fn router(queue: Queue, db: PgPool, cfg: &ApiConfig) -> Router {
+    Api::new(queue, db, cfg).router()
+}
+
+fn routes(state: AppState, cfg: &ApiConfig) -> Router {
     Router::new()
         .route("/v1/jobs", axum::routing::post(post_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(delete_job))
         .route("/v1/usage", get(get_usage))
+        .route("/v1/schedules", get(schedules::list).post(schedules::create))
+        .route("/v1/schedules/{name}", axum::routing::delete(schedules::remove))
         .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -232,16 +419,26 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "agentq API listening");
-    let app = router(queue, db, &cfg).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+    Api::new(queue, db, &cfg).serve(listener, stop).await
 }
 
-/// Resolve the tenant from `Authorization: Bearer <key>` (or `X-Api-Key`),
-/// throttling failed attempts per client address and per key prefix, then
-/// apply the tenant's request rate.
+/// The caller of a request: its tenant and, for a JWT with `queues` or
+/// `kinds` claims, what the token narrows it to (see [`check_allowed`]).
+struct Caller {
+    tenant: String,
+    queues: Option<Vec<String>>,
+    kinds: Option<Vec<String>>,
+}
+
+/// The caller's tenant (see [`caller_of`]).
 async fn tenant_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result<String, ApiError> {
+    Ok(caller_of(st, headers, client).await?.tenant)
+}
+
+/// Resolve the caller from `Authorization: Bearer <key or JWT>` (or
+/// `X-Api-Key`), throttling failed attempts per client address (and per key
+/// prefix for keys), then apply the tenant's request rate.
+async fn caller_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result<Caller, ApiError> {
     let key = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -252,12 +449,14 @@ async fn tenant_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing API key: send Authorization: Bearer aq_...",
+            "missing API key: send Authorization: Bearer aq_... (or a JWT)",
         ));
     };
     let ip = format!("ip:{client}");
+    // A JWT by shape (keys are aq_<hex>_<hex>): throttled per address only.
+    let is_jwt = keys::parse(key).is_none() && jwt::looks_like_jwt(key);
     let prefix = format!("key:{}", keys::parse(key).map_or("malformed", |k| k.prefix));
-    for who in [&ip, &prefix] {
+    for who in [&ip, &prefix].into_iter().take(if is_jwt { 1 } else { 2 }) {
         if let Some(wait) = st.throttle.blocked_for(who) {
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -268,7 +467,46 @@ async fn tenant_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result
             return Err(e);
         }
     }
-    let Some(tenant) = keys::verify(&st.db, key).await? else {
+    if is_jwt {
+        let verdict = match &st.jwt {
+            Some(j) => j.verify(key).await,
+            None => Err(jwt::JwtError::NotAccepted),
+        };
+        let v = match verdict {
+            Ok(v) => v,
+            Err(e @ jwt::JwtError::KeysUnavailable) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    e.code(),
+                    e.to_string(),
+                ));
+            }
+            Err(e) => {
+                st.throttle.failed(ip);
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    e.code(),
+                    e.to_string(),
+                ));
+            }
+        };
+        rate_limit(st, &v.tenant)?;
+        return Ok(Caller {
+            tenant: v.tenant,
+            queues: v.queues,
+            kinds: v.kinds,
+        });
+    }
+    let verdict = st.keys.verify(key).await.map_err(|e| {
+        tracing::error!(error = %e, "API key not cached and PostgreSQL unavailable");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "auth_unavailable",
+            "this API key cannot be checked now (the key database is unavailable and the key \
+             was not used recently); retry later",
+        )
+    })?;
+    let Some(tenant) = verdict else {
         st.throttle.failed(ip);
         st.throttle.failed(prefix);
         return Err(ApiError::new(
@@ -277,7 +515,17 @@ async fn tenant_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result
             "invalid or revoked API key",
         ));
     };
-    if let Err(not_until) = st.throttle.tenants.check_key(&tenant) {
+    rate_limit(st, &tenant)?;
+    Ok(Caller {
+        tenant,
+        queues: None,
+        kinds: None,
+    })
+}
+
+/// The tenant's request rate (429 past it).
+fn rate_limit(st: &AppState, tenant: &str) -> Result<(), ApiError> {
+    if let Err(not_until) = st.throttle.tenants.check_key(&tenant.to_string()) {
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
@@ -288,7 +536,46 @@ async fn tenant_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result
         )));
         return Err(e);
     }
-    Ok(tenant)
+    Ok(())
+}
+
+/// Refuse (403 `forbidden_queue` / `forbidden_kind`) a job outside the
+/// queues and kinds the tenant is restricted to (`agentq tenant set
+/// --allowed-queues/--allowed-kinds`), or that its JWT's `queues`/`kinds`
+/// claims narrow it to; nothing of a batch is enqueued if one is refused.
+async fn check_allowed<'a>(
+    st: &AppState,
+    caller: &Caller,
+    jobs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<(), ApiError> {
+    let tenant = st.allowed.get(&caller.tenant).await?;
+    for (queue, kind) in jobs {
+        if !allowed::Allowed::permits(&tenant.queues, queue)
+            || !allowed::Allowed::permits(&caller.queues, queue)
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_queue",
+                format!(
+                    "tenant {} may not enqueue to queue {queue:?}",
+                    caller.tenant
+                ),
+            ));
+        }
+        if !allowed::Allowed::permits(&tenant.kinds, kind)
+            || !allowed::Allowed::permits(&caller.kinds, kind)
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_kind",
+                format!(
+                    "tenant {} may not enqueue jobs of kind {kind:?}",
+                    caller.tenant
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn post_jobs(
@@ -297,12 +584,21 @@ async fn post_jobs(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant_of(&st, &headers, client.ip()).await?;
+    let caller = caller_of(&st, &headers, client.ip()).await?;
+    let tenant = caller.tenant.clone();
     let Decoded { specs, batch } = decode_jobs(&tenant, &body)?;
+    check_allowed(
+        &st,
+        &caller,
+        specs.iter().map(|s| (s.queue.as_str(), s.kind.as_str())),
+    )
+    .await?;
     let out = st.queue.enqueue_batch(&specs).await?;
     let mut results = Vec::with_capacity(out.len());
     for (spec, e) in specs.iter().zip(&out) {
-        if !e.created {
+        if e.created {
+            crate::metrics::enqueued(&spec.queue, &tenant);
+        } else {
             check_same_job(&st.queue, &e.id, spec).await?;
         }
         results.push(json!({ "id": e.id, "created": e.created }));
