@@ -47,12 +47,12 @@ impl Client {
         inspect::job_info(&self.queue, id).await
     }
 
-    /// Cancel a job that has not started; true if it was cancelled, false if
-    /// it had already started or finished.
+    /// Cancel a job that has not finished (queued or running); true if it
+    /// was cancelled, false if it had already finished.
     pub async fn cancel(&self, id: &str) -> Result<bool, QueueError> {
         Ok(matches!(
             self.queue.cancel(id).await?.as_str(),
-            "ready" | "delayed"
+            "ready" | "delayed" | "running"
         ))
     }
 

@@ -40,13 +40,19 @@ pub enum StopReason {
     LeaseLapsed,
     /// The worker is shutting down: stopped gracefully, handed back.
     Shutdown,
+    /// The job was cancelled while running (`cancel.lua` closed the
+    /// attempt and said so on the wake channel): killed at once.
+    Cancelled,
 }
 
 impl StopReason {
     /// True when the attempt must die at once (it is, or is about to be,
     /// someone else's), rather than be asked to stop.
     pub fn kills_now(self) -> bool {
-        matches!(self, StopReason::LeaseLost | StopReason::LeaseLapsed)
+        matches!(
+            self,
+            StopReason::LeaseLost | StopReason::LeaseLapsed | StopReason::Cancelled
+        )
     }
 }
 

@@ -1,4 +1,4 @@
-//! `agentq enqueue`, `agentq jobs`, `agentq inspect`.
+//! `agentq enqueue`, `agentq jobs`, `agentq inspect`, `agentq cancel`.
 
 use std::io::Read;
 use std::time::Duration;
@@ -148,6 +148,36 @@ pub(super) async fn list(g: &Global, a: JobsArgs) -> CliResult {
         ],
         &rows,
     );
+    Ok(())
+}
+
+/// `agentq cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// Job id (as printed by enqueue).
+    id: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Cancel a queued or running job (a running one's attempt is closed as
+/// `cancelled` and its worker kills it); a finished job is refused with
+/// exit 2 and one line saying its state.
+pub(super) async fn cancel(g: &Global, a: CancelArgs) -> CliResult {
+    let queue = g.queue().await?;
+    let before = queue.cancel(&a.id).await?;
+    if !matches!(before.as_str(), "ready" | "delayed" | "running") {
+        return Err(CliError::Usage(format!(
+            "job {} is {before}: only jobs that have not finished can be cancelled",
+            a.id
+        )));
+    }
+    if a.json {
+        output::json(&serde_json::json!({ "id": a.id, "state": "cancelled", "was": before }));
+    } else {
+        println!("{} cancelled (was {before})", a.id);
+    }
     Ok(())
 }
 

@@ -109,6 +109,8 @@ pub enum Command {
     Jobs(jobs::JobsArgs),
     /// Every field of one job.
     Inspect(jobs::InspectArgs),
+    /// Cancel a job that has not finished (queued, or running: killed).
+    Cancel(jobs::CancelArgs),
     /// Stop new starts on a queue (or one tenant on it).
     Pause(ops::PauseArgs),
     /// Undo a pause or a drain.
@@ -262,6 +264,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Tenants(a) => ops::tenants(g, a).await,
         Command::Jobs(a) => jobs::list(g, a).await,
         Command::Inspect(a) => jobs::inspect(g, a).await,
+        Command::Cancel(a) => jobs::cancel(g, a).await,
         Command::Pause(a) => ops::pause(g, a, true).await,
         Command::Resume(a) => ops::pause(g, a, false).await,
         Command::KeepCompleted(a) => ops::keep_completed(g, a).await,

@@ -69,20 +69,24 @@ pub enum Outcome {
     /// The worker running it disappeared (lease expired); set by the queue,
     /// never by the executor.
     Lost,
+    /// Cancelled while running (`agentq cancel`, `DELETE /v1/jobs/{id}`);
+    /// set by the queue, never by the executor.
+    Cancelled,
 }
 
 impl Outcome {
     /// All outcomes, in declaration order.
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Succeeded,
         Outcome::Failed,
         Outcome::TimedOut,
         Outcome::MemoryExceeded,
         Outcome::Lost,
+        Outcome::Cancelled,
     ];
 
     /// The snake_case name: `succeeded`, `failed`, `timed_out`,
-    /// `memory_exceeded`, `lost`.
+    /// `memory_exceeded`, `lost`, `cancelled`.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Succeeded => "succeeded",
@@ -90,6 +94,7 @@ impl Outcome {
             Outcome::TimedOut => "timed_out",
             Outcome::MemoryExceeded => "memory_exceeded",
             Outcome::Lost => "lost",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -103,7 +108,7 @@ impl fmt::Display for Outcome {
 /// Error returned by `Outcome::from_str` for an unknown name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown outcome {0:?}: expected one of succeeded, failed, timed_out, memory_exceeded, lost"
+    "unknown outcome {0:?}: expected one of succeeded, failed, timed_out, memory_exceeded, lost, cancelled"
 )]
 pub struct UnknownOutcome(pub String);
 

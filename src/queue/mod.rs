@@ -958,8 +958,11 @@ impl Queue {
         Ok(counts)
     }
 
-    /// Cancel a job that has not started. Returns its state before
-    /// (`ready` or `delayed`: cancelled; anything else: left as it was).
+    /// Cancel a job that has not finished. Returns its state before
+    /// (`ready`, `delayed` or `running`: cancelled; anything else: left as
+    /// it was). A running job's attempt is closed at once with outcome
+    /// `cancelled` (one ledger record, no retry) and the worker holding it
+    /// is told to kill it (`cancel.lua`).
     pub async fn cancel(&self, id: &str) -> Result<String, QueueError> {
         let p = self.partition_of_job(id)?;
         match self

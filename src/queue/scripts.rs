@@ -83,7 +83,7 @@ pub enum ScriptName {
     Dead,
     /// Delete a queue's ready and delayed jobs.
     Purge,
-    /// Cancel a job that has not started.
+    /// Cancel a job that has not finished (queued, or running: its attempt is closed as cancelled).
     Cancel,
     /// Raise a usage counter to at least a value (reconcile).
     UsageRaise,

@@ -75,7 +75,12 @@ pub(super) async fn complete_loop(
                 }
                 if s == CompleteStatus::Refused {
                     counters.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(job = %c.id, attempt = c.attempt, "completion refused: the lease was lost and the job handed to another worker");
+                    if held.reason(&key) == Some(crate::lease::StopReason::Cancelled) {
+                        // cancel.lua closed (and billed) the attempt already
+                        tracing::info!(job = %c.id, attempt = c.attempt, "cancelled attempt ended; its completion is not needed");
+                    } else {
+                        tracing::warn!(job = %c.id, attempt = c.attempt, "completion refused: the lease was lost and the job handed to another worker");
+                    }
                 } else {
                     counters.completed.fetch_add(1, Ordering::Relaxed);
                 }

@@ -191,7 +191,7 @@ impl Worker {
                 .map(|_| AtomicBool::new(true))
                 .collect(),
         );
-        let _sub = subscribe_wake(&self.queue, wake.clone(), woken.clone()).await?;
+        let _sub = subscribe_wake(&self.queue, wake.clone(), woken.clone(), held.clone()).await?;
         crate::metrics::register_zeroes();
         let guard = self.cfg.lease_guard.as_deref().and_then(|bin| {
             LeaseGuard::spawn(bin)

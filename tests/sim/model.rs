@@ -508,6 +508,8 @@ impl Model {
         let used = j.attempts - j.base;
         let state = if end.outcome == "succeeded" {
             St::Succeeded
+        } else if end.outcome == "cancelled" {
+            St::Cancelled
         } else if end.permanent || used >= j.max_attempts {
             St::Dead { at: now }
         } else if end.backoff_ms > 0 {
@@ -601,14 +603,27 @@ impl Model {
         }
     }
 
-    /// Cancel: the job's state before (cancelled if it was ready or
-    /// delayed); None when there is no such job.
+    /// Cancel: the job's state before (cancelled if it was ready, delayed
+    /// or running: a running attempt is closed as "cancelled" with its run
+    /// time up to now, never retried); None when there is no such job.
     pub fn cancel(&mut self, id: &str) -> Option<String> {
         let j = self.job(id)?;
         let before = j.state.clone();
         match before {
             St::Gone => return None,
             St::Ready | St::Delayed { .. } => self.job_mut(id).state = St::Cancelled,
+            St::Running => {
+                let run_ms = (self.now - j.started).max(0);
+                self.finish(
+                    id,
+                    &End {
+                        outcome: "cancelled".into(),
+                        permanent: true,
+                        backoff_ms: 0,
+                        run_ms,
+                    },
+                );
+            }
             _ => {}
         }
         Some(before.name().to_string())

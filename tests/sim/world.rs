@@ -837,9 +837,22 @@ impl World {
         if self.model.jobs.is_empty() {
             return Ok("cancel: no job yet (nothing sent)".into());
         }
-        let id = self.model.jobs[sel as usize % self.model.jobs.len()]
-            .id
-            .clone();
+        // Every other cancel aims at a running job when there is one (most
+        // jobs picked at random have finished).
+        let running: Vec<&str> = self
+            .model
+            .jobs
+            .iter()
+            .filter(|j| j.state == St::Running)
+            .map(|j| j.id.as_str())
+            .collect();
+        let id = if sel % 2 == 1 && !running.is_empty() {
+            running[(sel / 2) as usize % running.len()].to_string()
+        } else {
+            self.model.jobs[sel as usize % self.model.jobs.len()]
+                .id
+                .clone()
+        };
         let want = self.model.cancel(&id);
         let got = match self.queue.cancel(&id).await {
             Ok(s) => Some(s),

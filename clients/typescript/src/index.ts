@@ -100,7 +100,7 @@ export class AgentqClient {
     return this.call<Job>("GET", `/v1/jobs/${encodeURIComponent(id)}`);
   }
 
-  /** Cancel a job that has not started (409 AgentqError if it has). */
+  /** Cancel a job that has not finished: queued, or running (killed); 409 AgentqError once it has finished. */
   async cancel(id: string): Promise<void> {
     await this.call("DELETE", `/v1/jobs/${encodeURIComponent(id)}`);
   }

@@ -671,13 +671,13 @@ async fn delete_job(
     let tenant = tenant_of(&st, &headers, client.ip()).await?;
     own_job(&st, &tenant, &id).await?;
     let before = st.queue.cancel(&id).await?;
-    if before == "ready" || before == "delayed" {
+    if matches!(before.as_str(), "ready" | "delayed" | "running") {
         Ok(Json(json!({ "id": id, "state": "cancelled" })))
     } else {
         Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_cancellable",
-            format!("job {id} is {before}: only jobs that have not started can be cancelled"),
+            format!("job {id} is {before}: only jobs that have not finished can be cancelled"),
         ))
     }
 }

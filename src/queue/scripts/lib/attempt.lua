@@ -64,6 +64,9 @@ local function finish_attempt(id, job, a, now)
   local state
   if a.outcome == 'succeeded' then
     state = 'succeeded'
+  elseif a.outcome == 'cancelled' then
+    -- cancel.lua: no retry, not dead-lettered
+    state = 'cancelled'
   elseif a.permanent or used >= (tonumber(job.max_attempts) or 1) then
     state = 'dead'
   elseif (a.backoff_ms or 0) > 0 then
@@ -72,7 +75,8 @@ local function finish_attempt(id, job, a, now)
     state = 'ready'
   end
   sync_later(t)
-  local keep = state == 'succeeded' and keep_completed(q)
+  local keep = (state == 'succeeded' and keep_completed(q))
+    or (state == 'cancelled' and retention_str())
   if keep == '0' then
     -- The queue keeps no succeeded jobs: the ledger record above is the
     -- attempt's account, so the hash goes (one DEL per call for all of them,
