@@ -116,6 +116,11 @@ impl PgProxy {
         PgProxy { port, cut, pumps }
     }
 
+    /// Serve connections again after [`PgProxy::cut`].
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+
     /// Close every connection and refuse service from now on.
     fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
@@ -514,6 +519,40 @@ async fn serve_counts_the_jobs_it_created() {
         value, 4.0,
         "three plain enqueues and one idempotent pair: {line}"
     );
+    db.cleanup().await;
+    tq.cleanup().await;
+}
+
+/// `agentq serve` starts while PostgreSQL is unreachable (a restart during an
+/// outage must not take the API down): it listens, answers keys it cannot
+/// check with 503 `auth_unavailable`, and verifies them once PostgreSQL
+/// answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_starts_while_postgres_is_unreachable_and_recovers() {
+    let tq = TestQueue::new("keys-start").await;
+    let db = TestDb::new("keys_start").await;
+    let a = keys::create(&db.pool, "a").await.expect("key").key;
+    let proxy = PgProxy::start(authority_of(&common::database_url())).await;
+    proxy.cut();
+    let url = with_authority(&db.url(), &format!("127.0.0.1:{}", proxy.port));
+    let (_serve, port) = spawn_serve(&tq, &url).await;
+    let r = req(port, "POST", "/v1/jobs", Some(&a), Some(JOB)).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "auth_unavailable"),
+        "{:?}",
+        r.body
+    );
+    proxy.restore();
+    eventually(
+        PATIENCE,
+        "the key is verified once PostgreSQL answers",
+        || async {
+            let r = req(port, "POST", "/v1/jobs", Some(&a), Some(JOB)).await;
+            (r.status == 201).then_some(())
+        },
+    )
+    .await;
     db.cleanup().await;
     tq.cleanup().await;
 }

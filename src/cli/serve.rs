@@ -102,10 +102,7 @@ pub(super) async fn serve(g: &Global, a: ServeArgs) -> CliResult {
         ))
     })?;
     let queue = g.queue_acked(&a.ack).await?;
-    let db = super::usage::database(g).await?;
-    crate::ledger::migrate(&db)
-        .await
-        .map_err(|e| CliError::Runtime(e.into()))?;
+    let db = database_lazily(g).await?;
     if matches!(
         a.metrics_tenant_labels,
         crate::metrics::TenantLabels::Top(_)
@@ -157,10 +154,7 @@ pub enum KeyCommand {
 }
 
 pub(super) async fn key(g: &Global, c: KeyCommand) -> CliResult {
-    let db = super::usage::database(g).await?;
-    crate::ledger::migrate(&db)
-        .await
-        .map_err(|e| CliError::Runtime(e.into()))?;
+    let db = database_lazily(g).await?;
     match c {
         KeyCommand::Create { tenant, json } => {
             crate::queue::job::validate_name("tenant", &tenant)?;
@@ -207,4 +201,41 @@ pub(super) async fn key(g: &Global, c: KeyCommand) -> CliResult {
         }
     }
     Ok(())
+}
+
+/// The API's PostgreSQL pool, connected on first use: `serve` starts while
+/// PostgreSQL is down (a restart during an outage must not take enqueues
+/// down; keys it has not seen get 503 `auth_unavailable` until PostgreSQL
+/// answers). Migrations are applied when PostgreSQL answers at start; an
+/// unreachable server is a warning, any other migration failure an error.
+async fn database_lazily(g: &Global) -> Result<sqlx::PgPool, CliError> {
+    let url = g.settings()?.database_url;
+    let shown = crate::model::redact::redact_url(&url);
+    let db = crate::ledger::connect_lazy(&url)
+        .map_err(|e| CliError::Usage(format!("database URL {shown} is not valid: {e}")))?;
+    match crate::ledger::migrate(&db).await {
+        Ok(()) => {}
+        Err(e) if unreachable(&e) => tracing::warn!(
+            database = %shown,
+            error = %e,
+            "PostgreSQL is unreachable: serving anyway; API keys not yet cached get 503 \
+             auth_unavailable until it answers (migrations: run `agentq migrate` then)"
+        ),
+        Err(e) => return Err(CliError::Runtime(e.into())),
+    }
+    Ok(db)
+}
+
+/// PostgreSQL did not answer (as opposed to refusing a migration).
+fn unreachable(e: &crate::ledger::LedgerError) -> bool {
+    use crate::ledger::LedgerError;
+    let sql = match e {
+        LedgerError::Db(s) => s,
+        LedgerError::Migrate(sqlx::migrate::MigrateError::Execute(s)) => s,
+        _ => return false,
+    };
+    matches!(
+        sql,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+    )
 }
