@@ -226,7 +226,10 @@ async fn database_lazily(g: &Global) -> Result<sqlx::PgPool, CliError> {
     Ok(db)
 }
 
-/// PostgreSQL did not answer (as opposed to refusing a migration).
+/// PostgreSQL did not answer, or the connection broke before it could
+/// (a reset during the TLS or startup exchange reads as a protocol error),
+/// as opposed to PostgreSQL refusing a migration (a database error) or the
+/// migrations not matching the database (the other migrate errors).
 fn unreachable(e: &crate::ledger::LedgerError) -> bool {
     use crate::ledger::LedgerError;
     let sql = match e {
@@ -236,6 +239,9 @@ fn unreachable(e: &crate::ledger::LedgerError) -> bool {
     };
     matches!(
         sql,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
     )
 }
