@@ -312,29 +312,16 @@ async fn evalsha_then_wait(
     replicas: u32,
     timeout: std::time::Duration,
 ) -> Result<(Value, i64), fred::error::Error> {
-    let pipe = fred::clients::Pipeline::from(client.with_options(&Options {
-        max_attempts: Some(1),
-        ..Default::default()
-    }));
-    let mut all: Vec<Value> = Vec::with_capacity(args.len() + 3);
-    all.push(sha.into());
-    all.push(1.into());
-    all.push(base.into());
-    all.extend(args);
-    let on_base = fred::types::ClusterHash::from(base);
-    let () = pipe
-        .custom(fred::cmd!("EVALSHA", hash: on_base.clone()), all)
-        .await?;
-    let () = pipe
-        .custom(
-            fred::cmd!("WAIT", hash: on_base),
-            vec![Value::from(replicas), wait_ms(timeout)],
-        )
-        .await?;
-    let mut replies = pipe.try_all::<Value>().await.into_iter();
-    let reply = replies.next().unwrap_or(Ok(Value::Null))?;
-    let confirmed = replies.next().unwrap_or(Ok(Value::Null))?;
-    Ok((reply, confirmed.as_i64().unwrap_or(0)))
+    let eval = fred::cmd!("EVALSHA", hash: fred::types::ClusterHash::from(base));
+    then_wait(
+        client,
+        eval,
+        evalsha_args(sha, base, args),
+        base,
+        replicas,
+        timeout,
+    )
+    .await
 }
 
 /// `HINCRBY <meta> partitions 0` then `WAIT`, pipelined: a write that
@@ -347,35 +334,59 @@ pub(crate) async fn touch_then_wait(
     replicas: u32,
     timeout: std::time::Duration,
 ) -> Result<i64, QueueError> {
-    let pipe = fred::clients::Pipeline::from(client.with_options(&Options {
-        max_attempts: Some(1),
-        ..Default::default()
-    }));
-    let on_meta = fred::types::ClusterHash::from(meta);
-    let run = async {
-        let () = pipe
-            .custom(
-                fred::cmd!("HINCRBY", hash: on_meta.clone()),
-                vec![Value::from(meta), "partitions".into(), 0.into()],
-            )
-            .await?;
-        let () = pipe
-            .custom(
-                fred::cmd!("WAIT", hash: on_meta),
-                vec![Value::from(replicas), wait_ms(timeout)],
-            )
-            .await?;
-        let mut replies = pipe.try_all::<Value>().await.into_iter();
-        replies.next().unwrap_or(Ok(Value::Null))?;
-        let confirmed = replies.next().unwrap_or(Ok(Value::Null))?;
-        Ok::<i64, fred::error::Error>(confirmed.as_i64().unwrap_or(0))
-    };
-    run.await.map_err(unknown_outcome)
+    let touch = fred::cmd!("HINCRBY", hash: fred::types::ClusterHash::from(meta));
+    let args = vec![Value::from(meta), "partitions".into(), 0.into()];
+    then_wait(client, touch, args, meta, replicas, timeout)
+        .await
+        .map(|(_, confirmed)| confirmed)
+        .map_err(unknown_outcome)
+}
+
+/// One write command then `WAIT replicas timeout`, pipelined on the
+/// connection of `key`'s slot, each written at most once: the command's
+/// reply (its error first) and how many replicas confirmed.
+async fn then_wait(
+    client: &Client,
+    command: fred::types::CustomCommand,
+    args: Vec<Value>,
+    key: &str,
+    replicas: u32,
+    timeout: std::time::Duration,
+) -> Result<(Value, i64), fred::error::Error> {
+    let pipe = fred::clients::Pipeline::from(once(client));
+    let () = pipe.custom(command, args).await?;
+    let wait = fred::cmd!("WAIT", hash: fred::types::ClusterHash::from(key));
+    let () = pipe
+        .custom(wait, vec![Value::from(replicas), wait_ms(timeout)])
+        .await?;
+    let mut replies = pipe.try_all::<Value>().await.into_iter();
+    let reply = replies.next().unwrap_or(Ok(Value::Null))?;
+    let confirmed = replies.next().unwrap_or(Ok(Value::Null))?;
+    Ok((reply, confirmed.as_i64().unwrap_or(0)))
 }
 
 /// A WAIT timeout in ms, at least 1 (0 would wait forever).
 fn wait_ms(timeout: std::time::Duration) -> Value {
     Value::from(timeout.as_millis().clamp(1, i64::MAX as u128) as i64)
+}
+
+/// The client with every command written at most once (no re-send after a
+/// dropped connection: a script's outcome is then unknown, not repeated).
+fn once(client: &Client) -> fred::clients::WithOptions<Client> {
+    client.with_options(&Options {
+        max_attempts: Some(1),
+        ..Default::default()
+    })
+}
+
+/// `sha 1 base args...`: EVALSHA's arguments with `base` as its one key.
+fn evalsha_args(sha: &str, base: &str, args: Vec<Value>) -> Vec<Value> {
+    let mut all: Vec<Value> = Vec::with_capacity(args.len() + 3);
+    all.push(sha.into());
+    all.push(1.into());
+    all.push(base.into());
+    all.extend(args);
+    all
 }
 
 /// `EVALSHA sha 1 base args...`, written at most once (no re-send after a
@@ -386,17 +397,13 @@ async fn evalsha_once(
     base: &str,
     args: Vec<Value>,
 ) -> Result<Value, fred::error::Error> {
-    let once = client.with_options(&Options {
-        max_attempts: Some(1),
-        ..Default::default()
-    });
-    let mut all: Vec<Value> = Vec::with_capacity(args.len() + 3);
-    all.push(sha.into());
-    all.push(1.into());
-    all.push(base.into());
-    all.extend(args);
     let on_base = fred::types::ClusterHash::from(base);
-    once.custom(fred::cmd!("EVALSHA", hash: on_base), all).await
+    once(client)
+        .custom(
+            fred::cmd!("EVALSHA", hash: on_base),
+            evalsha_args(sha, base, args),
+        )
+        .await
 }
 
 /// A timeout, a dropped connection or a cancelled command leaves a script
