@@ -11,43 +11,7 @@ use common::{TestDb, TestQueue};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-struct Reply {
-    status: u16,
-    headers: String,
-    body: Value,
-}
-
-/// One HTTP/1.0 request over a fresh connection.
-async fn req(port: u16, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> Reply {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
-    if let Some(k) = key {
-        head.push_str(&format!("Authorization: Bearer {k}\r\n"));
-    }
-    let body = body.unwrap_or("");
-    head.push_str(&format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    ));
-    s.write_all(head.as_bytes()).await.expect("write");
-    s.write_all(body.as_bytes()).await.expect("write body");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Reply {
-        status: headers
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0),
-        headers: headers.to_lowercase(),
-        body: serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
-    }
-}
+use common::http::{Reply, req};
 
 async fn start(tq: &TestQueue, db: &TestDb, cfg: ApiConfig) -> (u16, CancellationToken) {
     let port = agentq_servers::free_port().expect("port");

@@ -23,68 +23,7 @@ const ISS: &str = "https://idp.example.test";
 const AUD: &str = "agentq";
 const JOB: &str = r#"{"queue":"q","kind":"echo","payload":{"n":1}}"#;
 
-struct Reply {
-    status: u16,
-    body: Value,
-}
-
-impl Reply {
-    fn code(&self) -> &str {
-        self.body["error"]["code"].as_str().unwrap_or("")
-    }
-}
-
-/// One HTTP/1.0 request over a fresh connection from loopback address `from`.
-async fn req_from(
-    from: Ipv4Addr,
-    port: u16,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> Reply {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-    sock.bind((from, 0).into())
-        .expect("bind a loopback address");
-    let mut s = sock
-        .connect((Ipv4Addr::LOCALHOST, port).into())
-        .await
-        .expect("connect");
-    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n");
-    if let Some(k) = token {
-        head.push_str(&format!("Authorization: Bearer {k}\r\n"));
-    }
-    let body = body.unwrap_or("");
-    head.push_str(&format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    ));
-    s.write_all(head.as_bytes()).await.expect("write");
-    s.write_all(body.as_bytes()).await.expect("write body");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Reply {
-        status: headers
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0),
-        body: serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
-    }
-}
-
-async fn req(
-    port: u16,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> Reply {
-    req_from(Ipv4Addr::LOCALHOST, port, method, path, token, body).await
-}
+use common::http::{req, req_from};
 
 /// `agentq serve` on this namespace and schema with `extra` arguments; its port.
 async fn spawn_serve(tq: &TestQueue, db: &TestDb, extra: &[&str]) -> (Proc, u16) {

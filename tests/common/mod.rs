@@ -15,6 +15,8 @@
 //!   their logs ([`LogTail`]) and their lease guards;
 //! - [`faults`]: what the fault suites check after killing things: leftover
 //!   working directories ([`WorkerTmp`]), one record per attempt, caps;
+//! - [`http`]: plain HTTP requests to `agentq serve` ([`http::req`]; not
+//!   re-exported: named `common::http::X`);
 //! - [`ops`]: the operations-asset tests' files, YAML, metrics and runbook
 //!   (not re-exported: named `common::ops::X`).
 //!
@@ -25,6 +27,7 @@
 pub mod claims;
 pub mod db;
 pub mod faults;
+pub mod http;
 pub mod ops;
 pub mod procs;
 pub mod queue;
