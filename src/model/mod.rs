@@ -8,6 +8,7 @@
 pub mod attempt;
 pub mod backoff;
 pub mod events;
+pub mod job_event;
 pub mod json;
 pub mod limits;
 pub mod names;

@@ -206,6 +206,21 @@ pub struct JobInfo {
     pub payload: serde_json::Value,
     /// Result of a succeeded attempt.
     pub result: Option<serde_json::Value>,
+    /// The latest progress report of a running attempt (`{"progress": ...}`
+    /// lines of the task; kept after the attempt ends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<serde_json::Value>,
+    /// Enqueue time, ms since the epoch (Redis time): where the job's
+    /// events begin in its tenant's stream.
+    #[serde(skip)]
+    pub enqueued_ms: Option<u64>,
+}
+
+impl JobInfo {
+    /// Whether the job has ended: succeeded, dead or cancelled.
+    pub fn is_final(&self) -> bool {
+        matches!(self.state.as_str(), "succeeded" | "dead" | "cancelled")
+    }
 }
 
 /// RFC 3339 with milliseconds, UTC.
@@ -266,6 +281,8 @@ pub async fn job_info(q: &Queue, id: &str) -> Result<JobInfo, QueueError> {
         idempotency_key: text("idem"),
         payload: json("payload").unwrap_or(serde_json::Value::Null),
         result: json("result"),
+        progress: json("progress"),
+        enqueued_ms: h.get("enqueued_at").and_then(|v| v.parse().ok()),
         state,
     })
 }

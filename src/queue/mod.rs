@@ -8,6 +8,7 @@
 mod call;
 pub mod inspect;
 pub mod job;
+pub mod job_events;
 pub mod keys;
 pub mod limits;
 pub mod outbox;

@@ -20,7 +20,7 @@ use super::QueueError;
 
 /// The helper files, in the order they are joined (each uses only those
 /// before it).
-const LIB: [(&str, &str); 11] = [
+const LIB: [(&str, &str); 12] = [
     ("keys", include_str!("scripts/lib/keys.lua")),
     ("events", include_str!("scripts/lib/events.lua")),
     ("time", include_str!("scripts/lib/time.lua")),
@@ -29,6 +29,7 @@ const LIB: [(&str, &str); 11] = [
     ("tenants", include_str!("scripts/lib/tenants.lua")),
     ("sched", include_str!("scripts/lib/sched.lua")),
     ("outbox", include_str!("scripts/lib/outbox.lua")),
+    ("feed", include_str!("scripts/lib/feed.lua")),
     ("attempt", include_str!("scripts/lib/attempt.lua")),
     ("flush", include_str!("scripts/lib/flush.lua")),
     ("jobs", include_str!("scripts/lib/jobs.lua")),
@@ -91,11 +92,13 @@ pub enum ScriptName {
     ScheduleFire,
     /// Add, replace or remove a recurring schedule.
     ScheduleSet,
+    /// Publish a running attempt's progress report (fenced by attempt).
+    Progress,
 }
 
 impl ScriptName {
     /// Every script, in load order.
-    pub const ALL: [ScriptName; 14] = [
+    pub const ALL: [ScriptName; 15] = [
         ScriptName::Enqueue,
         ScriptName::Claim,
         ScriptName::Complete,
@@ -110,6 +113,7 @@ impl ScriptName {
         ScriptName::UsageRaise,
         ScriptName::ScheduleFire,
         ScriptName::ScheduleSet,
+        ScriptName::Progress,
     ];
 
     /// The script's file name without `.lua`.
@@ -129,6 +133,7 @@ impl ScriptName {
             ScriptName::UsageRaise => "usage_raise",
             ScriptName::ScheduleFire => "schedule_fire",
             ScriptName::ScheduleSet => "schedule_set",
+            ScriptName::Progress => "progress",
         }
     }
 
@@ -148,6 +153,7 @@ impl ScriptName {
             ScriptName::UsageRaise => include_str!("scripts/usage_raise.lua"),
             ScriptName::ScheduleFire => include_str!("scripts/schedule_fire.lua"),
             ScriptName::ScheduleSet => include_str!("scripts/schedule_set.lua"),
+            ScriptName::Progress => include_str!("scripts/progress.lua"),
         }
     }
 }

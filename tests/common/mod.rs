@@ -17,6 +17,8 @@
 //!   working directories ([`WorkerTmp`]), one record per attempt, caps;
 //! - [`http`]: plain HTTP requests to `agentq serve` ([`http::req`]; not
 //!   re-exported: named `common::http::X`);
+//! - [`sse`]: Server-Sent Events read from `agentq serve` ([`sse::open`];
+//!   named `common::sse::X`);
 //! - [`ops`]: the operations-asset tests' files, YAML, metrics and runbook
 //!   (not re-exported: named `common::ops::X`).
 //!
@@ -31,6 +33,7 @@ pub mod http;
 pub mod ops;
 pub mod procs;
 pub mod queue;
+pub mod sse;
 
 pub use claims::*;
 pub use db::*;

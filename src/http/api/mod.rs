@@ -20,8 +20,10 @@
 
 pub mod allowed;
 pub mod jwt;
+pub mod hub;
 pub mod key_cache;
 pub mod keys;
+mod events;
 mod schedules;
 mod wire;
 
@@ -277,6 +279,7 @@ struct AppState {
     keys: Arc<key_cache::KeyCache>,
     jwt: Option<Arc<jwt::Jwt>>,
     allowed: Arc<allowed::AllowedCache>,
+    hub: Arc<hub::EventHub>,
 }
 
 /// The API server: its router, and the duties that keep its key cache
@@ -376,6 +379,7 @@ fn state(queue: Queue, db: PgPool, cfg: &ApiConfig) -> AppState {
     let keys = key_cache::KeyCache::new(queue.clone(), db.clone(), cfg.key_cache.clone());
     AppState {
         allowed: Arc::new(allowed::AllowedCache::new(queue.clone(), cfg.allowed_ttl)),
+        hub: Arc::new(hub::EventHub::new(queue.clone())),
         queue,
         db,
         throttle: Arc::new(throttle),
@@ -393,7 +397,7 @@ pub fn router(queue: Queue, db: PgPool, cfg: &ApiConfig) -> Router {
 fn routes(state: AppState, cfg: &ApiConfig) -> Router {
     Router::new()
         .route("/v1/jobs", axum::routing::post(post_jobs))
-        .route("/v1/jobs/{id}", get(get_job).delete(delete_job))
+        .route("/v1/jobs/{id}", axum::routing::delete(delete_job))
         .route("/v1/usage", get(get_usage))
         .route("/v1/schedules", get(schedules::list).post(schedules::create))
         .route("/v1/schedules/{name}", axum::routing::delete(schedules::remove))
@@ -406,7 +410,28 @@ fn routes(state: AppState, cfg: &ApiConfig) -> Router {
                 .make_span_with(|r: &axum::http::Request<_>| tracing::info_span!("http", method = %r.method(), path = %r.uri().path()))
                 .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
+        .merge(streaming(cfg))
         .with_state(state)
+}
+
+/// Routes that answer for longer than the request timeout: the long poll
+/// (`?wait=`, bounded by [`events::MAX_WAIT`]) and the event streams (until
+/// the client leaves; SSE keep-alives every 15 s).
+fn streaming(cfg: &ApiConfig) -> Router<AppState> {
+    let get_job_timed = get(get_job).layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        cfg.request_timeout + events::MAX_WAIT,
+    ));
+    Router::new()
+        .route("/v1/jobs/{id}", get_job_timed)
+        .route("/v1/jobs/{id}/events", get(events::job_events))
+        .route("/v1/events", get(events::tenant_events))
+        .route("/v1/ws", get(events::websocket))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(|r: &axum::http::Request<_>| tracing::info_span!("http", method = %r.method(), path = %r.uri().path()))
+                .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
 }
 
 /// Serve on `addr` until `stop` fires (in-flight requests finish).
@@ -657,9 +682,14 @@ async fn get_job(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<crate::queue::inspect::JobInfo>, ApiError> {
+    let wait = events::parse_wait(q.get("wait"))?;
     let tenant = tenant_of(&st, &headers, client.ip()).await?;
-    Ok(Json(own_job(&st, &tenant, &id).await?))
+    match wait {
+        Some(w) => Ok(Json(events::wait_final(&st, &tenant, &id, w).await?)),
+        None => Ok(Json(own_job(&st, &tenant, &id).await?)),
+    }
 }
 
 async fn delete_job(

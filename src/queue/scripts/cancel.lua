@@ -54,6 +54,7 @@ else
 end
 local now = now_ms()
 redis.call('HSET', jk, 'state', 'cancelled', 'finished_at', now)
+feed(t, q, id, 'cancelled')
 redis.call('PEXPIRE', jk, default('retention_ms'))
 finish()
 return state

@@ -219,6 +219,7 @@ while claimed < batch and guard > 0 do
     redis.call('HSET', jk, 'attempts', attempt, 'state', 'running', 'started_at', now_s,
       'worker', worker)
     lease_add(id, now + lease_ms)
+    feed(t, q, id, 'started', 'attempt', attempt)
     add_running(t, 1)
     stat(q, t, 'ready', -1)
     stat(q, t, 'running', 1)

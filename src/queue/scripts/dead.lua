@@ -41,6 +41,7 @@ for _, id in ipairs(ids) do
     if op == 'retry' then
       redis.call('HSET', jk, 'base', redis.call('HGET', jk, 'attempts') or 0, 'ready_at', now)
       make_ready(id, q, t, tonumber(redis.call('HGET', jk, 'score')) or 0)
+      feed(t, q, id, 'retrying', 'run_at', now)
       touched[t] = true
     else
       redis.call('DEL', jk)

@@ -47,6 +47,31 @@ local function keep_completed(q)
   return v
 end
 
+-- The job events of an attempt's end (lib/feed.lua): succeeded or
+-- cancelled, or failed followed by the job's next state (retrying or dead).
+local function feed_attempt_end(id, job, a, state, now)
+  local t, q, n = job.tenant, job.queue, job.attempts
+  if state == 'succeeded' then
+    if a.result and a.result ~= '' then
+      feed(t, q, id, 'succeeded', 'attempt', n, 'result', a.result)
+    else
+      feed(t, q, id, 'succeeded', 'attempt', n)
+    end
+    return
+  end
+  if state == 'cancelled' then
+    feed(t, q, id, 'cancelled', 'attempt', n)
+    return
+  end
+  feed(t, q, id, 'failed', 'attempt', n, 'outcome', a.outcome, 'error', a.error or '')
+  if state == 'dead' then
+    feed(t, q, id, 'dead', 'attempt', n)
+  else
+    local due = (state == 'delayed') and (now + a.backoff_ms) or now
+    feed(t, q, id, 'retrying', 'attempt', n, 'run_at', due)
+  end
+end
+
 local function finish_attempt(id, job, a, now)
   local q, t = job.queue, job.tenant
   lease_rem(id)
@@ -75,6 +100,7 @@ local function finish_attempt(id, job, a, now)
     state = 'ready'
   end
   sync_later(t)
+  feed_attempt_end(id, job, a, state, now)
   local keep = (state == 'succeeded' and keep_completed(q))
     or (state == 'cancelled' and retention_str())
   if keep == '0' then

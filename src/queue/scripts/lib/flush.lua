@@ -35,6 +35,7 @@ local function flush_state()
     end
   end
   pending_stats = {}
+  flush_feed()
 end
 
 local function finish()

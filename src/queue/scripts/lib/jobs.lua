@@ -73,6 +73,11 @@ local function add_job(adds, job, now, seq)
     stat(job.queue, job.tenant, 'ready', 1)
     adds.touched[job.tenant] = true
   end
+  if delayed then
+    feed(job.tenant, job.queue, id, 'enqueued', 'run_at', ready_at)
+  else
+    feed(job.tenant, job.queue, id, 'enqueued')
+  end
   return id
 end
 
