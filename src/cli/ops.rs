@@ -282,7 +282,7 @@ fn checked(u: LimitsUpdate) -> Result<LimitsUpdate, super::CliError> {
     u.validate()?;
     if u.is_empty() {
         return Err(super::CliError::Usage(
-            "nothing to set: give at least one of --tier, --max-concurrency, --max-timeout, --max-memory, --weight, --rate, --burst, --quota, --price-per-minute, --price-per-1k-tokens".into(),
+            crate::http::api::admin::NOTHING_TO_SET.into(),
         ));
     }
     Ok(u)
@@ -315,40 +315,23 @@ fn dollars(micros: u64) -> String {
 pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
     match c {
         TenantCommand::Set(a) => {
-            validate_name("tenant", &a.tenant)?;
-            let parse = |what: &str, v: &Option<String>| {
-                v.as_deref()
-                    .map(|s| crate::http::api::allowed::parse_list(what, s))
-                    .transpose()
-            };
-            let queues = parse("queue", &a.allowed_queues)?;
-            let kinds = parse("kind", &a.allowed_kinds)?;
-            let restrict = queues.is_some() || kinds.is_some();
-            let u = a.limits.update();
-            let u = if restrict && u.is_empty() {
-                u.validate()?;
-                u
-            } else {
-                checked(u)?
-            };
-            let q = g.queue().await?;
-            if !u.is_empty() {
-                u.apply(&q, Target::Tenant(&a.tenant)).await?;
-                println!("tenant {}: set {}", a.tenant, u.describe());
+            // The one change `PUT /v1/admin/tenants/{tenant}` makes too.
+            let change = crate::http::api::admin::TenantSet {
+                limits: a.limits.update(),
+                allowed_queues: a.allowed_queues,
+                allowed_kinds: a.allowed_kinds,
             }
-            if restrict {
-                crate::http::api::allowed::set(&q, &a.tenant, queues.clone(), kinds.clone())
-                    .await?;
-                let show = |v: &Option<Option<Vec<String>>>| match v {
-                    None => "unchanged".to_string(),
-                    Some(None) => "all".to_string(),
-                    Some(Some(l)) => l.join(","),
-                };
+            .check(&a.tenant)?;
+            let q = g.queue().await?;
+            change.apply(&q).await?;
+            if !change.limits.is_empty() {
+                println!("tenant {}: set {}", a.tenant, change.limits.describe());
+            }
+            if change.restricts() {
+                let (queues, kinds) = change.describe_allowed();
                 println!(
-                    "tenant {}: allowed queues {}, allowed kinds {} (HTTP API)",
-                    a.tenant,
-                    show(&queues),
-                    show(&kinds)
+                    "tenant {}: allowed queues {queues}, allowed kinds {kinds} (HTTP API)",
+                    a.tenant
                 );
             }
         }

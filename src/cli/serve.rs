@@ -138,10 +138,20 @@ pub(super) async fn serve(g: &Global, a: ServeArgs) -> CliResult {
 /// `agentq tenant key ...`.
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
-    /// Create an API key for a tenant; prints it once (only a hash is stored).
+    /// Create an API key for a tenant, or an admin key; prints it once (only a hash is stored).
     Create {
-        /// Tenant.
-        tenant: String,
+        /// Tenant (none with --admin).
+        #[arg(required_unless_present = "admin", conflicts_with = "admin")]
+        tenant: Option<String>,
+        /// An operator key for the /v1/admin routes only (no tenant).
+        #[arg(long)]
+        admin: bool,
+        /// The key stops working after this long, e.g. 30d or 12h (default: never).
+        #[arg(long, conflicts_with = "expires_at")]
+        expires_in: Option<String>,
+        /// The key stops working at this RFC 3339 time, e.g. 2026-12-31T23:59:59Z.
+        #[arg(long)]
+        expires_at: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -156,21 +166,13 @@ pub enum KeyCommand {
 pub(super) async fn key(g: &Global, c: KeyCommand) -> CliResult {
     let db = database_lazily(g).await?;
     match c {
-        KeyCommand::Create { tenant, json } => {
-            crate::queue::job::validate_name("tenant", &tenant)?;
-            let k = crate::http::api::keys::create(&db, &tenant)
-                .await
-                .map_err(|e| CliError::Runtime(e.into()))?;
-            if json {
-                output::json(&k);
-            } else {
-                println!("{}", k.key);
-                eprintln!(
-                    "created key {} for tenant {} (shown once: store it now)",
-                    k.prefix, k.tenant
-                );
-            }
-        }
+        KeyCommand::Create {
+            tenant,
+            admin,
+            expires_in,
+            expires_at,
+            json,
+        } => create_key(&db, tenant, admin, expires_in, expires_at, json).await?,
         KeyCommand::Revoke { key } => {
             // The revocation is announced in the namespace, so every
             // `agentq serve` on it drops the key from its cache at once.
@@ -200,6 +202,44 @@ pub(super) async fn key(g: &Global, c: KeyCommand) -> CliResult {
             }
         }
     }
+    Ok(())
+}
+
+/// `agentq tenant key create`: the spec is checked before anything is written.
+async fn create_key(
+    db: &sqlx::PgPool,
+    tenant: Option<String>,
+    admin: bool,
+    expires_in: Option<String>,
+    expires_at: Option<String>,
+    json: bool,
+) -> CliResult {
+    use crate::http::api::keys::{self, KeyError, KeySpec, Scope};
+    let spec = KeySpec {
+        tenant,
+        scope: if admin { Scope::Admin } else { Scope::Tenant },
+        expires_at: keys::expiry(expires_in.as_deref(), expires_at.as_deref())?,
+    };
+    let k = keys::create_key(db, &spec).await.map_err(|e| match e {
+        KeyError::Invalid(e) => CliError::from(e),
+        KeyError::Db(e) => CliError::Runtime(e.into()),
+    })?;
+    if json {
+        output::json(&k);
+        return Ok(());
+    }
+    println!("{}", k.key);
+    let whose = match k.scope {
+        Scope::Admin => "admin key (the /v1/admin routes only)".to_string(),
+        Scope::Tenant => format!("for tenant {}", k.tenant),
+    };
+    let until = k
+        .expires_at
+        .map_or(String::new(), |t| format!(", expires {}", t.to_rfc3339()));
+    eprintln!(
+        "created key {} {whose}{until} (shown once: store it now)",
+        k.prefix
+    );
     Ok(())
 }
 

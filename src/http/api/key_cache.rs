@@ -14,7 +14,11 @@
 //! - **Unknown prefixes** are remembered for [`KeyCacheConfig::negative_ttl`],
 //!   at most [`KeyCacheConfig::max_negative`] of them (oldest dropped first),
 //!   so random prefixes neither reach PostgreSQL on every try nor grow memory.
-//! - **Revocations** ([`keys::revoke`], behind `agentq tenant key revoke`)
+//! - **Expiry**: a row keeps its `expires_at`, checked against the clock
+//!   at every use, so a cached key stops working at its expiry with no
+//!   refresh or message needed (and a PostgreSQL outage cannot extend it).
+//! - **Revocations** ([`keys::revoke`], behind `agentq tenant key revoke`
+//!   and `DELETE /v1/admin/keys/{prefix}`)
 //!   are appended to a Redis stream, `{<namespace>:0}:api:revoked` (field
 //!   `prefix`), which every serve reads every
 //!   [`KeyCacheConfig::revocation_poll`] (250 ms) from the id it last read
@@ -47,7 +51,7 @@ use fred::prelude::*;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::keys::{self, KeyParts, KeyRow};
+use super::keys::{self, KeyParts, KeyRow, Verified};
 use crate::queue::{Queue, QueueError};
 
 /// How the key cache works.
@@ -218,14 +222,16 @@ impl KeyCache {
         }
     }
 
-    /// The tenant of `key` if it is valid and unrevoked; None if it is
-    /// not; [`Unavailable`] if PostgreSQL had to be asked and could not be.
-    pub async fn verify(&self, key: &str) -> Result<Option<String>, Unavailable> {
+    /// Who `key` speaks for if it is valid, unrevoked and unexpired (the
+    /// expiry is checked against the clock at every use, so a cached key
+    /// stops working at its expiry); None if it is not; [`Unavailable`] if
+    /// PostgreSQL had to be asked and could not be.
+    pub async fn verify(&self, key: &str) -> Result<Option<Verified>, Unavailable> {
         let Some(KeyParts { prefix, secret }) = keys::parse(key) else {
             return Ok(None);
         };
         if let Some(row) = self.read_keys().get(prefix) {
-            return Ok(row.accepts(secret).map(str::to_string));
+            return Ok(row.accepts(secret));
         }
         let now = Instant::now();
         if self.negative().contains(prefix, now) {
@@ -256,7 +262,7 @@ impl KeyCache {
             .entry(prefix.to_string())
             .and_modify(|r| merge(r, row.clone()))
             .or_insert(row);
-        Ok(row.accepts(secret).map(str::to_string))
+        Ok(row.accepts(secret))
     }
 
     /// One pass: read new revocations; re-read every known key from
@@ -397,6 +403,8 @@ impl KeyCache {
                         tenant: String::new(),
                         secret_hash: Vec::new(),
                         revoked: true,
+                        scope: keys::Scope::Tenant,
+                        expires_at: None,
                     },
                 );
             }
@@ -481,6 +489,8 @@ mod tests {
             tenant: "t".into(),
             secret_hash: vec![1],
             revoked,
+            scope: keys::Scope::Tenant,
+            expires_at: None,
         };
         let mut held = row(true);
         merge(&mut held, row(false));

@@ -19,12 +19,14 @@
 //! however many addresses or prefixes are tried.
 
 pub mod allowed;
-pub mod jwt;
+mod events;
 pub mod hub;
+pub mod jwt;
 pub mod key_cache;
 pub mod keys;
-mod events;
 mod schedules;
+// Operator control plane (admin-scope keys only).
+pub mod admin;
 mod wire;
 
 use std::collections::HashMap;
@@ -401,6 +403,7 @@ fn routes(state: AppState, cfg: &ApiConfig) -> Router {
         .route("/v1/usage", get(get_usage))
         .route("/v1/schedules", get(schedules::list).post(schedules::create))
         .route("/v1/schedules/{name}", axum::routing::delete(schedules::remove))
+        .merge(admin::routes())
         .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -453,6 +456,10 @@ struct Caller {
     tenant: String,
     queues: Option<Vec<String>>,
     kinds: Option<Vec<String>>,
+    // Admin keys reach only /v1/admin; JWTs are always tenant-scoped.
+    scope: keys::Scope,
+    // The key's prefix (None for a JWT): names an operator in the audit log.
+    key_prefix: Option<String>,
 }
 
 /// The caller's tenant (see [`caller_of`]).
@@ -460,10 +467,28 @@ async fn tenant_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result
     Ok(caller_of(st, headers, client).await?.tenant)
 }
 
+/// The caller of a tenant route (see [`any_caller`]): an admin key is
+/// refused (403), as it belongs to no tenant.
+async fn caller_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result<Caller, ApiError> {
+    let caller = any_caller(st, headers, client).await?;
+    if caller.scope == keys::Scope::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this is an admin API key: it works on /v1/admin routes only; use a tenant key here",
+        ));
+    }
+    Ok(caller)
+}
+
 /// Resolve the caller from `Authorization: Bearer <key or JWT>` (or
 /// `X-Api-Key`), throttling failed attempts per client address (and per key
 /// prefix for keys), then apply the tenant's request rate.
-async fn caller_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result<Caller, ApiError> {
+async fn any_caller(
+    st: &AppState,
+    headers: &HeaderMap,
+    client: IpAddr,
+) -> Result<Caller, ApiError> {
     let key = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -520,6 +545,8 @@ async fn caller_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result
             tenant: v.tenant,
             queues: v.queues,
             kinds: v.kinds,
+            scope: keys::Scope::Tenant,
+            key_prefix: None,
         });
     }
     let verdict = st.keys.verify(key).await.map_err(|e| {
@@ -531,20 +558,23 @@ async fn caller_of(st: &AppState, headers: &HeaderMap, client: IpAddr) -> Result
              was not used recently); retry later",
         )
     })?;
-    let Some(tenant) = verdict else {
+    let Some(v) = verdict else {
         st.throttle.failed(ip);
         st.throttle.failed(prefix);
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "invalid or revoked API key",
+            "invalid, revoked or expired API key",
         ));
     };
-    rate_limit(st, &tenant)?;
+    // Admin keys share one request-rate bucket, "*" (no tenant has that name).
+    rate_limit(st, &v.tenant)?;
     Ok(Caller {
-        tenant,
+        tenant: v.tenant,
         queues: None,
         kinds: None,
+        scope: v.scope,
+        key_prefix: Some(v.prefix),
     })
 }
 
