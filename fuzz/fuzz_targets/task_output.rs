@@ -2,16 +2,19 @@
 //! panics; an error is one line; only the last non-empty line counts
 //! (trailing blank lines and earlier log lines change nothing); and a
 //! result line written by a task program (`{"output": .., "usage": {..}}`)
-//! reads back exactly, missing usage keys as 0.
+//! reads back exactly, missing usage keys as 0. `progress_report` (one
+//! stdout line) never panics, its report is one line of valid JSON, and a
+//! progress line printed last is no result.
 #![no_main]
 
-use agentq::executor::{TaskResult, TaskUsage, parse_task_output};
+use agentq::executor::{TaskResult, TaskUsage, parse_task_output, progress_report};
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value, json};
 
 fuzz_target!(|data: &[u8]| {
     raw(data);
+    progress(data);
     if let Ok(line) = Unstructured::new(data).arbitrary::<ResultLine>() {
         round_trip(&line);
     }
@@ -33,6 +36,26 @@ fn raw(data: &[u8]) {
         let mut logged = b"starting {\"output\": 1}\n[log] not json\n".to_vec();
         logged.extend_from_slice(data);
         assert_eq!(parse_task_output(&logged), got, "earlier lines");
+    }
+}
+
+fn progress(data: &[u8]) {
+    for line in data.split(|&b| b == b'\n') {
+        let Some(report) = progress_report(line) else {
+            continue;
+        };
+        assert!(!report.contains('\n'), "one line: {report:?}");
+        // RawValue checks the syntax only (a Value would take serde's
+        // private raw-value key for a token).
+        let valid = serde_json::from_str::<Box<serde_json::value::RawValue>>(&report);
+        assert!(valid.is_ok(), "a report is JSON: {report:?}");
+        let mut stdout = b"{\"output\": 1}\n".to_vec();
+        stdout.extend_from_slice(line);
+        assert_eq!(
+            parse_task_output(&stdout),
+            Ok(TaskResult::default()),
+            "a progress line last is no result"
+        );
     }
 }
 

@@ -5,7 +5,8 @@
 //!   process per attempt in its own process group, clean environment, fresh
 //!   working directory, job JSON on stdin, result JSON on the last stdout line,
 //!   hard timeout (SIGTERM to the group, SIGKILL after a grace) and memory cap,
-//!   usage measured with `wait4` rusage.
+//!   usage measured with `wait4` rusage. [`run_process_reporting`] also
+//!   hands the task's progress lines to a [`ProgressSink`] while it runs.
 //! - [`run_handler`]: in-process Rust [`Handler`]s for library users (timeout
 //!   and panic isolation, but no memory cap and no CPU/RSS measurement).
 //!
@@ -21,6 +22,7 @@ pub mod lease_guard;
 pub mod manifest;
 pub mod owner;
 pub mod process;
+pub mod progress;
 pub mod protocol;
 pub mod sandbox;
 pub mod stop;
@@ -28,8 +30,11 @@ pub mod workdir;
 
 pub use handler::{Handler, HandlerError, HandlerOutput, Handlers, handler_fn, run_handler};
 pub use manifest::{Manifest, ManifestError, Registry, parse_manifest};
-pub use process::{is_memory_exceeded, run_process, run_process_in, task_peak};
-pub use protocol::{TaskInput, TaskResult, parse_task_output};
+pub use process::{
+    is_memory_exceeded, run_process, run_process_in, run_process_reporting, task_peak,
+};
+pub use progress::{ProgressFuture, ProgressSink};
+pub use protocol::{TaskInput, TaskResult, parse_task_output, progress_report};
 // The attempt model lives on the ground floor; the executor produces it.
 pub use crate::model::attempt::{
     ERROR_MAX, EXIT_PERMANENT, INTERRUPTED, KILLED, Outcome, Report, TaskUsage, UnknownOutcome,

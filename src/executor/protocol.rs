@@ -1,6 +1,7 @@
 //! The task program protocol (README, "Task programs"): the job
 //! as one JSON line on stdin ([`TaskInput`]), the result as the last
-//! non-empty line of stdout ([`parse_task_output`]).
+//! non-empty line of stdout ([`parse_task_output`]), and progress lines
+//! `{"progress": <any JSON>}` before it ([`progress_report`]).
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -29,9 +30,32 @@ pub struct TaskInput {
 /// At most this many characters of a garbage result line are quoted.
 const SHOWN_CHARS: usize = 200;
 
+/// A progress line exactly: one key, `progress`. Any other key (or a
+/// repeated `progress`) makes the line ordinary output.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProgressLine {
+    progress: Box<RawValue>,
+}
+
+/// The report of a progress line, as compact JSON text; None when `line`
+/// is anything else (not UTF-8, not JSON, not an object whose only key is
+/// `progress`). Surrounding whitespace is ignored. Never panics on any
+/// input; the caller bounds the line's length and the report's size.
+pub fn progress_report(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(line).ok()?.trim();
+    // Most output is not an object: skip the parser for it.
+    if !text.starts_with('{') {
+        return None;
+    }
+    let ProgressLine { progress } = serde_json::from_str(text).ok()?;
+    Some(compact_json(progress.get()))
+}
+
 /// Parses a task program's stdout as the runtime does (README, "Task
 /// programs"): the last non-empty line must be a JSON object with
-/// optional `output` and `usage` keys; empty stdout is a valid empty result.
+/// optional `output` and `usage` keys; empty stdout is a valid empty result,
+/// and so is a last line that is a progress line (it is never the result).
 /// Returns the `output` value and the reported usage, or the one-line error
 /// text an attempt that printed garbage fails with. Never panics on any
 /// input (it is fuzzed: `fuzz/fuzz_targets/task_output.rs`).
@@ -50,12 +74,16 @@ pub struct TaskResult {
 
 /// Parses the result line: the last non-empty line of stdout must be a JSON
 /// object with optional `output` and `usage` keys. Empty stdout is a valid
-/// empty result. Returns the error text for garbage.
+/// empty result; so is a last line that is a progress line, as if the task
+/// had printed no result line. Returns the error text for garbage.
 pub(crate) fn parse_result(stdout: &[u8]) -> Result<TaskResult, String> {
     let text = String::from_utf8_lossy(stdout);
     let Some(line) = text.lines().map(str::trim).rev().find(|l| !l.is_empty()) else {
         return Ok(TaskResult::default());
     };
+    if progress_report(line.as_bytes()).is_some() {
+        return Ok(TaskResult::default());
+    }
     let garbage = || {
         let shown: String = line.chars().take(SHOWN_CHARS).collect();
         // A character takes at most 4 bytes, cleaned too (U+FFFD takes 3).
@@ -217,7 +245,46 @@ mod tests {
         );
     }
 
+    #[test]
+    fn progress_lines_are_objects_with_only_progress() {
+        let report = |l: &[u8]| progress_report(l);
+        assert_eq!(report(br#"{"progress": 0.5}"#).as_deref(), Some("0.5"));
+        assert_eq!(
+            report(b"  {\"progress\" : {\"step\": \"a b\", \"of\": [1, 2]}}\r").as_deref(),
+            Some(r#"{"step":"a b","of":[1,2]}"#)
+        );
+        assert_eq!(report(br#"{"progress":null}"#).as_deref(), Some("null"));
+        for not in [
+            &b""[..],
+            b"progress",
+            b"[{\"progress\":1}]",
+            b"{\"progress\":1,\"output\":2}",
+            b"{\"output\":1}",
+            b"{}",
+            b"{\"progress\":1,\"progress\":2}",
+            b"{\"progress\":1} trailing",
+            b"{\"progress\":\"\xff\"}",
+            b"{\"progress\":",
+            b"{\"$serde_json::private::RawValue\":\"1\"}",
+        ] {
+            assert_eq!(report(not), None, "{}", String::from_utf8_lossy(not));
+        }
+        // A progress line last: no result, as if none was printed.
+        let r = parse_result(b"{\"output\":1}\n{\"progress\":2}\n");
+        assert_eq!(r, Ok(TaskResult::default()));
+    }
+
     proptest::proptest! {
+        #[test]
+        fn progress_lines_never_panic(line in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Some(r) = progress_report(&line) {
+                // RawValue checks the syntax only (a Value would read serde's
+                // private raw-value key as a token, see `result_line`).
+                proptest::prop_assert!(serde_json::from_str::<Box<RawValue>>(&r).is_ok(), "{r:?}");
+                proptest::prop_assert!(!r.contains('\n'), "{r:?}");
+            }
+        }
+
         #[test]
         fn task_output_never_panics(stdout in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
             if let Err(e) = parse_task_output(&stdout) {

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::executor::lease_guard::{local_deadline, monotonic_ns};
-use crate::executor::{self, Caps, Outcome, Report, Stop, TaskInput, Watchdog};
+use crate::executor::{self, Caps, Outcome, ProgressSink, Report, Stop, TaskInput, Watchdog};
 use crate::lease::{AttemptKey, HeldLease, StopReason};
 use crate::model::attempt::HandBack;
-use crate::queue::{ClaimedJob, Completion};
+use crate::queue::{ClaimedJob, Completion, Queue};
 
 use super::{Ctx, WorkerConfig};
 
@@ -153,7 +153,8 @@ pub(super) async fn execute(ctx: &Ctx, job: &ClaimedJob, stop: Stop) -> Report {
     match ctx.registry.get(&job.kind) {
         Some(m) => {
             let limits = limits_for(job, m.timeout, m.memory, ctx.cfg.kill_grace);
-            executor::run_process(m, &input, &limits, stop).await
+            let progress = progress_sink(&ctx.queue, job);
+            executor::run_process_reporting(m, &input, &limits, stop, progress).await
         }
         None => {
             let known: Vec<&str> = ctx.registry.kinds().chain(ctx.handlers.kinds()).collect();
@@ -173,6 +174,28 @@ pub(super) async fn execute(ctx: &Ctx, job: &ClaimedJob, stop: Stop) -> Report {
             )
         }
     }
+}
+
+/// Publishes the attempt's progress reports as `progress` job events. A
+/// Redis error is logged and never fails the attempt: progress is
+/// advisory, the completion is what counts.
+fn progress_sink(queue: &Queue, job: &ClaimedJob) -> ProgressSink {
+    let (queue, id, attempt) = (queue.clone(), job.id.clone(), job.attempt);
+    Arc::new(move |report: String| {
+        let (queue, id) = (queue.clone(), id.clone());
+        Box::pin(async move {
+            match queue.report_progress(&id, attempt, &report).await {
+                Ok(true) => {}
+                // The attempt ended (reaped, cancelled): nothing to report to.
+                Ok(false) => {
+                    tracing::debug!(job = %id, attempt, "progress report after the attempt's end: ignored")
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, attempt, error = %e, "could not publish a progress report")
+                }
+            }
+        })
+    })
 }
 
 /// The completion of an attempt that ended here; `lapsed`: it was killed

@@ -9,14 +9,17 @@
 //!    and marks every descriptor >= 3 close-on-exec.
 //! 3. Write the job JSON to stdin from a separate task (a program that never
 //!    reads stdin cannot block the worker), read stdout and stderr
-//!    concurrently into bounded tail buffers.
+//!    concurrently into bounded tail buffers; with a progress sink
+//!    ([`run_process_reporting`]), stdout's progress lines go to it as they
+//!    arrive, from a task of the attempt's own ([`super::progress`]).
 //! 4. Wait for the exit without reaping (pidfd + `waitid(WNOWAIT)`), racing
 //!    the timeout and the cancel token. At the deadline (or on cancel) the
 //!    group gets SIGTERM, then SIGKILL after the grace.
 //! 5. Once the main process has exited, SIGKILL the whole group (while the
 //!    zombie leader still pins the group id) so descendants that outlive it
 //!    die too, then reap it with `wait4` to get CPU times and peak RSS.
-//! 6. Classify the result and remove the working directory.
+//! 6. Send the last pending progress report (so it lands before the
+//!    completion), classify the result and remove the working directory.
 //!
 //! Peak memory: in cgroup mode it is the cgroup's peak (every process of the
 //! attempt, nothing else). In rlimit mode it comes from `wait4`'s
@@ -39,6 +42,7 @@ mod wait;
 pub use classify::{is_memory_exceeded, task_peak};
 pub use pipes::{STDERR_KEEP, STDOUT_KEEP};
 
+use super::progress::{Forwarder, ProgressSink};
 use super::protocol::{TaskInput, encode_input};
 use super::sandbox::{self, Sandbox};
 use super::stop::Stop;
@@ -83,7 +87,32 @@ pub async fn run_process_in(
     caps: &Caps,
     stop: impl Into<Stop>,
 ) -> Report {
-    let stop: Stop = stop.into();
+    run_attempt(sb, m, input, caps, stop.into(), None).await
+}
+
+/// [`run_process`], handing the task's progress reports to `progress` while
+/// it runs (bounded in size and rate: [`super::progress`]). The last
+/// pending report is sent before this returns, so a completion recorded
+/// after it follows every report.
+pub async fn run_process_reporting(
+    m: &Manifest,
+    input: &TaskInput,
+    caps: &Caps,
+    stop: impl Into<Stop>,
+    progress: ProgressSink,
+) -> Report {
+    let sb = sandbox::current();
+    run_attempt(sb, m, input, caps, stop.into(), Some(progress)).await
+}
+
+async fn run_attempt(
+    sb: &Sandbox,
+    m: &Manifest,
+    input: &TaskInput,
+    caps: &Caps,
+    stop: Stop,
+    progress: Option<ProgressSink>,
+) -> Report {
     if stop.graceful.is_cancelled() || stop.now.is_cancelled() {
         let mut r = Report::failed(INTERRUPTED, false);
         r.stopped = true;
@@ -109,7 +138,9 @@ pub async fn run_process_in(
     if let Some(w) = &watched {
         w.set_pid(started.pid);
     }
-    let pipes = Pipes::attach(&mut started.child, encode_input(input));
+    let label = format!("{}/{}", input.id, input.attempt);
+    let (forwarder, scanner) = progress.map(|sink| Forwarder::start(sink, label)).unzip();
+    let pipes = Pipes::attach(&mut started.child, encode_input(input), scanner);
     // The std Child is only a pid now; dropping it neither waits nor kills.
     let Started {
         pid,
@@ -131,6 +162,10 @@ pub async fn run_process_in(
     let reaped = reap_after(pid, exit).await;
     guard.reaped = reaped.is_ok();
     let output = pipes.collect().await;
+    // Stdout is read to its end: no report can follow the pending one.
+    if let Some(f) = forwarder {
+        f.finish().await;
+    }
     let cgroup = place.close().await;
     let (status, usage) = match reaped {
         Ok(r) => r,

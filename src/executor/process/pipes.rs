@@ -2,12 +2,16 @@
 //! that never reads stdin cannot block the worker); stdout and stderr are
 //! read concurrently into bounded tail buffers, for a bounded time after the
 //! group is killed (a descendant that escaped the group may hold them open).
+//! Stdout is also scanned for progress lines as it arrives
+//! ([`LineScanner`], bounded too).
 
 use std::io;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+
+use crate::executor::progress::LineScanner;
 
 /// At most this much of stdout is kept (the tail); the result is its last
 /// non-empty line.
@@ -30,11 +34,13 @@ pub(super) fn tail_text(bytes: &[u8], max: usize) -> String {
         .to_string()
 }
 
-/// Reads `r` to the end (or until `stop`), keeping only the last `keep` bytes.
+/// Reads `r` to the end (or until `stop`), keeping only the last `keep`
+/// bytes, and shows every byte read to `scanner` (progress lines).
 pub(super) async fn read_tail<R: AsyncRead + Unpin>(
     mut r: R,
     keep: usize,
     stop: CancellationToken,
+    mut scanner: Option<LineScanner>,
 ) -> Vec<u8> {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 << 10];
@@ -49,11 +55,17 @@ pub(super) async fn read_tail<R: AsyncRead + Unpin>(
                 Err(_) => break,
             },
         };
+        if let Some(s) = scanner.as_mut() {
+            s.feed(&chunk[..n]);
+        }
         buf.extend_from_slice(&chunk[..n]);
         // Amortized trimming: let the buffer grow to 2x before cutting.
         if buf.len() > keep * 2 {
             buf.drain(..buf.len() - keep);
         }
+    }
+    if let Some(s) = scanner.as_mut() {
+        s.finish();
     }
     if buf.len() > keep {
         buf.drain(..buf.len() - keep);
@@ -93,8 +105,12 @@ pub(super) struct Output {
 impl Pipes {
     /// Take the child's pipes: write `job` to stdin from a task of its own
     /// (a program that never reads stdin cannot block the worker), read
-    /// stdout and stderr concurrently.
-    pub(super) fn attach(child: &mut std::process::Child, job: Vec<u8>) -> Pipes {
+    /// stdout (through `progress`, if any) and stderr concurrently.
+    pub(super) fn attach(
+        child: &mut std::process::Child,
+        job: Vec<u8>,
+        progress: Option<LineScanner>,
+    ) -> Pipes {
         let readers_stop = CancellationToken::new();
         let stdin = AbortOnDrop(child.stdin.take().map(|s| {
             tokio::spawn(async move {
@@ -109,12 +125,12 @@ impl Pipes {
             .stdout
             .take()
             .and_then(|s| tokio::process::ChildStdout::from_std(s).ok())
-            .map(|s| tokio::spawn(read_tail(s, STDOUT_KEEP, readers_stop.clone())));
+            .map(|s| tokio::spawn(read_tail(s, STDOUT_KEEP, readers_stop.clone(), progress)));
         let stderr = child
             .stderr
             .take()
             .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
-            .map(|s| tokio::spawn(read_tail(s, STDERR_KEEP, readers_stop.clone())));
+            .map(|s| tokio::spawn(read_tail(s, STDERR_KEEP, readers_stop.clone(), None)));
         Pipes {
             stdin,
             stdout,
@@ -162,7 +178,7 @@ mod tests {
     #[tokio::test]
     async fn read_tail_keeps_the_end() {
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let out = read_tail(&data[..], STDOUT_KEEP, CancellationToken::new()).await;
+        let out = read_tail(&data[..], STDOUT_KEEP, CancellationToken::new(), None).await;
         assert_eq!(out.len(), STDOUT_KEEP);
         assert_eq!(&out[..], &data[data.len() - STDOUT_KEEP..]);
     }
