@@ -322,12 +322,15 @@ async fn openapi_document_matches_the_routes() {
     assert_eq!(
         documented,
         vec![
+            "/v1/events",
             "/v1/jobs",
             "/v1/jobs/{id}",
+            "/v1/jobs/{id}/events",
             "/v1/openapi.json",
             "/v1/schedules",
             "/v1/schedules/{name}",
-            "/v1/usage"
+            "/v1/usage",
+            "/v1/ws"
         ]
     );
     for (path, ops) in paths {
