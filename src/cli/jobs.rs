@@ -99,9 +99,15 @@ pub struct JobsArgs {
     /// Most jobs to list.
     #[arg(long, default_value_t = 50)]
     limit: usize,
-    /// Print JSON.
+    /// Print JSON (with --follow: the listing as one JSON array on the
+    /// first line, then one JSON event per line).
     #[arg(long)]
     json: bool,
+    /// After the listing, print the queue's new job events (of --tenant, or
+    /// of every tenant) as they happen, until Ctrl-C; --state keeps the
+    /// events that bring a job into that state.
+    #[arg(long)]
+    follow: bool,
 }
 
 pub(super) async fn list(g: &Global, a: JobsArgs) -> CliResult {
@@ -110,6 +116,13 @@ pub(super) async fn list(g: &Global, a: JobsArgs) -> CliResult {
         crate::queue::job::validate_name("tenant", t)?;
     }
     let queue = g.queue().await?;
+    // Fixed before the listing is read: a change during it is not missed.
+    let follow = if a.follow {
+        let f = super::watch::JobsFollow::start(&queue, &a.queue, a.tenant.as_deref(), a.state);
+        Some(f.await?)
+    } else {
+        None
+    };
     let jobs = inspect::list_jobs(
         &queue,
         &a.queue,
@@ -118,10 +131,23 @@ pub(super) async fn list(g: &Global, a: JobsArgs) -> CliResult {
         a.limit.clamp(1, 10_000),
     )
     .await?;
-    if a.json {
+    if a.json && follow.is_some() {
+        println!(
+            "{}",
+            serde_json::to_string(&jobs).map_err(anyhow::Error::from)?
+        );
+    } else if a.json {
         output::json(&jobs);
-        return Ok(());
+    } else {
+        print_jobs(&jobs);
     }
+    match follow {
+        Some(f) => f.run(a.json).await,
+        None => Ok(()),
+    }
+}
+
+fn print_jobs(jobs: &[inspect::JobSummary]) {
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
@@ -148,7 +174,6 @@ pub(super) async fn list(g: &Global, a: JobsArgs) -> CliResult {
         ],
         &rows,
     );
-    Ok(())
 }
 
 /// `agentq cancel`.

@@ -13,6 +13,7 @@ mod run;
 mod schedules;
 mod serve;
 mod usage;
+mod watch;
 
 pub use run::cancel_on_signals;
 
@@ -33,6 +34,10 @@ pub enum CliError {
     /// Runtime failure: exit 1.
     #[error("{0:#}")]
     Runtime(#[from] anyhow::Error),
+    /// Exit with this code; the command has already said why
+    /// (`agentq watch`: how the job ended).
+    #[error("exit {0}")]
+    Exit(u8),
 }
 
 impl From<QueueError> for CliError {
@@ -109,6 +114,11 @@ pub enum Command {
     Jobs(jobs::JobsArgs),
     /// Every field of one job.
     Inspect(jobs::InspectArgs),
+    /// Print a job's events (from its enqueue) as they happen; exit when it ends.
+    #[command(after_help = watch::WATCH_EXIT_CODES)]
+    Watch(watch::WatchArgs),
+    /// Turn a queue's job events on or off (or show the setting).
+    JobEvents(watch::JobEventsArgs),
     /// Cancel a job that has not finished (queued, or running: killed).
     Cancel(jobs::CancelArgs),
     /// Stop new starts on a queue (or one tenant on it).
@@ -264,6 +274,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Tenants(a) => ops::tenants(g, a).await,
         Command::Jobs(a) => jobs::list(g, a).await,
         Command::Inspect(a) => jobs::inspect(g, a).await,
+        Command::Watch(a) => watch::watch(g, a).await,
+        Command::JobEvents(a) => watch::job_events(g, a).await,
         Command::Cancel(a) => jobs::cancel(g, a).await,
         Command::Pause(a) => ops::pause(g, a, true).await,
         Command::Resume(a) => ops::pause(g, a, false).await,
@@ -288,5 +300,6 @@ pub async fn run(cli: Cli) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+        Err(CliError::Exit(code)) => ExitCode::from(code),
     }
 }

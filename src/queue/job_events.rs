@@ -161,6 +161,13 @@ impl EventReader {
         })
     }
 
+    /// Close its connection.
+    pub async fn close(self) {
+        if let Err(e) = self.client.quit().await {
+            tracing::debug!(error = %e, "closing the job event reader's connection");
+        }
+    }
+
     /// Wait up to `block` for events after the cursors (tenants of one
     /// partition, `partition`), at most `count` per tenant. Returns as soon
     /// as any has some; empty when the wait ran out.

@@ -6,6 +6,7 @@
 //! operators live in [`inspect`].
 
 mod call;
+pub mod hub;
 pub mod inspect;
 pub mod job;
 pub mod job_events;

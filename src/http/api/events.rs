@@ -23,9 +23,9 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::Deserialize;
 
-use super::hub::Follower;
 use super::{ApiError, AppState, Caller};
 use crate::model::job_event::{EventId, JobEvent, JobEventType};
+use crate::queue::hub::Follower;
 use crate::queue::inspect::JobInfo;
 
 /// Longest `?wait=` a long poll may ask for.

@@ -20,7 +20,6 @@
 
 pub mod allowed;
 mod events;
-pub mod hub;
 pub mod jwt;
 pub mod key_cache;
 pub mod keys;
@@ -281,7 +280,7 @@ struct AppState {
     keys: Arc<key_cache::KeyCache>,
     jwt: Option<Arc<jwt::Jwt>>,
     allowed: Arc<allowed::AllowedCache>,
-    hub: Arc<hub::EventHub>,
+    hub: Arc<crate::queue::hub::EventHub>,
 }
 
 /// The API server: its router, and the duties that keep its key cache
@@ -381,7 +380,7 @@ fn state(queue: Queue, db: PgPool, cfg: &ApiConfig) -> AppState {
     let keys = key_cache::KeyCache::new(queue.clone(), db.clone(), cfg.key_cache.clone());
     AppState {
         allowed: Arc::new(allowed::AllowedCache::new(queue.clone(), cfg.allowed_ttl)),
-        hub: Arc::new(hub::EventHub::new(queue.clone())),
+        hub: Arc::new(crate::queue::hub::EventHub::new(queue.clone())),
         queue,
         db,
         throttle: Arc::new(throttle),

@@ -1,7 +1,9 @@
 //! The event hub: one blocking reader per partition fans every followed
-//! tenant's job events out to all of this server's followers (SSE,
-//! WebSocket, long polls), so a thousand open streams cost Redis one
-//! `XREAD` per partition, not a thousand.
+//! tenant's job events out to all of a process's followers (`agentq
+//! serve`'s SSE, WebSocket and long polls; the Rust client's streams), so a
+//! thousand open streams cost Redis one `XREAD` per partition, not a
+//! thousand. A reader stops, and closes its connection, once its hub is
+//! dropped.
 //!
 //! A [`Follower`] never misses a retained event and never sees one twice:
 //! it joins the tenant's broadcast first, then reads what is retained after
@@ -18,9 +20,9 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, broadcast};
 
+use super::job_events::{Cursor, EventReader};
+use super::{Queue, QueueError};
 use crate::model::job_event::{EventId, JobEvent};
-use crate::queue::job_events::{Cursor, EventReader};
-use crate::queue::{Queue, QueueError};
 
 /// Events buffered per followed tenant for followers that fall behind.
 const BROADCAST_BUFFER: usize = 1024;
@@ -99,9 +101,22 @@ impl EventHub {
     }
 }
 
-/// One partition's reader: runs while its hub lives.
+/// One partition's reader: runs while its hub lives, then closes its
+/// connection.
 async fn read_loop(queue: Queue, p: u32, part: Weak<Part>) {
-    let mut reader = None;
+    let mut reader: Option<EventReader> = None;
+    read_while_followed(&queue, p, &part, &mut reader).await;
+    if let Some(r) = reader {
+        r.close().await;
+    }
+}
+
+async fn read_while_followed(
+    queue: &Queue,
+    p: u32,
+    part: &Weak<Part>,
+    reader: &mut Option<EventReader>,
+) {
     loop {
         let Some(cursors) = cursors(&part) else {
             return;
@@ -112,8 +127,8 @@ async fn read_loop(queue: Queue, p: u32, part: Weak<Part>) {
             continue;
         }
         if reader.is_none() {
-            match EventReader::connect(&queue).await {
-                Ok(r) => reader = Some(r),
+            match EventReader::connect(queue).await {
+                Ok(r) => *reader = Some(r),
                 Err(e) => {
                     tracing::warn!(error = %e, partition = p, "job event reader cannot connect; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
