@@ -7,7 +7,9 @@
 //!
 //! Knobs: JOBS (100000), TENANTS (50), BATCH (500 jobs per enqueue call),
 //! CONCURRENCY (64,256), LEDGER (off,on), CAP (1000, each tenant's cap), KEEP
-//! (0: succeeded jobs removed, as the BullMQ peers run; `default`: kept 24 h).
+//! (0: succeeded jobs removed, as the BullMQ peers run; `default`: kept 24 h),
+//! EVENTS (on: the bench queue publishes job events, the default; off; or
+//! `on,off` to run both side by side and read their cost).
 //! Ledger on: a job counts only once its row is in PostgreSQL (the run ends
 //! when `usage_ledger` holds every row). Also what Redis spent per job over
 //! each run (INFO commandstats and the main thread's CPU time, before the
@@ -24,6 +26,7 @@ use common::{LedgerSchema, Table, grouped, knob, knob_list};
 struct Run {
     concurrency: usize,
     ledger: bool,
+    events: bool,
     enqueue_per_s: f64,
     /// Jobs/s until the queue was empty (every completion acknowledged).
     acked_per_s: f64,
@@ -51,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let concurrencies = knob_list("CONCURRENCY", &[64, 256]);
     let ledgers = ledger_modes();
+    let events = on_off_list("EVENTS", "on");
     println!(
         "throughput: {} no-op jobs over {} tenants (cap {} each), batch enqueue {} per call, {}; {}",
         sizes.jobs,
@@ -64,13 +68,16 @@ async fn main() -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for &ledger in &ledgers {
         for &c in &concurrencies {
-            let run = run_once(&sizes, c, ledger).await?;
-            eprintln!(
-                "  concurrency {c}, ledger {}: {:.0} jobs/s",
-                on_off(ledger),
-                run.jobs_per_s
-            );
-            runs.push(run);
+            for &ev in &events {
+                let run = run_once(&sizes, c, ledger, ev).await?;
+                eprintln!(
+                    "  concurrency {c}, ledger {}, events {}: {:.0} jobs/s",
+                    on_off(ledger),
+                    on_off(ev),
+                    run.jobs_per_s
+                );
+                runs.push(run);
+            }
         }
     }
     report(&sizes, &runs)
@@ -78,7 +85,12 @@ async fn main() -> anyhow::Result<()> {
 
 /// `LEDGER=off`, `on` or `off,on` (default).
 fn ledger_modes() -> Vec<bool> {
-    let v = std::env::var("LEDGER").unwrap_or_else(|_| "off,on".into());
+    on_off_list("LEDGER", "off,on")
+}
+
+/// A knob of `on`/`off` values, comma-separated, in the order given.
+fn on_off_list(name: &str, default: &str) -> Vec<bool> {
+    let v = std::env::var(name).unwrap_or_else(|_| default.into());
     let modes: Vec<bool> = v
         .split(',')
         .filter_map(|s| match s.trim() {
@@ -88,10 +100,14 @@ fn ledger_modes() -> Vec<bool> {
         })
         .collect();
     if modes.is_empty() {
-        eprintln!("LEDGER={v:?}: use off, on or off,on; running both");
-        return vec![false, true];
+        eprintln!("{name}={v:?}: use off, on or off,on; running {default}");
+        return on_off_list_default(default);
     }
     modes
+}
+
+fn on_off_list_default(default: &str) -> Vec<bool> {
+    default.split(',').map(|s| s == "on").collect()
 }
 
 /// `redis_us_per_job.<key>` of a run's Redis figures, for the table.
@@ -106,8 +122,14 @@ fn on_off(b: bool) -> &'static str {
 }
 
 /// Fresh namespace (and schema): enqueue the backlog, then process it.
-async fn run_once(sizes: &Sizes, concurrency: usize, ledger: bool) -> anyhow::Result<Run> {
+async fn run_once(
+    sizes: &Sizes,
+    concurrency: usize,
+    ledger: bool,
+    events: bool,
+) -> anyhow::Result<Run> {
     let queue = common::fresh_queue("throughput").await?;
+    queue.set_job_events("bench", events).await?;
     let schema = match ledger {
         true => Some(LedgerSchema::create("throughput").await?),
         false => None,
@@ -128,6 +150,7 @@ async fn run_once(sizes: &Sizes, concurrency: usize, ledger: bool) -> anyhow::Re
         Ok(Run {
             concurrency,
             ledger,
+            events,
             enqueue_per_s: jobs / run.enqueue_s,
             acked_per_s: jobs / run.acked_s,
             jobs_per_s: jobs / run.counted_s,
@@ -151,12 +174,14 @@ fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
         "measure",
         "concurrency",
         "ledger",
+        "events",
         "jobs/s",
         "Redis CPU us/job",
         "Redis cmd us/job",
     ]);
     t.row(vec![
         format!("batch enqueue ({}/call, median)", sizes.batch),
+        "-".into(),
         "-".into(),
         "-".into(),
         grouped(enqueue_per_s),
@@ -168,6 +193,7 @@ fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
             "processing".into(),
             r.concurrency.to_string(),
             on_off(r.ledger).into(),
+            on_off(r.events).into(),
             grouped(r.jobs_per_s),
             redis_us(&r.redis, "cpu"),
             redis_us(&r.redis, "all"),
@@ -180,6 +206,7 @@ fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
             let mut run = serde_json::json!({
                 "concurrency": r.concurrency,
                 "ledger": r.ledger,
+                "events": r.events,
                 "jobs_per_s": r.jobs_per_s.round(),
                 "acked_per_s": r.acked_per_s.round(),
                 "enqueue_per_s": r.enqueue_per_s.round(),

@@ -40,6 +40,8 @@
 //! | `B:schedule:<t>:<name>` | hash | one recurring schedule: `cron` + `tz` or `every_ms`, the job, `missed`, what it last fired |
 //! | `B:schedules` | zset | `<t>:<name>` -> next-due slot (ms) of each schedule of the partition |
 //! | `B:schedules:<t>` | set | tenant t's schedule names |
+//! | `B:events:<t>` | stream (PX) | tenant t's job events, bounded by `events_max` and `events_ttl_ms` (`job_events`) |
+//! | `B:qfeed` | hash | queue → `0` when its jobs publish no events |
 //! | `B:api:revoked` | stream (partition 0 only) | revoked API key prefixes, read by every `agentq serve` (`http::api::key_cache`) |
 
 /// The base key (hash tag included) of partition `p` in namespace `ns`.
