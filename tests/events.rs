@@ -405,3 +405,65 @@ async fn the_long_poll_returns_when_the_job_ends_or_the_wait_runs_out() {
     stop.cancel();
     tq.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_hold_more_streams_than_its_share() {
+    let tq = TestQueue::new("ev-cap").await;
+    let db = TestDb::new("ev_cap").await;
+    let a = keys::create(&db.pool, "a").await.expect("key a").key;
+    let b = keys::create(&db.pool, "b").await.expect("key b").key;
+    let cfg = ApiConfig {
+        tenant_rate: std::num::NonZeroU32::new(1000).expect("nonzero"),
+        max_streams_per_tenant: 3,
+        ..Default::default()
+    };
+    let port = agentq_servers::free_port().expect("port");
+    let stop = CancellationToken::new();
+    let (q, pool, s) = (tq.queue.clone(), db.pool.clone(), stop.clone());
+    tokio::spawn(async move {
+        agentq::http::api::serve(([127, 0, 0, 1], port).into(), q, pool, cfg, s).await
+    });
+    common::eventually(WAIT, "api listening", || async {
+        agentq_servers::listening(&format!("127.0.0.1:{port}")).then_some(())
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let s = common::sse::open(port, "/v1/events", Some(&a), &[]).await;
+        assert_eq!(s.status, 200);
+        held.push(s);
+    }
+    let over = common::http::req(port, "GET", "/v1/events", Some(&a), None).await;
+    assert_eq!((over.status, over.code()), (429, "too_many_streams"));
+    let id = post_job(port, &a, "q").await;
+    let poll = common::http::req(
+        port,
+        "GET",
+        &format!("/v1/jobs/{id}?wait=1s"),
+        Some(&a),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (poll.status, poll.code()),
+        (429, "too_many_streams"),
+        "long polls count too"
+    );
+    // Another tenant is not affected; a closed stream gives its place back.
+    assert_eq!(
+        common::sse::open(port, "/v1/events", Some(&b), &[])
+            .await
+            .status,
+        200
+    );
+    // The server learns a client left at its next write: a's next events.
+    drop(held.pop());
+    common::eventually(WAIT, "a place freed", || async {
+        post_job(port, &a, "q").await;
+        let s = common::sse::open(port, "/v1/events", Some(&a), &[]).await;
+        (s.status == 200).then_some(())
+    })
+    .await;
+    stop.cancel();
+    tq.cleanup().await;
+}

@@ -16,6 +16,10 @@ pub struct ServeArgs {
     /// Requests per second allowed per tenant (burst: twice that).
     #[arg(long, default_value_t = NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN))]
     rate_limit: NonZeroU32,
+    /// Event streams (SSE, WebSocket) and long polls one tenant may hold
+    /// open on this server at once; past it, 429 `too_many_streams`.
+    #[arg(long, default_value_t = 100)]
+    max_streams_per_tenant: usize,
     /// Replica confirmation of every enqueue (503 not_replicated without it).
     #[command(flatten)]
     ack: super::ReplicaAck,
@@ -127,6 +131,7 @@ pub(super) async fn serve(g: &Global, a: ServeArgs) -> CliResult {
     .await?;
     let cfg = crate::http::api::ApiConfig {
         tenant_rate: a.rate_limit,
+        max_streams_per_tenant: a.max_streams_per_tenant,
         jwt,
         ..Default::default()
     };

@@ -35,6 +35,62 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// events were trimmed.
 const RECHECK: Duration = Duration::from_secs(2);
 
+/// How many streams each tenant holds open on this server.
+pub(super) struct OpenStreams {
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    max: usize,
+}
+
+/// One tenant's place among its open streams; given back when dropped
+/// (the stream ended or its client went away).
+pub(super) struct StreamPlace {
+    streams: std::sync::Arc<OpenStreams>,
+    tenant: String,
+}
+
+impl OpenStreams {
+    pub(super) fn new(max: usize) -> OpenStreams {
+        OpenStreams {
+            open: Default::default(),
+            max,
+        }
+    }
+
+    /// A place for one more stream of `tenant`, or 429 past its share.
+    fn take(self: &std::sync::Arc<Self>, tenant: &str) -> Result<StreamPlace, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(tenant.to_string()).or_insert(0);
+        if *n >= self.max {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!(
+                    "this tenant already holds {} event streams and long polls on this server; \
+                     close one first",
+                    self.max
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(StreamPlace {
+            streams: self.clone(),
+            tenant: tenant.to_string(),
+        })
+    }
+}
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        let mut open = self.streams.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 /// Query of the streaming routes.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct StreamQuery {
@@ -102,6 +158,7 @@ pub(super) async fn job_events(
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, ApiError> {
     let (caller, headers) = caller(&st, headers, &q, client).await?;
+    let place = st.streams.take(&caller.tenant)?;
     let info = super::own_job(&st, &caller.tenant, &id).await?;
     let after = resume_point(&headers, &q)?.unwrap_or_else(|| job_start(&info));
     let follower = st.hub.follow(&caller.tenant, Some(after)).await?;
@@ -110,6 +167,7 @@ pub(super) async fn job_events(
         follower,
         id,
         ended: false,
+        _place: place,
     };
     Ok(sse(futures::stream::unfold(stream, |mut s| async move {
         let e = s.next().await?;
@@ -126,14 +184,15 @@ pub(super) async fn tenant_events(
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, ApiError> {
     let (caller, headers) = caller(&st, headers, &q, client).await?;
+    let place = st.streams.take(&caller.tenant)?;
     let after = resume_point(&headers, &q)?;
     let follower = st.hub.follow(&caller.tenant, after).await?;
     let only = q.job.clone();
     Ok(sse(futures::stream::unfold(
-        (follower, only),
-        |(mut f, only)| async move {
+        (follower, only, place),
+        |(mut f, only, place)| async move {
             let e = next_matching(&mut f, only.as_deref()).await?;
-            Some((e, (f, only)))
+            Some((e, (f, only, place)))
         },
     )))
 }
@@ -148,10 +207,14 @@ pub(super) async fn websocket(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let (caller, headers) = caller(&st, headers, &q, client).await?;
+    let place = st.streams.take(&caller.tenant)?;
     let after = resume_point(&headers, &q)?;
     let follower = st.hub.follow(&caller.tenant, after).await?;
     let only = q.job.clone();
-    Ok(ws.on_upgrade(move |socket| pump(socket, follower, only)))
+    Ok(ws.on_upgrade(move |socket| async move {
+        pump(socket, follower, only).await;
+        drop(place);
+    }))
 }
 
 async fn pump(mut socket: WebSocket, mut f: Follower, only: Option<String>) {
@@ -194,6 +257,7 @@ struct JobStream {
     follower: Follower,
     id: String,
     ended: bool,
+    _place: StreamPlace,
 }
 
 impl JobStream {
@@ -281,6 +345,7 @@ pub(super) async fn wait_final(
     wait: Duration,
 ) -> Result<JobInfo, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
+    let _place = st.streams.take(tenant)?;
     let mut follower = st.hub.follow(tenant, None).await?;
     loop {
         // Read after following: an end between the two is seen either way.

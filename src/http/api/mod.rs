@@ -178,6 +178,11 @@ pub struct ApiConfig {
     /// How long a tenant's queue and kind restrictions are kept after a
     /// read (default 5 s); see [`allowed`].
     pub allowed_ttl: Duration,
+    /// Event streams (SSE, WebSocket) and long polls one tenant may hold
+    /// open on this server at once (default 100); past it, 429
+    /// `too_many_streams`. Each holds a connection and a task, so without
+    /// a bound one tenant could exhaust the server for all.
+    pub max_streams_per_tenant: usize,
 }
 
 impl Default for ApiConfig {
@@ -191,6 +196,7 @@ impl Default for ApiConfig {
             key_cache: key_cache::KeyCacheConfig::default(),
             jwt: None,
             allowed_ttl: Duration::from_secs(5),
+            max_streams_per_tenant: 100,
         }
     }
 }
@@ -281,6 +287,7 @@ struct AppState {
     jwt: Option<Arc<jwt::Jwt>>,
     allowed: Arc<allowed::AllowedCache>,
     hub: Arc<crate::queue::hub::EventHub>,
+    streams: Arc<events::OpenStreams>,
 }
 
 /// The API server: its router, and the duties that keep its key cache
@@ -381,6 +388,7 @@ fn state(queue: Queue, db: PgPool, cfg: &ApiConfig) -> AppState {
     AppState {
         allowed: Arc::new(allowed::AllowedCache::new(queue.clone(), cfg.allowed_ttl)),
         hub: Arc::new(crate::queue::hub::EventHub::new(queue.clone())),
+        streams: Arc::new(events::OpenStreams::new(cfg.max_streams_per_tenant)),
         queue,
         db,
         throttle: Arc::new(throttle),
