@@ -39,7 +39,7 @@ use fred::interfaces::SetsInterface;
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
-use crate::model::job_event::{EventId, JobEvent, JobEventType};
+use crate::model::job_event::{EventId, JobEvent};
 use crate::queue::hub::{EventHub, Follower};
 use crate::queue::inspect::{self, JobInfo};
 use crate::queue::{Enqueued, JobSpec, Queue, QueueConfig, QueueError};
@@ -352,7 +352,7 @@ impl JobFollow {
         match info {
             Some(info) => {
                 self.backlog.push_back(Followed {
-                    event: final_event(&info, at),
+                    event: info.final_event(at),
                     from_record: true,
                 });
                 Ok(())
@@ -377,23 +377,6 @@ impl JobFollow {
             events.extend(batch.events.into_iter().filter(|e| e.job == self.id));
         }
         Ok((events, at))
-    }
-}
-
-/// A final event made from a finished job's record, at position `at`.
-fn final_event(info: &JobInfo, at: EventId) -> JobEvent {
-    JobEvent {
-        id: at.to_string(),
-        job: info.id.clone(),
-        kind: JobEventType::parse(&info.state),
-        queue: info.queue.clone(),
-        at: at.ms,
-        attempt: (info.attempts > 0).then_some(info.attempts),
-        outcome: info.outcome.clone(),
-        error: info.last_error.clone(),
-        result: info.result.clone(),
-        progress: None,
-        run_at: None,
     }
 }
 

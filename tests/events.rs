@@ -84,6 +84,8 @@ async fn every_state_change_is_one_event_in_order() {
             .expect("progress")
     );
     tq.queue.cancel(&running).await.expect("cancel running");
+    // The worker kills the attempt and reports it: closed as cancelled.
+    complete(&tq.queue, &[done(&claimed[0], Outcome::Failed)]).await;
     assert!(
         !tq.queue
             .report_progress(&running, claimed[0].attempt, r#"{"step":2}"#)
@@ -194,9 +196,14 @@ async fn retention_is_bounded_and_a_queue_can_publish_nothing() {
 }
 
 async fn start(tq: &TestQueue, db: &TestDb) -> (u16, CancellationToken) {
+    start_with(tq, db, ApiConfig::default()).await
+}
+
+/// Serve with `cfg`, a request rate no test reaches.
+async fn start_with(tq: &TestQueue, db: &TestDb, cfg: ApiConfig) -> (u16, CancellationToken) {
     let cfg = ApiConfig {
         tenant_rate: std::num::NonZeroU32::new(1000).expect("nonzero"),
-        ..Default::default()
+        ..cfg
     };
     let port = agentq_servers::free_port().expect("port");
     let stop = CancellationToken::new();
@@ -413,20 +420,10 @@ async fn a_tenant_cannot_hold_more_streams_than_its_share() {
     let a = keys::create(&db.pool, "a").await.expect("key a").key;
     let b = keys::create(&db.pool, "b").await.expect("key b").key;
     let cfg = ApiConfig {
-        tenant_rate: std::num::NonZeroU32::new(1000).expect("nonzero"),
         max_streams_per_tenant: 3,
         ..Default::default()
     };
-    let port = agentq_servers::free_port().expect("port");
-    let stop = CancellationToken::new();
-    let (q, pool, s) = (tq.queue.clone(), db.pool.clone(), stop.clone());
-    tokio::spawn(async move {
-        agentq::http::api::serve(([127, 0, 0, 1], port).into(), q, pool, cfg, s).await
-    });
-    common::eventually(WAIT, "api listening", || async {
-        agentq_servers::listening(&format!("127.0.0.1:{port}")).then_some(())
-    })
-    .await;
+    let (port, stop) = start_with(&tq, &db, cfg).await;
     let mut held = Vec::new();
     for _ in 0..3 {
         let s = common::sse::open(port, "/v1/events", Some(&a), &[]).await;

@@ -221,6 +221,28 @@ impl JobInfo {
     pub fn is_final(&self) -> bool {
         matches!(self.state.as_str(), "succeeded" | "dead" | "cancelled")
     }
+
+    /// The final event of a finished job, made from its record (for a
+    /// follower whose stream holds none: its queue publishes no events, or
+    /// they were trimmed), at position `at`.
+    pub fn final_event(
+        &self,
+        at: crate::model::job_event::EventId,
+    ) -> crate::model::job_event::JobEvent {
+        crate::model::job_event::JobEvent {
+            id: at.to_string(),
+            job: self.id.clone(),
+            kind: crate::model::job_event::JobEventType::parse(&self.state),
+            queue: self.queue.clone(),
+            at: at.ms,
+            attempt: (self.attempts > 0).then_some(self.attempts),
+            outcome: self.outcome.clone(),
+            error: self.last_error.clone(),
+            result: self.result.clone(),
+            progress: None,
+            run_at: None,
+        }
+    }
 }
 
 /// RFC 3339 with milliseconds, UTC.

@@ -24,7 +24,7 @@ use futures::Stream;
 use serde::Deserialize;
 
 use super::{ApiError, AppState, Caller};
-use crate::model::job_event::{EventId, JobEvent, JobEventType};
+use crate::model::job_event::{EventId, JobEvent};
 use crate::queue::hub::Follower;
 use crate::queue::inspect::JobInfo;
 
@@ -183,11 +183,7 @@ pub(super) async fn tenant_events(
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, ApiError> {
-    let (caller, headers) = caller(&st, headers, &q, client).await?;
-    let place = st.streams.take(&caller.tenant)?;
-    let after = resume_point(&headers, &q)?;
-    let follower = st.hub.follow(&caller.tenant, after).await?;
-    let only = q.job.clone();
+    let (follower, only, place) = follow_tenant(&st, headers, &q, client).await?;
     Ok(sse(futures::stream::unfold(
         (follower, only, place),
         |(mut f, only, place)| async move {
@@ -195,6 +191,21 @@ pub(super) async fn tenant_events(
             Some((e, (f, only, place)))
         },
     )))
+}
+
+/// The caller's tenant's events from the request's resume point, the job
+/// to keep to (`?job=`), and the stream's place among the tenant's.
+async fn follow_tenant(
+    st: &AppState,
+    headers: HeaderMap,
+    q: &StreamQuery,
+    client: SocketAddr,
+) -> Result<(Follower, Option<String>, StreamPlace), ApiError> {
+    let (caller, headers) = caller(st, headers, q, client).await?;
+    let place = st.streams.take(&caller.tenant)?;
+    let after = resume_point(&headers, q)?;
+    let follower = st.hub.follow(&caller.tenant, after).await?;
+    Ok((follower, q.job.clone(), place))
 }
 
 /// `GET /v1/ws`: the tenant's events (as `/v1/events`) as WebSocket text
@@ -206,11 +217,7 @@ pub(super) async fn websocket(
     Query(q): Query<StreamQuery>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let (caller, headers) = caller(&st, headers, &q, client).await?;
-    let place = st.streams.take(&caller.tenant)?;
-    let after = resume_point(&headers, &q)?;
-    let follower = st.hub.follow(&caller.tenant, after).await?;
-    let only = q.job.clone();
+    let (follower, only, place) = follow_tenant(&st, headers, &q, client).await?;
     Ok(ws.on_upgrade(move |socket| async move {
         pump(socket, follower, only).await;
         drop(place);
@@ -292,24 +299,7 @@ impl JobStream {
         if !info.is_final() {
             return None;
         }
-        Some(final_event(&info, self.follower.position()))
-    }
-}
-
-/// A final event made from a finished job's record.
-fn final_event(info: &JobInfo, at: EventId) -> JobEvent {
-    JobEvent {
-        id: at.to_string(),
-        job: info.id.clone(),
-        kind: JobEventType::parse(&info.state),
-        queue: info.queue.clone(),
-        at: at.ms,
-        attempt: (info.attempts > 0).then_some(info.attempts),
-        outcome: info.outcome.clone(),
-        error: info.last_error.clone(),
-        result: info.result.clone(),
-        progress: None,
-        run_at: None,
+        Some(info.final_event(self.follower.position()))
     }
 }
 
