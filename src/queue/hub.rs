@@ -118,7 +118,7 @@ async fn read_while_followed(
     reader: &mut Option<EventReader>,
 ) {
     loop {
-        let Some(cursors) = cursors(&part) else {
+        let Some(cursors) = cursors(part) else {
             return;
         };
         if cursors.is_empty() {
