@@ -40,8 +40,9 @@ pub enum StopReason {
     LeaseLapsed,
     /// The worker is shutting down: stopped gracefully, handed back.
     Shutdown,
-    /// The job was cancelled while running (`cancel.lua` closed the
-    /// attempt and said so on the wake channel): killed at once.
+    /// The job was cancelled while running (`cancel.lua` marked the
+    /// attempt and said so on the wake channel, or the heartbeat found the
+    /// mark): killed at once; its completion closes it as `cancelled`.
     Cancelled,
 }
 
