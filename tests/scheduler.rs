@@ -215,7 +215,12 @@ async fn expired_lease_is_reaped_and_late_completion_refused() {
         .extend(0, LEASE, &[first[0].key()])
         .await
         .expect("extend");
-    assert_eq!(lost, vec![first[0].key()], "the old holder cannot extend");
+    assert_eq!(
+        lost.lost,
+        vec![first[0].key()],
+        "the old holder cannot extend"
+    );
+    assert!(lost.cancelled.is_empty());
     let second = claim(&tq, 1).await;
     assert_eq!(second[0].attempt, 2);
     let late = complete(&tq.queue, &[done(&first[0], Outcome::Succeeded)]).await;

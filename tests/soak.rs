@@ -401,8 +401,7 @@ async fn namespace_memory(q: &Queue) -> (u64, u64, usize) {
             // Job hashes and the tenants' job event streams are kept on
             // purpose (retention_ms; events_max and events_ttl_ms): counted
             // apart from what must go back to its baseline.
-            if k
-                .as_str()
+            if k.as_str()
                 .is_some_and(|s| s.contains(":job:") || s.contains(":events:"))
             {
                 jobs += size;

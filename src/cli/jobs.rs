@@ -186,22 +186,37 @@ pub struct CancelArgs {
     json: bool,
 }
 
-/// Cancel a queued or running job (a running one's attempt is closed as
-/// `cancelled` and its worker kills it); a finished job is refused with
-/// exit 2 and one line saying its state.
+/// Cancel a queued or running job. A queued one is cancelled at once; a
+/// running one is marked and its worker kills it, the job ending
+/// `cancelled` when the attempt is closed (printed as `cancelling`). A
+/// repeat is harmless: a job being cancelled answers the same, one already
+/// cancelled succeeds saying so; other finished jobs (succeeded, dead) are
+/// refused with exit 2 and one line saying their state.
 pub(super) async fn cancel(g: &Global, a: CancelArgs) -> CliResult {
     let queue = g.queue().await?;
     let before = queue.cancel(&a.id).await?;
-    if !matches!(before.as_str(), "ready" | "delayed" | "running") {
-        return Err(CliError::Usage(format!(
-            "job {} is {before}: only jobs that have not finished can be cancelled",
-            a.id
-        )));
-    }
+    let (state, line) = match before.as_str() {
+        "ready" | "delayed" => ("cancelled", format!("{} cancelled (was {before})", a.id)),
+        "running" => (
+            "cancelling",
+            format!(
+                "{} cancelling (was running): its worker is killing the attempt; the job \
+                 ends cancelled once it has stopped (succeeded if it finished first)",
+                a.id
+            ),
+        ),
+        "cancelled" => ("cancelled", format!("{} already cancelled", a.id)),
+        _ => {
+            return Err(CliError::Usage(format!(
+                "job {} is {before}: only jobs that have not finished can be cancelled",
+                a.id
+            )));
+        }
+    };
     if a.json {
-        output::json(&serde_json::json!({ "id": a.id, "state": "cancelled", "was": before }));
+        output::json(&serde_json::json!({ "id": a.id, "state": state, "was": before }));
     } else {
-        println!("{} cancelled (was {before})", a.id);
+        println!("{line}");
     }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! The heartbeat: extends every lease this worker holds, one script call
 //! per partition, a third of a lease apart; kills the attempts whose lease
-//! is gone (Redis says another attempt owns the job) and, at its local
+//! is gone (Redis says another attempt owns the job), those whose job was
+//! cancelled while they run (the fallback for a missed `cancel` message on
+//! the wake channel: within a third of a lease) and, at its local
 //! deadline and not only at the next beat, those whose lease could not be
 //! renewed in time. Renewed deadlines go to the lease guard too, which
 //! kills a task whose deadline passes while this worker cannot act.
@@ -54,7 +56,9 @@ impl HeartbeatConfig {
 pub struct Beat {
     /// Leases extended.
     pub renewed: usize,
-    /// Attempts killed because their lease is gone.
+    /// Attempts killed because their lease is gone. (Attempts killed because
+    /// their job was cancelled are logged, not counted here: their leases
+    /// were renewed.)
     pub lost: usize,
     /// Partitions whose extension failed (retried next beat).
     pub failed: usize,
@@ -86,15 +90,24 @@ impl Heartbeat {
         }
     }
 
-    /// One beat: extend every held lease; kill the lost ones.
+    /// One beat: extend every held lease; kill the lost and the cancelled
+    /// ones.
     pub async fn run_once(&self) -> Beat {
         let mut beat = Beat::default();
         for (p, leases) in self.held.by_partition() {
             let sent = monotonic_ns();
             match self.queue.extend(p, self.config.lease, &leases).await {
-                Ok(lost) => {
+                Ok(ext) => {
+                    let lost = ext.lost;
                     beat.renewed += leases.len() - lost.len();
                     self.renew(&leases, &lost, local_deadline(sent, self.config.lease));
+                    for key in ext.cancelled {
+                        // Still leased (it holds its slot until its
+                        // completion closes it as cancelled): kill it now.
+                        if self.held.stop(&key, StopReason::Cancelled) {
+                            tracing::info!(attempt = %key, "job cancelled while running (heard from the heartbeat); killing the attempt");
+                        }
+                    }
                     for key in lost {
                         // An attempt that already ended may race its own ack
                         // here; only a still-running one has really lost its lease.

@@ -1,11 +1,19 @@
 //! The schedules duty: enqueues the due slots of tenants' recurring
 //! schedules ([`crate::queue::schedules`]).
 //!
-//! Every worker runs it over every partition; `schedule_fire.lua` decides
-//! (compare-and-set on each schedule's next-due slot, by Redis's clock), so
-//! each slot fires once fleet-wide however many workers run, and a pass
-//! repeated after a lost reply fires nothing more. The Rust side only
-//! computes slots: for each due schedule, the slot to fire and the next one
+//! Every worker runs it, but one worker per tick runs the pass fleet-wide:
+//! a worker first takes the tick guard (`SET B:schedtick NX PX <interval>`
+//! in partition 0, as the reaper's guard), and one that finds it taken
+//! leaves this tick to the worker that holds it. So an idle fleet costs
+//! Redis one `SET` per worker per second plus one pass (`TIME`, then one
+//! `ZRANGEBYSCORE` per partition), not one pass per worker (N workers, P
+//! partitions: about N + P commands a second instead of 2 N P; measured by
+//! `tests/schedules.rs`, quoted in the README). `schedule_fire.lua` still
+//! decides (compare-and-set on each schedule's next-due slot, by Redis's
+//! clock), so each slot fires once fleet-wide even if two passes overlap
+//! (a guard that lapsed mid-pass), and a pass repeated after a lost reply
+//! fires nothing more. The Rust side only computes slots: for each due
+//! schedule, the slot to fire and the next one
 //! ([`crate::queue::schedules::plan`]), under the schedule's missed-slot
 //! policy and this duty's grace period.
 
@@ -20,8 +28,9 @@ use crate::queue::{Queue, QueueError};
 /// How the schedules duty works.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SchedulesConfig {
-    /// Time between passes (default 1 s): a slot's job is enqueued within
-    /// this of the slot (plus the script call).
+    /// Time between passes (default 1 s), and how long a partition's tick
+    /// guard is held: a slot's job is enqueued within about this of the
+    /// slot (plus the script call), by whichever worker takes the tick.
     pub interval: Duration,
     /// Most due schedules fired per partition per script call (default 100:
     /// bounds the time one call holds Redis); a pass calls again while a
@@ -65,8 +74,13 @@ pub struct SchedulesPass {
     pub skipped: u64,
     /// Slots whose job the tenant's caps refused.
     pub refused: u64,
+    /// Slots whose job the tenant may no longer enqueue (its queue or kind
+    /// is not among its allowed ones).
+    pub forbidden: u64,
     /// Schedules another worker had moved on already (lost races).
     pub moved: u64,
+    /// True when another worker held this tick (this pass did nothing).
+    pub passed: bool,
 }
 
 /// Enqueues due schedule slots.
@@ -82,13 +96,20 @@ impl Schedules {
         Schedules { config, queue }
     }
 
-    /// One pass over every partition. A partition that fails is skipped
-    /// (tried again next pass); the error is returned if nothing fired.
+    /// One pass over every partition, if this worker takes the tick (else
+    /// nothing: another worker runs this tick's pass). A partition that
+    /// fails is skipped (tried again next tick, by whichever worker takes
+    /// it); the error is returned if nothing fired.
     pub async fn run_once(&self) -> Result<SchedulesPass, QueueError> {
         let mut pass = SchedulesPass::default();
+        if !self.queue.take_schedules_tick(self.config.interval).await? {
+            pass.passed = true;
+            return Ok(pass);
+        }
         let mut failed = None;
+        let mut now = Some(self.queue.server_time().await?.timestamp_millis());
         for p in 0..self.queue.partitions() {
-            if let Err(e) = self.partition_once(p, &mut pass).await {
+            if let Err(e) = self.partition_once(p, now.take(), &mut pass).await {
                 tracing::warn!(error = %e, partition = p, "schedules failed; will retry");
                 failed = Some(e);
             }
@@ -99,12 +120,23 @@ impl Schedules {
         }
     }
 
-    async fn partition_once(&self, p: u32, pass: &mut SchedulesPass) -> Result<(), QueueError> {
+    /// The pass over partition `p`: `first_now`, Redis's time read for
+    /// this tick (read again when None, and for every later round).
+    async fn partition_once(
+        &self,
+        p: u32,
+        first_now: Option<i64>,
+        pass: &mut SchedulesPass,
+    ) -> Result<(), QueueError> {
         let grace = self.config.grace.as_millis() as i64;
+        let mut first_now = first_now;
         // A bounded number of rounds: a schedule late by several slots
         // fires them one per round (each round's compare-and-set moves it).
         for _ in 0..16 {
-            let now = self.queue.server_time().await?.timestamp_millis();
+            let now = match first_now.take() {
+                Some(now) => now,
+                None => self.queue.server_time().await?.timestamp_millis(),
+            };
             let due = self.queue.due_schedules(p, now, self.config.batch).await?;
             let mut plans = Vec::with_capacity(due.len());
             for s in &due {
@@ -153,7 +185,14 @@ impl Schedules {
                     "refused" => {
                         progressed = true;
                         tracing::warn!(schedule = %member, why = %detail, "scheduled job refused");
+                        crate::metrics::schedule_slot_refused("caps");
                         pass.refused += 1;
+                    }
+                    "forbidden" => {
+                        progressed = true;
+                        tracing::warn!(schedule = %member, why = %detail, "scheduled job not allowed");
+                        crate::metrics::schedule_slot_refused("forbidden");
+                        pass.forbidden += 1;
                     }
                     "moved" => pass.moved += 1,
                     _ => {}

@@ -317,11 +317,14 @@ pub enum CompleteStatus {
     Dead,
     /// The lease was no longer this attempt's: nothing was changed.
     Refused,
+    /// The job was cancelled while this attempt ran (`cancel.lua` marked
+    /// it): closed as `cancelled`, not retried.
+    Cancelled,
 }
 
 impl CompleteStatus {
     /// The script's word for it (`succeeded`, `delayed`, `ready`, `dead`,
-    /// `refused`).
+    /// `refused`, `cancelled`).
     pub fn as_str(self) -> &'static str {
         match self {
             CompleteStatus::Succeeded => "succeeded",
@@ -329,6 +332,7 @@ impl CompleteStatus {
             CompleteStatus::Ready => "ready",
             CompleteStatus::Dead => "dead",
             CompleteStatus::Refused => "refused",
+            CompleteStatus::Cancelled => "cancelled",
         }
     }
 
@@ -339,6 +343,7 @@ impl CompleteStatus {
             "ready" => CompleteStatus::Ready,
             "dead" => CompleteStatus::Dead,
             "refused" => CompleteStatus::Refused,
+            "cancelled" => CompleteStatus::Cancelled,
             _ => return None,
         })
     }

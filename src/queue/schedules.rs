@@ -449,8 +449,8 @@ pub fn show_times(ms: i64, zone: Tz) -> (String, String) {
 pub struct Fired {
     /// `<tenant>:<name>`.
     pub member: String,
-    /// `fired`, `skipped`, `refused`, `moved`, `gone` or `early` (see
-    /// `schedule_fire.lua`).
+    /// `fired`, `skipped`, `refused`, `forbidden`, `moved`, `gone` or
+    /// `early` (see `schedule_fire.lua`).
     pub status: String,
     /// The job fired, if any.
     pub job: Option<String>,
@@ -594,6 +594,26 @@ impl Queue {
             .call(ScriptName::ScheduleSet, self.partition_of(tenant), args)
             .await?;
         Ok(reply.as_i64().unwrap_or(0) > 0)
+    }
+
+    /// Take the schedules duty's tick for `interval`: true for one caller
+    /// per interval fleet-wide (`SET B:schedtick NX PX` in partition 0),
+    /// which then runs every partition's pass; the others leave this tick
+    /// to it ([`crate::duties::schedules`]).
+    pub async fn take_schedules_tick(&self, interval: Duration) -> Result<bool, QueueError> {
+        let key = self.keys(0).key(&["schedtick"]);
+        let ms = (interval.as_millis() as i64).max(1);
+        Ok(self
+            .client()
+            .set::<Option<String>, _, _>(
+                &key,
+                "1",
+                Some(Expiration::PX(ms)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?
+            .is_some())
     }
 
     /// Up to `limit` schedules of partition `p` due at `now_ms` (by their

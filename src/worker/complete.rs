@@ -75,13 +75,13 @@ pub(super) async fn complete_loop(
                 }
                 if s == CompleteStatus::Refused {
                     counters.refused.fetch_add(1, Ordering::Relaxed);
-                    if held.reason(&key) == Some(crate::lease::StopReason::Cancelled) {
-                        // cancel.lua closed (and billed) the attempt already
-                        tracing::info!(job = %c.id, attempt = c.attempt, "cancelled attempt ended; its completion is not needed");
-                    } else {
-                        tracing::warn!(job = %c.id, attempt = c.attempt, "completion refused: the lease was lost and the job handed to another worker");
-                    }
+                    tracing::warn!(job = %c.id, attempt = c.attempt, "completion refused: the lease was lost and the job handed to another worker");
                 } else {
+                    if s == CompleteStatus::Cancelled {
+                        // complete.lua closed the marked attempt as cancelled
+                        // with this worker's figures, and freed its slot.
+                        tracing::info!(job = %c.id, attempt = c.attempt, "cancelled attempt closed");
+                    }
                     counters.completed.fetch_add(1, Ordering::Relaxed);
                 }
                 held.remove(&key);

@@ -2,8 +2,10 @@
 //! (`B:wake`) on which scripts announce that a tenant became claimable; a
 //! message marks its partition and wakes the loop. `cancel.lua` says
 //! `cancel <job> <attempt>` on the same channel when it cancels a running
-//! job: the worker holding that attempt kills it at once (its next
-//! heartbeat would find the attempt gone too, should the message be missed).
+//! job: the worker holding that attempt kills it at once and completes it
+//! (`complete.lua` closes it as `cancelled`; the slot is held until then).
+//! Should the message be missed, the next heartbeat (`extend.lua`) reports
+//! the cancel, a third of a lease later at most.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

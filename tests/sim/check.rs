@@ -91,6 +91,15 @@ pub fn jobs(m: &Model, p: u32, s: &Snapshot) -> Result<(), Failure> {
                     j.id,
                     j.worker
                 );
+                // A cancelled running attempt is marked on its hash.
+                let mark = field_num(&h, "cancel");
+                ensure!(
+                    mark == i64::from(j.cancel),
+                    "cancel mark",
+                    "{}: cancel mark {mark}, model {}",
+                    j.id,
+                    j.cancel
+                );
             }
         }
         let mut got = at.remove(&j.id).unwrap_or_default();

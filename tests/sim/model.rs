@@ -57,6 +57,10 @@ pub struct Job {
     pub worker: String,
     pub started: i64,
     pub hb: i64,
+    /// The attempt a cancel marked while it ran (0: none): it keeps its
+    /// slot, and closes as "cancelled" (unless it succeeded) whoever closes
+    /// it (completion, reaper, release).
+    pub cancel: u32,
 }
 
 /// A tenant's own limit settings (None: the built-in value).
@@ -385,6 +389,7 @@ impl Model {
             worker: String::new(),
             started: 0,
             hb: 0,
+            cancel: 0,
         };
         self.index.insert(id.clone(), self.jobs.len());
         self.jobs.push(job);
@@ -498,6 +503,18 @@ impl Model {
         let now = self.now;
         let month = month_of(now);
         let j = self.job(id).expect("known job").clone();
+        // A cancelled attempt closes as cancelled, unless it succeeded.
+        let cancelled = End {
+            outcome: "cancelled".into(),
+            permanent: true,
+            backoff_ms: 0,
+            run_ms: end.run_ms,
+        };
+        let end = if self.marked(&j) && end.outcome != "succeeded" {
+            &cancelled
+        } else {
+            end
+        };
         *self.usage.entry((j.tenant.clone(), month)).or_insert(0) += end.run_ms;
         self.closes.push(Close {
             job: id.to_string(),
@@ -562,10 +579,21 @@ impl Model {
         expired.len()
     }
 
-    /// A worker hands a live attempt back: not counted against its attempts.
-    pub fn release(&mut self, id: &str, run_ms: i64) {
-        self.job_mut(id).base += 1;
+    /// A worker hands a live attempt back: not counted against its
+    /// attempts. A cancelled one is closed as cancelled instead, and not
+    /// counted as handed back (returns false).
+    pub fn release(&mut self, id: &str, run_ms: i64) -> bool {
+        let marked = self.marked(self.job(id).expect("known"));
+        if !marked {
+            self.job_mut(id).base += 1;
+        }
         self.finish(id, &End::lost(run_ms));
+        !marked
+    }
+
+    /// Whether the running attempt of `j` was cancelled (marked).
+    pub fn marked(&self, j: &Job) -> bool {
+        j.cancel > 0 && j.cancel == j.attempts
     }
 
     /// Pause or resume; whether B:paused of some partition changed.
@@ -603,9 +631,10 @@ impl Model {
         }
     }
 
-    /// Cancel: the job's state before (cancelled if it was ready, delayed
-    /// or running: a running attempt is closed as "cancelled" with its run
-    /// time up to now, never retried); None when there is no such job.
+    /// Cancel: the job's state before (cancelled if it was ready or
+    /// delayed; a running one's attempt is marked, keeps its slot and
+    /// lease, and closes as "cancelled" when it is completed, reaped or
+    /// released, unless it succeeded); None when there is no such job.
     pub fn cancel(&mut self, id: &str) -> Option<String> {
         let j = self.job(id)?;
         let before = j.state.clone();
@@ -613,16 +642,8 @@ impl Model {
             St::Gone => return None,
             St::Ready | St::Delayed { .. } => self.job_mut(id).state = St::Cancelled,
             St::Running => {
-                let run_ms = (self.now - j.started).max(0);
-                self.finish(
-                    id,
-                    &End {
-                        outcome: "cancelled".into(),
-                        permanent: true,
-                        backoff_ms: 0,
-                        run_ms,
-                    },
-                );
+                let j = self.job_mut(id);
+                j.cancel = j.attempts;
             }
             _ => {}
         }

@@ -23,7 +23,7 @@ for i = 3, #ARGV do
   local t = redis.call('TYPE', key).ok
   local v = {}
   if t == 'hash' and ARGV[i]:sub(1, 4) == 'job:' then
-    local f = { 'state', 'attempts', 'base', 'worker' }
+    local f = { 'state', 'attempts', 'base', 'worker', 'cancel' }
     local got = redis.call('HMGET', key, unpack(f))
     for j = 1, #f do
       if got[j] then v[#v + 1] = f[j]; v[#v + 1] = got[j] end

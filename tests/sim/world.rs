@@ -8,7 +8,8 @@ use std::time::Duration;
 use agentq::executor::{Outcome, TaskUsage};
 use agentq::model::limits::Target;
 use agentq::queue::{
-    AttemptKey, Call, CompleteStatus, Completion, HandBack, JobSpec, Queue, QueueConfig, QueueError,
+    AttemptKey, Call, CompleteStatus, Completion, Extended, HandBack, JobSpec, Queue, QueueConfig,
+    QueueError,
 };
 use fred::prelude::*;
 
@@ -170,6 +171,7 @@ fn status_name(s: CompleteStatus) -> &'static str {
         CompleteStatus::Ready => "ready",
         CompleteStatus::Dead => "dead",
         CompleteStatus::Refused => "refused",
+        CompleteStatus::Cancelled => "cancelled",
     }
 }
 
@@ -697,12 +699,17 @@ impl World {
         if attempts.is_empty() {
             return Ok(format!("extend p{p}: no attempt to name (nothing sent)"));
         }
-        let mut want = Vec::new();
+        let mut want = Extended::default();
         for (id, a) in attempts {
+            let key = AttemptKey::new(id.clone(), *a);
             if self.model.live(id, *a) {
                 self.model.extend(id, lease_ms);
+                // A cancelled attempt is renewed and named, to be killed.
+                if self.model.marked(self.model.job(id).expect("live")) {
+                    want.cancelled.push(key);
+                }
             } else {
-                want.push(AttemptKey::new(id.clone(), *a));
+                want.lost.push(key);
             }
         }
         let keys: Vec<AttemptKey> = attempts
@@ -718,9 +725,9 @@ impl World {
         ensure!(
             got == want,
             "extend reply",
-            "{said}: lost {got:?}, model {want:?}"
+            "{said}: got {got:?}, model {want:?}"
         );
-        Ok(format!("{said} -> lost {got:?}"))
+        Ok(format!("{said} -> {got:?}"))
     }
 
     async fn reap(&mut self, p: u32, max: usize) -> Result<String, Failure> {
@@ -759,8 +766,7 @@ impl World {
             // Fenced by attempt and worker: another worker's run is not
             // this one's to hand back.
             let mine = self.model.job(id).is_some_and(|j| j.worker == me);
-            if self.model.live(id, *a) && mine {
-                self.model.release(id, run_ms as i64);
+            if self.model.live(id, *a) && mine && self.model.release(id, run_ms as i64) {
                 want += 1;
             }
         }

@@ -2,43 +2,39 @@
 --
 -- KEYS[1]  partition base, e.g. "{agentq:0}"
 -- ARGV[1]  job id
--- Returns  the job's state before: "ready", "delayed" or "running" (now
---          cancelled), anything else (succeeded, dead, cancelled) unchanged,
---          or "" when there is no such job.
+-- Returns  the job's state before: "ready" or "delayed" (now cancelled),
+--          "running" (now being cancelled: its attempt is marked, see
+--          below; a repeated cancel of it answers "running" again), anything
+--          else (succeeded, dead, cancelled) unchanged, or "" when there is
+--          no such job.
 -- Invariant: only a job that has not finished is cancelled; its counters and
---          its tenant's scheduling state stay consistent. A running job's
---          current attempt (the one B:job:<id>.attempts names, read in this
---          same atomic step: only that attempt) is closed here like a
---          completion with outcome "cancelled": its lease is dropped, the
---          tenant slot freed, the attempt charged and its one usage record
---          appended (run_ms up to now, Redis clock; the worker's CPU and peak
---          RSS are not known here, as for a reaped attempt), no retry, not
---          dead-lettered. Its worker's completion then finds the job not
---          running and is refused (complete.lua), so nothing is resurrected
---          or billed twice. The slot is freed at once rather than when the
---          worker reports: the worker hears "cancel <id> <attempt>" on the
---          partition's wake channel and kills the process group at once (its
---          next heartbeat, extend.lua, reports the attempt gone if the message
---          was missed), so the tenant's cap may be overrun by the sub-second
---          overlap of the dying process and a newly admitted job; holding the
---          slot for the worker's report would instead tie the slot to a
---          worker that may never report (crashed), leaving it to the reaper.
+--          its tenant's scheduling state stay consistent. A running job is
+--          not closed here: its current attempt (the one B:job:<id>.attempts
+--          names, read in this same atomic step: only that attempt) is
+--          marked (job field `cancel` = the attempt) and its worker told
+--          "cancel <id> <attempt>" on the partition's wake channel. The
+--          attempt keeps its lease and its tenant slot until it is closed, so
+--          a tenant's cap is never overrun by a dying process: the worker
+--          kills the process group and completes the attempt, and
+--          complete.lua closes a marked attempt as "cancelled" (no retry, not
+--          dead-lettered, one usage record with the worker's measured time,
+--          CPU and peak RSS) unless it succeeded (it ended before the kill:
+--          success stands). A worker that missed the message hears of the
+--          mark from its next heartbeat (extend.lua); a dead worker's marked
+--          attempt is closed as "cancelled" by the reaper (reap.lua), a
+--          shutting-down worker's by release.lua. Nothing is billed twice:
+--          the mark changes no counter and writes no record.
 
 local id = ARGV[1]
 local jk = k('job', id)
-local v = redis.call('HMGET', jk, 'state', 'tenant', 'queue')
+local v = redis.call('HMGET', jk, 'state', 'tenant', 'queue', 'attempts')
 local state, t, q = v[1], v[2], v[3]
 if not state then return '' end
 if state == 'running' then
-  local job = load_job(id)
-  local now = now_ms()
-  local started = tonumber(job.started_at) or now
-  finish_attempt(id, job, {
-    outcome = 'cancelled', permanent = true, error = 'cancelled while running',
-    run_ms = math.max(0, now - started), backoff_ms = 0,
-  }, now)
-  finish()
-  redis.call('PUBLISH', k('wake'), 'cancel ' .. id .. ' ' .. job.attempts)
+  -- Marking twice changes nothing; the message is said again (a worker may
+  -- have missed the first).
+  redis.call('HSET', jk, 'cancel', v[4])
+  redis.call('PUBLISH', k('wake'), 'cancel ' .. id .. ' ' .. v[4])
   return state
 end
 if state == 'ready' then

@@ -12,7 +12,8 @@
 -- Returns  { events, status1, status2, ... }: events is a space-separated
 --          list such as "quota_80:acme quota_100:acme" (may be empty); one
 --          status per attempt, in order: the job's new state (succeeded,
---          delayed, ready or dead), or "refused" when the lease is no longer
+--          delayed, ready, dead, or cancelled: the job was cancelled while
+--          this attempt ran, see below), or "refused" when the lease is no longer
 --          this attempt's (it expired and the job was handed to another worker,
 --          or the job is gone): a fenced-out completion changes nothing.
 --          An attempt named twice in one call is applied once; the second
@@ -20,7 +21,13 @@
 -- Invariant: in one atomic step the tenant slot is released, the outcome is
 --          recorded, the retry or dead-letter is scheduled and the ledger
 --          record is appended to the outbox stream, so none can happen without
---          the others.
+--          the others. An attempt cancel.lua marked (job field cancel = this
+--          attempt) closes as "cancelled" whatever outcome is reported (the
+--          worker killed it: no retry, not dead-lettered; its record bills
+--          the reported run time, CPU and peak RSS), unless the outcome is
+--          succeeded: a task that finished before the kill keeps its success
+--          (finish_attempt in lib/attempt.lua). Its slot was held until now,
+--          so a tenant's cap is never overrun by a dying process.
 
 local worker, call = ARGV[1], ARGV[2]
 local again = remembered(worker, 'complete', call)

@@ -10,8 +10,12 @@
 -- Invariant: an expired attempt is closed exactly once, like a completion: its
 --          slot is freed, it gets a ledger record with outcome "lost" and run
 --          time up to its last heartbeat, and the job goes back to ready (or
---          dead when its attempts are used up). A late completion from the
---          dead worker is then refused by complete.lua (token mismatch).
+--          dead when its attempts are used up). An attempt cancelled while it
+--          ran (cancel.lua marked it; its worker died before reporting) is
+--          closed the same way but as "cancelled": not retried, not
+--          dead-lettered (finish_attempt in lib/attempt.lua). A late
+--          completion from the dead worker is then refused by complete.lua
+--          (token mismatch).
 
 local ok = redis.call('SET', k('reaper'), '1', 'NX', 'PX', tonumber(ARGV[1]))
 if not ok then return { -1, '' } end

@@ -20,6 +20,11 @@
 --          refused  no job: the tenant's caps refuse the job's timeout or
 --                   memory now (detail: why, also kept as last_error);
 --                   next-due moved on, so the schedule does not stall
+--          forbidden no job: the schedule's queue or kind is no longer
+--                   among the tenant's allowed ones (B:allowed:<t>, set by
+--                   `agentq tenant set --allowed-queues/--allowed-kinds`
+--                   after the schedule was made; detail: why, also kept as
+--                   last_error); next-due moved on
 --          moved    nothing: next-due is no longer `expected` (another worker
 --                   fired this slot, the schedule was replaced, or this call
 --                   is a repeat after a lost reply)
@@ -32,7 +37,10 @@
 --          "schedule:<name>:<slot>", so even a replaced schedule firing the
 --          same slot again within the idempotency TTL enqueues nothing. The
 --          job is written by add_job (lib/jobs.lua), exactly as enqueue.lua
---          writes one. "Due" is judged by Redis's clock (now_ms).
+--          writes one. "Due" is judged by Redis's clock (now_ms). A schedule
+--          never enqueues a job its tenant could not enqueue over the HTTP
+--          API now: restrictions (allowed queues and kinds) and caps are read
+--          at each fire, in this same atomic call.
 
 local N = 4
 local count = #ARGV / N
@@ -40,6 +48,27 @@ if count ~= math.floor(count) then
   return redis.error_reply('ERR agentq invalid: expected 4*n arguments, got ' .. #ARGV)
 end
 local K_SCHEDULES = k('schedules')
+-- Whether `name` is in the comma-separated `list` (absent: no restriction,
+-- as the HTTP API reads B:allowed:<t>).
+local function listed(list, name)
+  if not list then return true end
+  for x in string.gmatch(list, '[^,]+') do
+    if x == name then return true end
+  end
+  return false
+end
+-- Why tenant t may not enqueue this schedule's job now, or nil.
+local function forbidden(t, s)
+  local a = redis.call('HMGET', k('allowed', t), 'queues', 'kinds')
+  if not listed(a[1], s.queue or '') then
+    return 'queue ' .. tostring(s.queue) .. ' is not allowed for tenant ' .. t ..
+      ' (allowed queues: ' .. a[1] .. ')'
+  elseif not listed(a[2], s.kind or '') then
+    return 'kind ' .. tostring(s.kind) .. ' is not allowed for tenant ' .. t ..
+      ' (allowed kinds: ' .. a[2] .. ')'
+  end
+  return nil
+end
 local now = now_ms()
 local adds = new_adds()
 local out = {}
@@ -75,7 +104,11 @@ for j = 1, count do
         idem = 'schedule:' .. name .. ':' .. fire_text,
       }
       local l = limits(tenant)
-      if job.timeout_ms > l.max_timeout_ms then
+      local why = forbidden(tenant, s)
+      if why then
+        status = 'forbidden'
+        detail = why
+      elseif job.timeout_ms > l.max_timeout_ms then
         detail = 'timeout ' .. fmt_ms(job.timeout_ms) .. ' exceeds tenant ' .. tenant ..
           "'s max_timeout of " .. fmt_ms(l.max_timeout_ms)
       elseif job.memory > l.max_memory then
@@ -83,7 +116,7 @@ for j = 1, count do
           "'s max_memory of " .. fmt_bytes(l.max_memory)
       end
       if detail ~= '' then
-        status = 'refused'
+        status = status or 'refused'
         redis.call('HSET', hk, 'last_error', 'slot ' .. fire_text .. ': ' .. detail)
       else
         status = 'fired'
