@@ -9,7 +9,11 @@
 //! CONCURRENCY (64,256), LEDGER (off,on), CAP (1000, each tenant's cap), KEEP
 //! (0: succeeded jobs removed, as the BullMQ peers run; `default`: kept 24 h),
 //! EVENTS (on: the bench queue publishes job events, the default; off; or
-//! `on,off` to run both side by side and read their cost).
+//! `on,off` to run both side by side and read their cost), PRICE_STEPS
+//! (off: tenants priced flat, the default; on: every tenant has graduated
+//! price steps, so each completion reads and increments its month's usage
+//! counter and writes a billing note; `off,on,off,on,off,on` alternates
+//! runs for a median of pairs on a noisy machine).
 //! Ledger on: a job counts only once its row is in PostgreSQL (the run ends
 //! when `usage_ledger` holds every row). Also what Redis spent per job over
 //! each run (INFO commandstats and the main thread's CPU time, before the
@@ -27,6 +31,7 @@ struct Run {
     concurrency: usize,
     ledger: bool,
     events: bool,
+    steps: bool,
     enqueue_per_s: f64,
     /// Jobs/s until the queue was empty (every completion acknowledged).
     acked_per_s: f64,
@@ -55,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let concurrencies = knob_list("CONCURRENCY", &[64, 256]);
     let ledgers = ledger_modes();
     let events = on_off_list("EVENTS", "on");
+    let steps = on_off_list("PRICE_STEPS", "off");
     println!(
         "throughput: {} no-op jobs over {} tenants (cap {} each), batch enqueue {} per call, {}; {}",
         sizes.jobs,
@@ -69,14 +75,18 @@ async fn main() -> anyhow::Result<()> {
     for &ledger in &ledgers {
         for &c in &concurrencies {
             for &ev in &events {
-                let run = run_once(&sizes, c, ledger, ev).await?;
-                eprintln!(
-                    "  concurrency {c}, ledger {}, events {}: {:.0} jobs/s",
-                    on_off(ledger),
-                    on_off(ev),
-                    run.jobs_per_s
-                );
-                runs.push(run);
+                for &st in &steps {
+                    let run = run_once(&sizes, c, ledger, ev, st).await?;
+                    eprintln!(
+                        "  concurrency {c}, ledger {}, events {}, price steps {}: {:.0} jobs/s, Redis CPU {} us/job",
+                        on_off(ledger),
+                        on_off(ev),
+                        on_off(st),
+                        run.jobs_per_s,
+                        redis_us(&run.redis, "cpu")
+                    );
+                    runs.push(run);
+                }
             }
         }
     }
@@ -127,6 +137,7 @@ async fn run_once(
     concurrency: usize,
     ledger: bool,
     events: bool,
+    steps: bool,
 ) -> anyhow::Result<Run> {
     let queue = common::fresh_queue("throughput").await?;
     queue.set_job_events("bench", events).await?;
@@ -136,6 +147,26 @@ async fn run_once(
     };
     let body = async {
         common::set_tenant_caps(&queue, sizes.tenants, sizes.cap).await?;
+        if steps {
+            // Thresholds low enough that no-op jobs cross them.
+            let u = agentq::model::limits::LimitsUpdate {
+                price_steps: Some(
+                    agentq::model::limits::PriceSteps::parse(
+                        "0.010, 0.008@100ms, 0.006@500ms",
+                        agentq::model::limits::PriceUnit::Minutes,
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                ),
+                ..Default::default()
+            };
+            for t in 0..sizes.tenants {
+                u.apply(
+                    &queue,
+                    agentq::model::limits::Target::Tenant(&format!("tenant{t}")),
+                )
+                .await?;
+            }
+        }
         let specs = common::round_robin_specs(sizes.jobs, sizes.tenants, "noop");
         let run = common::process_backlog(
             &queue,
@@ -151,6 +182,7 @@ async fn run_once(
             concurrency,
             ledger,
             events,
+            steps,
             enqueue_per_s: jobs / run.enqueue_s,
             acked_per_s: jobs / run.acked_s,
             jobs_per_s: jobs / run.counted_s,
@@ -175,12 +207,14 @@ fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
         "concurrency",
         "ledger",
         "events",
+        "price steps",
         "jobs/s",
         "Redis CPU us/job",
         "Redis cmd us/job",
     ]);
     t.row(vec![
         format!("batch enqueue ({}/call, median)", sizes.batch),
+        "-".into(),
         "-".into(),
         "-".into(),
         "-".into(),
@@ -194,6 +228,7 @@ fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
             r.concurrency.to_string(),
             on_off(r.ledger).into(),
             on_off(r.events).into(),
+            on_off(r.steps).into(),
             grouped(r.jobs_per_s),
             redis_us(&r.redis, "cpu"),
             redis_us(&r.redis, "all"),
@@ -207,6 +242,7 @@ fn report(sizes: &Sizes, runs: &[Run]) -> anyhow::Result<()> {
                 "concurrency": r.concurrency,
                 "ledger": r.ledger,
                 "events": r.events,
+                "price_steps": r.steps,
                 "jobs_per_s": r.jobs_per_s.round(),
                 "acked_per_s": r.acked_per_s.round(),
                 "enqueue_per_s": r.enqueue_per_s.round(),

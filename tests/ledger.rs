@@ -167,6 +167,7 @@ fn record(
         output_tokens: 50,
         cost_micros,
         error: String::new(),
+        billing: String::new(),
     }
 }
 

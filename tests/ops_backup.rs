@@ -66,6 +66,7 @@ fn record(
         } else {
             "boom".into()
         },
+        billing: String::new(),
     }
 }
 

@@ -69,6 +69,13 @@ pub struct TierConfig {
     pub price_per_1k_tokens: Option<f64>,
     /// For example "200/m": twice this start rate raises an alert.
     pub expected_rate: Option<String>,
+    /// Graduated price per agent-minute, for example
+    /// "0.010, 0.008@10000m, 0.006@50000m" (README, "Volume pricing").
+    pub price_steps: Option<String>,
+    /// Graduated price per 1,000 tokens, for example "0.002, 0.0015@10M".
+    pub token_price_steps: Option<String>,
+    /// For example "$500/month" or "none".
+    pub spend_cap: Option<String>,
 }
 
 impl TierConfig {
@@ -108,6 +115,24 @@ impl TierConfig {
             expected_rate: self
                 .expected_rate
                 .map(|v| limits::parse_rate(&v).map_err(|e| bad("expected_rate", e)))
+                .transpose()?,
+            price_steps: self
+                .price_steps
+                .map(|v| {
+                    limits::PriceSteps::parse(&v, limits::PriceUnit::Minutes)
+                        .map_err(|e| bad("price_steps", e))
+                })
+                .transpose()?,
+            token_price_steps: self
+                .token_price_steps
+                .map(|v| {
+                    limits::PriceSteps::parse(&v, limits::PriceUnit::Tokens)
+                        .map_err(|e| bad("token_price_steps", e))
+                })
+                .transpose()?,
+            spend_cap: self
+                .spend_cap
+                .map(|v| limits::parse_spend_cap(&v).map_err(|e| bad("spend_cap", e)))
                 .transpose()?,
         };
         limits
@@ -253,6 +278,33 @@ mod tests {
             s.tiers[0].limits.quota,
             Some(std::time::Duration::from_secs(50 * 3600))
         );
+        std::fs::write(
+            &path,
+            "[tiers.gold]\nprice_steps = \"0.010, 0.008@10000m, 0.006@50000m\"\nspend_cap = \"$500/month\"\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(&Overrides {
+            config: Some(path.display().to_string()),
+            ..Default::default()
+        })
+        .unwrap();
+        let l = &s.tiers[0].limits;
+        assert_eq!(l.spend_cap, Some(500_000_000));
+        assert_eq!(
+            l.price_steps.as_ref().map(|p| p.to_field()),
+            Some("0:10000,600000000:8000,3000000000:6000".to_string())
+        );
+        std::fs::write(
+            &path,
+            "[tiers.gold]\nprice_steps = \"0.01, 0.02@1h, 0.01@30m\"\n",
+        )
+        .unwrap();
+        let e = Settings::resolve(&Overrides {
+            config: Some(path.display().to_string()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("tiers.gold.price_steps"), "{e}");
         std::fs::write(&path, "[tiers.gold]\nrate = \"lots\"\n").unwrap();
         let e = Settings::resolve(&Overrides {
             config: Some(path.display().to_string()),

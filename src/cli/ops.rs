@@ -232,6 +232,27 @@ pub struct LimitFlags {
     /// Price per 1,000 reported tokens in dollars.
     #[arg(long)]
     price_per_1k_tokens: Option<f64>,
+    /// Graduated price per agent-minute by the month's agent time:
+    /// PRICE[, PRICE@FROM]..., e.g. '0.010, 0.008@10000m, 0.006@50000m'
+    /// (none: the flat --price-per-minute).
+    #[arg(long, value_parser = minute_steps_arg)]
+    price_steps: Option<limits::PriceSteps>,
+    /// Graduated price per 1,000 tokens by the month's tokens, e.g.
+    /// '0.002, 0.0015@10M, 0.001@100M' (none: the flat --price-per-1k-tokens).
+    #[arg(long, value_parser = token_steps_arg)]
+    token_price_steps: Option<limits::PriceSteps>,
+    /// Spend per calendar month (UTC) at which the tenant's jobs are held,
+    /// e.g. '$500/month' (none: no cap).
+    #[arg(long, value_parser = limits::parse_spend_cap)]
+    spend_cap: Option<u64>,
+}
+
+fn minute_steps_arg(s: &str) -> Result<limits::PriceSteps, String> {
+    limits::PriceSteps::parse(s, limits::PriceUnit::Minutes)
+}
+
+fn token_steps_arg(s: &str) -> Result<limits::PriceSteps, String> {
+    limits::PriceSteps::parse(s, limits::PriceUnit::Tokens)
 }
 
 impl LimitFlags {
@@ -248,6 +269,9 @@ impl LimitFlags {
             price_per_minute: self.price_per_minute,
             price_per_1k_tokens: self.price_per_1k_tokens,
             expected_rate: None,
+            price_steps: self.price_steps.clone(),
+            token_price_steps: self.token_price_steps.clone(),
+            spend_cap: self.spend_cap,
         }
     }
 }
@@ -308,6 +332,14 @@ fn quota_text(ms: u64) -> String {
     }
 }
 
+fn spend_text(micros: u64) -> String {
+    if micros == 0 {
+        "none".into()
+    } else {
+        format!("{}/month", dollars(micros))
+    }
+}
+
 fn dollars(micros: u64) -> String {
     format!("${:.4}", micros as f64 / 1e6)
 }
@@ -326,6 +358,25 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
             change.apply(&q).await?;
             if !change.limits.is_empty() {
                 println!("tenant {}: set {}", a.tenant, change.limits.describe());
+            }
+            if change.limits.spend_cap.is_some_and(|c| c > 0) {
+                // The spend counter counts from the ledger's month-to-date.
+                let seeded = match super::usage::database(g).await {
+                    Ok(pool) => crate::usage::raise_spend(&q, &pool, &a.tenant)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match seeded {
+                    Ok(m) => println!(
+                        "tenant {}: spend this month so far {}",
+                        a.tenant,
+                        dollars(m)
+                    ),
+                    Err(e) => eprintln!(
+                        "warning: the spend counter was not raised to the ledger's month-to-date ({e}); run agentq usage --reconcile"
+                    ),
+                }
             }
             if change.restricts() {
                 let (queues, kinds) = change.describe_allowed();
@@ -402,6 +453,21 @@ pub(super) async fn tenant(g: &Global, c: TenantCommand) -> CliResult {
                         src(&["price_ktok_micros"]),
                     ],
                     vec![
+                        "price steps/agent-minute".into(),
+                        s.price_steps.describe(limits::PriceUnit::Minutes),
+                        src(&["price_minute_steps"]),
+                    ],
+                    vec![
+                        "price steps/1k tokens".into(),
+                        s.token_price_steps.describe(limits::PriceUnit::Tokens),
+                        src(&["price_ktok_steps"]),
+                    ],
+                    vec![
+                        "spend cap".into(),
+                        spend_text(l.spend_cap_micros),
+                        src(&["spend_cap_micros"]),
+                    ],
+                    vec![
                         "allowed queues (HTTP)".into(),
                         list(&allowed.queues),
                         "tenant".into(),
@@ -437,8 +503,17 @@ pub(super) async fn tiers(g: &Global, a: ListArgs) -> CliResult {
                 l.weight.to_string(),
                 rate_text(l),
                 quota_text(l.quota_ms),
-                dollars(l.price_minute_micros),
-                dollars(l.price_ktok_micros),
+                if t.price_steps.is_empty() {
+                    dollars(l.price_minute_micros)
+                } else {
+                    t.price_steps.describe(limits::PriceUnit::Minutes)
+                },
+                if t.token_price_steps.is_empty() {
+                    dollars(l.price_ktok_micros)
+                } else {
+                    t.token_price_steps.describe(limits::PriceUnit::Tokens)
+                },
+                spend_text(l.spend_cap_micros),
             ]
         })
         .collect();
@@ -453,6 +528,7 @@ pub(super) async fn tiers(g: &Global, a: ListArgs) -> CliResult {
             "quota",
             "$/agent-min",
             "$/1k tokens",
+            "spend cap",
         ],
         &rows,
     );

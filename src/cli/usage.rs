@@ -26,6 +26,11 @@ pub struct UsageArgs {
     /// (after a Redis loss), and print what changed.
     #[arg(long)]
     reconcile: bool,
+    /// Only this month's cost so far and its month-end projection per
+    /// tenant (month-to-date + the last 7 days' daily average x the days
+    /// left; UTC days). Without it the table ends with them too.
+    #[arg(long, conflicts_with = "reconcile")]
+    forecast: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -76,14 +81,37 @@ pub(super) async fn usage(g: &Global, a: UsageArgs) -> CliResult {
                         r.redis_ms.to_string(),
                         r.ledger_ms.to_string(),
                         r.after_ms.to_string(),
+                        r.ledger_cost_micros.to_string(),
+                        r.after_cost_micros.to_string(),
                     ]
                 })
                 .collect();
-            output::table(&["tenant", "redis_ms", "ledger_ms", "now_ms"], &rows);
+            output::table(
+                &[
+                    "tenant",
+                    "redis_ms",
+                    "ledger_ms",
+                    "now_ms",
+                    "ledger_cost_micros",
+                    "spend_now_micros",
+                ],
+                &rows,
+            );
             println!(
-                "reconciled {} tenants' quota counters for this month",
+                "reconciled {} tenants' quota and spend counters for this month",
                 done.len()
             );
+        }
+        return Ok(());
+    }
+    let forecasts = usage::forecast(&pool, a.tenant.as_deref(), today)
+        .await
+        .map_err(|e| CliError::Runtime(e.into()))?;
+    if a.forecast {
+        if a.json {
+            output::json(&forecasts);
+        } else {
+            print_forecast(&forecasts);
         }
         return Ok(());
     }
@@ -129,5 +157,37 @@ pub(super) async fn usage(g: &Global, a: UsageArgs) -> CliResult {
         ],
         &table,
     );
+    println!();
+    print_forecast(&forecasts);
     Ok(())
+}
+
+/// Month-to-date cost and the month-end projection, per tenant.
+fn print_forecast(f: &[usage::Forecast]) {
+    let d = |m: i64| format!("{:.2}", m as f64 / 1e6);
+    let rows: Vec<Vec<String>> = f
+        .iter()
+        .map(|f| {
+            vec![
+                f.tenant.clone(),
+                f.month.clone(),
+                d(f.month_to_date_micros),
+                d(f.last_7_days_micros),
+                f.days_left.to_string(),
+                d(f.projected_micros),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "tenant",
+            "month",
+            "month-to-date $",
+            "last 7 days $",
+            "days left",
+            "projected $",
+        ],
+        &rows,
+    );
+    println!("projected = month-to-date + last 7 days / 7 x days left (UTC days)");
 }

@@ -128,7 +128,13 @@ impl LedgerWriter {
                     pacing.reset();
                     continue;
                 }
-                Ok(_) => self.config.idle_pause,
+                Ok(_) => {
+                    // Idle: refresh the cost forecast gauges (once a minute).
+                    if let Err(e) = crate::usage::publish_forecast(&self.pool).await {
+                        tracing::debug!(error = %e, "cost forecast not refreshed");
+                    }
+                    self.config.idle_pause
+                }
                 Err(e) => {
                     let wait = pacing.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "ledger write failed; records stay in the outbox");

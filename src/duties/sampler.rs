@@ -131,6 +131,7 @@ async fn sample(queue: &Queue) -> Result<(), QueueError> {
         ("concurrency", 0.0),
         ("rate", 0.0),
         ("quota", 0.0),
+        ("spend", 0.0),
         ("paused", 0.0),
     ]);
     for t in &tenants {
@@ -145,6 +146,7 @@ async fn sample(queue: &Queue) -> Result<(), QueueError> {
             Some("cap") => Some("concurrency"),
             Some("rate") => Some("rate"),
             Some("quota") => Some("quota"),
+            Some("spend") => Some("spend"),
             Some("paused") => Some("paused"),
             _ => None,
         };

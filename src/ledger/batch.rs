@@ -53,7 +53,7 @@ impl Batch {
                 self.raws.push(raw);
                 return;
             }
-            Some(r) => Problem::NotUtf8(r),
+            Some(r) => Problem::NotUtf8(Box::new(r)),
             None => Problem::Malformed {
                 why: why_malformed(&named),
                 hint: Hint::of_fields(&outbox_fields(named)),

@@ -56,7 +56,7 @@ pub async fn insert(pool: &PgPool, records: &[Record]) -> Result<u64, LedgerErro
     }
     ensure_months(pool, records).await?;
     // One array per column: the statement text never changes (prepared once
-    // per connection) and a batch binds 21 values instead of 21 per row.
+    // per connection) and a batch binds 22 values instead of 22 per row.
     let col = |f: fn(&Record) -> String| records.iter().map(f).collect::<Vec<_>>();
     let int = |f: fn(&Record) -> i64| records.iter().map(f).collect::<Vec<_>>();
     let at = |f: fn(&Record) -> i64| records.iter().map(|r| ts(f(r))).collect::<Vec<_>>();
@@ -82,6 +82,7 @@ pub async fn insert(pool: &PgPool, records: &[Record]) -> Result<u64, LedgerErro
         .bind(int(|r| r.output_tokens))
         .bind(int(|r| r.cost_micros))
         .bind(col(|r| r.error.clone()))
+        .bind(col(|r| r.billing.clone()))
         .fetch_one(pool)
         .await?;
     Ok(inserted.max(0) as u64)
@@ -126,10 +127,10 @@ async fn ensure_months(pool: &PgPool, records: &[Record]) -> Result<(), LedgerEr
 const INSERT: &str = concat!(
     "WITH ins AS (INSERT INTO usage_ledger (job_id, attempt, tenant, queue, kind, outcome, enqueued_at, \
      started_at, finished_at, wait_ms, run_ms, cpu_ms, peak_rss_bytes, exit_code, signal, worker, api_calls, \
-     input_tokens, output_tokens, cost_micros, error) \
+     input_tokens, output_tokens, cost_micros, error, billing) \
      SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], \
      $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::int8[], $11::int8[], $12::int8[], \
      $13::int8[], $14::int4[], $15::int4[], $16::text[], $17::int8[], $18::int8[], $19::int8[], \
-     $20::int8[], $21::text[])",
+     $20::int8[], $21::text[], $22::text[])",
     ROLLUP_SQL!()
 );

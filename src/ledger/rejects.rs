@@ -84,7 +84,7 @@ pub(crate) struct Unfit {
 /// What is wrong with an [`Unfit`] entry.
 pub(crate) enum Problem {
     /// A record, read with its invalid UTF-8 replaced: stored cleaned.
-    NotUtf8(Record),
+    NotUtf8(Box<Record>),
     /// Not a usage record.
     Malformed { why: String, hint: Hint },
 }
@@ -360,6 +360,7 @@ mod tests {
             output_tokens: 10,
             cost_micros: 11,
             error: format!("bad\0{}", "x".repeat(ERROR_MAX)),
+            billing: String::new(),
         };
         let c = repaired(&r);
         assert_eq!(

@@ -41,6 +41,9 @@ pub struct TenantLimits {
     pub price_ktok_micros: u64,
     /// Starts per minute the tier expects; twice this raises an alert (0: off).
     pub expected_rate_per_min: u64,
+    /// Spend per calendar month (UTC) at which the tenant is held,
+    /// micro-dollars (0: no cap).
+    pub spend_cap_micros: u64,
 }
 
 /// Built-in limits for tenants nobody configured (the scripts' copy is
@@ -57,6 +60,7 @@ pub const BUILTIN: TenantLimits = TenantLimits {
     price_minute_micros: 10_000,
     price_ktok_micros: 0,
     expected_rate_per_min: 0,
+    spend_cap_micros: 0,
 };
 
 impl TenantLimits {
@@ -81,6 +85,7 @@ impl TenantLimits {
             price_minute_micros: get("price_minute_micros", b.price_minute_micros),
             price_ktok_micros: get("price_ktok_micros", b.price_ktok_micros),
             expected_rate_per_min: get("expected_rate_per_min", b.expected_rate_per_min),
+            spend_cap_micros: get("spend_cap_micros", b.spend_cap_micros),
         }
     }
 }
@@ -116,6 +121,7 @@ pub fn builtin_fields() -> Vec<(&'static str, u64)> {
         ("price_minute_micros", b.price_minute_micros),
         ("price_ktok_micros", b.price_ktok_micros),
         ("expected_rate_per_min", b.expected_rate_per_min),
+        ("spend_cap_micros", b.spend_cap_micros),
     ];
     v.extend(PARTITION_BUILTIN);
     v
@@ -238,6 +244,13 @@ pub struct LimitsUpdate {
     pub price_per_1k_tokens: Option<f64>,
     /// Expected start rate; twice it raises an alert.
     pub expected_rate: Option<Rate>,
+    /// Graduated price per agent-minute by the month's agent time (empty:
+    /// none, the flat `price_per_minute` applies).
+    pub price_steps: Option<PriceSteps>,
+    /// Graduated price per 1,000 tokens by the month's tokens (empty: none).
+    pub token_price_steps: Option<PriceSteps>,
+    /// Monthly spend cap, micro-dollars (0: none).
+    pub spend_cap: Option<u64>,
 }
 
 /// Whose limits a [`LimitsUpdate`] changes.
@@ -301,6 +314,20 @@ impl LimitsUpdate {
                 return out_of(flag, "0..=1000 dollars");
             }
         }
+        if let Some(c) = self.spend_cap
+            && c > MAX_SPEND_CAP_MICROS
+        {
+            return out_of("--spend-cap", "up to $1000000000/month");
+        }
+        for (flag, steps) in [
+            ("--price-steps", &self.price_steps),
+            ("--token-price-steps", &self.token_price_steps),
+        ] {
+            if let Some(s) = steps {
+                s.check()
+                    .map_err(|e| InvalidInput(format!("{flag}: {e}")))?;
+            }
+        }
         if let Some(t) = &self.tier {
             validate_name("tier", t)?;
         }
@@ -342,6 +369,13 @@ impl LimitsUpdate {
                 (r.starts as f64 * 60_000.0 / r.period.as_millis().max(1) as f64).ceil() as u64
             }),
         );
+        put("spend_cap_micros", self.spend_cap);
+        if let Some(s) = &self.price_steps {
+            f.push(("price_minute_steps", s.to_field()));
+        }
+        if let Some(s) = &self.token_price_steps {
+            f.push(("price_ktok_steps", s.to_field()));
+        }
         if let Some(t) = &self.tier {
             f.push(("tier", t.clone()));
         }
@@ -356,6 +390,282 @@ impl LimitsUpdate {
             .collect::<Vec<_>>()
             .join(" ")
     }
+}
+
+/// Highest spend cap, micro-dollars ($1,000,000,000 a month).
+pub const MAX_SPEND_CAP_MICROS: u64 = 1_000_000_000_000_000;
+/// Most steps in one price schedule.
+pub const MAX_PRICE_STEPS: usize = 16;
+/// Highest step threshold: 10^13 ms of agent time (317 years) or tokens.
+/// With prices of at most $1000 per unit (10^9 micro-dollars) and at most
+/// [`MAX_PRICE_STEPS`] steps, every intermediate value of the scripts'
+/// arithmetic stays an exact integer in a double (below 2^53), see
+/// [`step_amount`].
+pub const MAX_STEP_FROM: u64 = 10_000_000_000_000;
+
+/// One step of a graduated price: from `from` units of the month's usage
+/// on (ms of agent time, or tokens), each unit costs `micros` per
+/// [`PriceUnit::per`] units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriceStep {
+    /// Usage of the month where the step starts (ms, or tokens).
+    pub from: u64,
+    /// Price, micro-dollars per agent-minute (or per 1,000 tokens).
+    pub micros: u64,
+}
+
+/// What a price schedule prices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PriceUnit {
+    /// Agent time: usage in ms, priced per minute.
+    Minutes,
+    /// Tokens: usage in tokens, priced per 1,000.
+    Tokens,
+}
+
+impl PriceUnit {
+    /// Usage units per priced unit: 60,000 ms per minute, 1,000 tokens.
+    pub fn per(self) -> u64 {
+        match self {
+            PriceUnit::Minutes => 60_000,
+            PriceUnit::Tokens => 1_000,
+        }
+    }
+}
+
+/// A graduated price schedule (volume pricing): the usage of the month
+/// (agent time or tokens) is split at the steps' thresholds and each part
+/// is priced at its step's rate. Empty: no steps (the flat price applies;
+/// stored as `none`, which also overrides a tier's steps for a tenant).
+///
+/// Written `PRICE[, PRICE@FROM]...`: `0.010, 0.008@10000m, 0.006@50000m`
+/// is $0.010 per agent-minute for the first 10,000 minutes of the month,
+/// $0.008 from 10,000 to 50,000, $0.006 beyond. Prices are dollars (a
+/// leading `$` is allowed); thresholds are agent time (`10000m`, `500h`)
+/// or, for tokens, counts (`10M`, `500k`, `2500000`). Stored as
+/// `from:micros,...` (ms or tokens, micro-dollars).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriceSteps(pub Vec<PriceStep>);
+
+fn parse_dollars(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_prefix('$').unwrap_or(t).trim();
+    let v: f64 = t
+        .parse()
+        .map_err(|_| format!("{s:?} is not a price in dollars, for example 0.008"))?;
+    if !(0.0..=1000.0).contains(&v) {
+        return Err(format!("price {s:?} is out of range: use 0..=1000 dollars"));
+    }
+    Ok(micros(v))
+}
+
+fn parse_count(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1_000.0),
+        Some((i, 'M')) => (&t[..i], 1_000_000.0),
+        Some((i, 'G' | 'B')) => (&t[..i], 1_000_000_000.0),
+        _ => (t, 1.0),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a token count, for example 10M or 500k"))?;
+    let n = v * mult;
+    if !(n >= 0.0 && n.fract() == 0.0) {
+        return Err(format!("{s:?} is not a whole number of tokens"));
+    }
+    Ok(n as u64)
+}
+
+impl PriceSteps {
+    /// Parse `PRICE[, PRICE@FROM]...` (or `none`) for `unit`.
+    pub fn parse(s: &str, unit: PriceUnit) -> Result<PriceSteps, String> {
+        if matches!(s.trim(), "none" | "off" | "") {
+            return Ok(PriceSteps::default());
+        }
+        let mut steps = Vec::new();
+        for (i, item) in s.split(',').enumerate() {
+            let (price, from) = match item.split_once('@') {
+                Some((p, f)) => (p, Some(f.trim())),
+                None => (item, None),
+            };
+            let micros = parse_dollars(price)?;
+            let from = match (i, from) {
+                (0, None) => 0,
+                (_, None) => {
+                    return Err(format!(
+                        "step {item:?} needs a threshold: PRICE@FROM, for example 0.008@10000m"
+                    ));
+                }
+                (_, Some(f)) => match unit {
+                    PriceUnit::Minutes => {
+                        let d = crate::model::units::parse_duration(f).map_err(|_| {
+                            format!("threshold {f:?} is not agent time, for example 10000m or 500h")
+                        })?;
+                        if !whole_ms(d) {
+                            return Err(format!(
+                                "threshold {f:?} must be a whole number of milliseconds"
+                            ));
+                        }
+                        d.as_millis().min(u64::MAX as u128) as u64
+                    }
+                    PriceUnit::Tokens => parse_count(f)?,
+                },
+            };
+            steps.push(PriceStep { from, micros });
+        }
+        let p = PriceSteps(steps);
+        p.check()?;
+        Ok(p)
+    }
+
+    /// The schedule's rules: it starts at 0, thresholds rise strictly up to
+    /// [`MAX_STEP_FROM`], at most [`MAX_PRICE_STEPS`] steps, prices up to
+    /// $1000 per unit.
+    pub fn check(&self) -> Result<(), String> {
+        let s = &self.0;
+        if s.is_empty() {
+            return Ok(());
+        }
+        if s.len() > MAX_PRICE_STEPS {
+            return Err(format!("at most {MAX_PRICE_STEPS} steps"));
+        }
+        if s[0].from != 0 {
+            return Err("the first step must start at 0 (write its price without @)".into());
+        }
+        for w in s.windows(2) {
+            if w[1].from <= w[0].from {
+                return Err("thresholds must rise from step to step".into());
+            }
+        }
+        if s.iter().any(|x| x.from > MAX_STEP_FROM) {
+            return Err(format!("thresholds go up to {MAX_STEP_FROM}"));
+        }
+        if s.iter().any(|x| x.micros > 1_000_000_000) {
+            return Err("prices go up to $1000 per unit".into());
+        }
+        Ok(())
+    }
+
+    /// True when there are no steps (the flat price applies).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The stored form: `from:micros,...`, or `none`.
+    pub fn to_field(&self) -> String {
+        if self.0.is_empty() {
+            return "none".into();
+        }
+        let v: Vec<String> = self
+            .0
+            .iter()
+            .map(|s| format!("{}:{}", s.from, s.micros))
+            .collect();
+        v.join(",")
+    }
+
+    /// Read the stored form (None: not a schedule).
+    pub fn from_field(s: &str) -> Option<PriceSteps> {
+        if s == "none" || s.is_empty() {
+            return Some(PriceSteps::default());
+        }
+        let mut v = Vec::new();
+        for item in s.split(',') {
+            let (f, p) = item.split_once(':')?;
+            v.push(PriceStep {
+                from: f.parse().ok()?,
+                micros: p.parse().ok()?,
+            });
+        }
+        Some(PriceSteps(v))
+    }
+
+    /// As an operator writes it (`0.01, 0.008@10000m`).
+    pub fn describe(&self, unit: PriceUnit) -> String {
+        if self.0.is_empty() {
+            return "none".into();
+        }
+        let v: Vec<String> = self
+            .0
+            .iter()
+            .map(|s| {
+                let price = format!("{}", s.micros as f64 / 1e6);
+                if s.from == 0 {
+                    price
+                } else {
+                    match unit {
+                        PriceUnit::Minutes if s.from.is_multiple_of(60_000) => {
+                            format!("{price}@{}m", s.from / 60_000)
+                        }
+                        PriceUnit::Minutes => format!("{price}@{}ms", s.from),
+                        PriceUnit::Tokens => format!("{price}@{}", s.from),
+                    }
+                }
+            })
+            .collect();
+        v.join(", ")
+    }
+
+    /// Price of usage `before..before + qty` of the month, micro-dollars:
+    /// per step, `step_amount(part after) - step_amount(part before)`, the
+    /// same arithmetic as `charge()` in lib/attempt.lua. Summed over a
+    /// month's attempts it telescopes to [`total`](Self::total) of the
+    /// month's usage, whatever the order the attempts were charged in.
+    pub fn price(&self, unit: PriceUnit, before: u64, qty: u64) -> u64 {
+        self.total(unit, before + qty) - self.total(unit, before)
+    }
+
+    /// Price of the first `used` units of a month: each step's part,
+    /// floored per step ([`step_amount`]).
+    pub fn total(&self, unit: PriceUnit, used: u64) -> u64 {
+        let s = &self.0;
+        let mut sum = 0;
+        for (i, st) in s.iter().enumerate() {
+            if used <= st.from {
+                break;
+            }
+            let to = s.get(i + 1).map_or(used, |n| n.from.min(used));
+            sum += step_amount(to - st.from, st.micros, unit.per());
+        }
+        sum
+    }
+}
+
+/// `floor(qty * micros / per)` computed as the scripts do, exactly in
+/// doubles: `qty = a * per + r`, so the value is `a * micros + floor(r *
+/// micros / per)`, where `r * micros < per * 10^9 <= 6 * 10^13 < 2^53`
+/// and `a * micros` is at most the bill itself (exact while a month's bill
+/// stays below 2^53 micro-dollars, about $9 billion).
+pub fn step_amount(qty: u64, micros: u64, per: u64) -> u64 {
+    (qty / per) * micros + (qty % per) * micros / per
+}
+
+/// Parse a monthly spend cap: `$500/month`, `500`, `$1,200.50/mo`, or
+/// `none`. Returns micro-dollars (0: none).
+pub fn parse_spend_cap(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if matches!(t, "none" | "off" | "0") {
+        return Ok(0);
+    }
+    let amount = t
+        .strip_suffix("/month")
+        .or_else(|| t.strip_suffix("/mo"))
+        .unwrap_or(t)
+        .trim();
+    let amount = amount.strip_prefix('$').unwrap_or(amount).replace(',', "");
+    let v: f64 = amount.trim().parse().map_err(|_| {
+        format!(
+            "invalid spend cap {s:?}: use dollars per month, for example '$500/month' (or none)"
+        )
+    })?;
+    if !(v > 0.0 && v <= 1e9) {
+        return Err(format!(
+            "spend cap {s:?} is out of range: up to $1000000000/month"
+        ));
+    }
+    Ok(micros(v))
 }
 
 /// A tier: a named set of limits and prices tenants are assigned to.
@@ -537,6 +847,77 @@ mod tests {
             (l.max_concurrency, l.weight, l.max_timeout_ms),
             (3, 4, BUILTIN.max_timeout_ms)
         );
+    }
+
+    #[test]
+    fn price_steps_parse_store_and_refuse_what_they_should() {
+        let s =
+            PriceSteps::parse("$0.010, 0.008@10000m, 0.006@50000m", PriceUnit::Minutes).unwrap();
+        assert_eq!(s.to_field(), "0:10000,600000000:8000,3000000000:6000");
+        assert_eq!(PriceSteps::from_field(&s.to_field()), Some(s.clone()));
+        assert_eq!(
+            s.describe(PriceUnit::Minutes),
+            "0.01, 0.008@10000m, 0.006@50000m"
+        );
+        let t = PriceSteps::parse("0.002, 0.0015@10M, 0.001@500k0", PriceUnit::Tokens);
+        assert!(t.is_err(), "{t:?}");
+        let t = PriceSteps::parse("0.002, 0.001@500k, 0.0005@10M", PriceUnit::Tokens).unwrap();
+        assert_eq!(t.to_field(), "0:2000,500000:1000,10000000:500");
+        assert_eq!(
+            PriceSteps::parse("none", PriceUnit::Minutes)
+                .unwrap()
+                .to_field(),
+            "none"
+        );
+        for bad in [
+            "0.01, 0.008",             // no threshold
+            "0.01@5m, 0.008@10m",      // first not from 0
+            "0.01, 0.02@1h, 0.01@30m", // thresholds fall
+            "0.01, 0.008@1.5ms",       // not whole ms
+            "2000",                    // price out of range
+            "cheap",
+        ] {
+            assert!(PriceSteps::parse(bad, PriceUnit::Minutes).is_err(), "{bad}");
+        }
+        let many = vec!["0.01"; 17].join(", ");
+        assert!(PriceSteps::parse(&many, PriceUnit::Minutes).is_err());
+    }
+
+    /// Graduated prices telescope: however a month's usage is split into
+    /// attempts and in whatever order they are charged, the attempts' prices
+    /// add up to the price of the month's total, and each step's amount is
+    /// floor(part x price / unit); step_amount is exact against u128.
+    #[test]
+    fn graduated_prices_telescope_and_stay_exact() {
+        let s = PriceSteps::parse("0.010, 0.008@3m, 0.006@10m", PriceUnit::Minutes).unwrap();
+        let parts: Vec<u64> = (0..500).map(|i| 1 + (i * 7919) % 4999).collect();
+        let total: u64 = parts.iter().sum();
+        for order in [false, true] {
+            let mut used = 0;
+            let mut sum = 0;
+            let it: Box<dyn Iterator<Item = &u64>> = if order {
+                Box::new(parts.iter().rev())
+            } else {
+                Box::new(parts.iter())
+            };
+            for q in it {
+                sum += s.price(PriceUnit::Minutes, used, *q);
+                used += q;
+            }
+            assert_eq!(sum, s.total(PriceUnit::Minutes, total));
+        }
+        let by_hand = step_amount(180_000, 10_000, 60_000)
+            + step_amount(420_000, 8_000, 60_000)
+            + step_amount(total - 600_000, 6_000, 60_000);
+        assert_eq!(s.total(PriceUnit::Minutes, total), by_hand);
+        for (q, p) in [
+            (MAX_STEP_FROM, 1_000_000_000u64),
+            (59_999, 999_999_999),
+            (123_456_789_012, 7),
+        ] {
+            let exact = (q as u128 * p as u128 / 60_000) as u64;
+            assert_eq!(step_amount(q, p, 60_000), exact, "{q} x {p}");
+        }
     }
 
     #[test]

@@ -40,7 +40,13 @@ pub const PACKED_FIELDS: [&str; 20] = [
 /// the entry is packed or written by an earlier version field by field.
 pub fn outbox_fields(mut f: HashMap<String, String>) -> HashMap<String, String> {
     match f.remove("r") {
-        Some(packed) => unpack(&packed, f.get("e").map_or("", |e| e.as_str())),
+        Some(packed) => {
+            let mut u = unpack(&packed, f.get("e").map_or("", |e| e.as_str()));
+            if let Some(b) = f.remove("b") {
+                u.insert("billing".into(), b);
+            }
+            u
+        }
         None => f,
     }
 }
@@ -100,6 +106,14 @@ pub struct Record {
     pub cost_micros: i64,
     /// Error text.
     pub error: String,
+    /// How the attempt was priced, for tenants with price steps (stream
+    /// field `b`, column `billing`; empty for everyone else): words
+    /// `u<ms before>`, `k<tokens before>` (the month's usage before the
+    /// attempt) and `m|t<from>:<micros>:<qty>:<amount>` (agent ms or tokens
+    /// priced in the step starting at `from`, at `micros` per minute or per
+    /// 1,000 tokens, for `amount` micro-dollars). The amounts sum to
+    /// `cost_micros`.
+    pub billing: String,
 }
 
 impl Record {
@@ -111,16 +125,21 @@ impl Record {
     /// by earlier versions, one stream field per record field, still parse.
     pub fn from_fields(f: &HashMap<String, String>) -> Option<Record> {
         match f.get("r") {
-            Some(packed) => Self::from_packed(packed, f.get("e").map_or("", |e| e.as_str())),
+            Some(packed) => Self::from_packed(
+                packed,
+                f.get("e").map_or("", |e| e.as_str()),
+                f.get("b").map_or("", |b| b.as_str()),
+            ),
             None => Self::from_named(f),
         }
     }
 
-    fn from_packed(packed: &str, error: &str) -> Option<Record> {
-        let f = unpack(packed, error);
+    fn from_packed(packed: &str, error: &str, billing: &str) -> Option<Record> {
+        let mut f = unpack(packed, error);
         if f.len() != PACKED_FIELDS.len() + 1 {
             return None;
         }
+        f.insert("billing".into(), billing.to_string());
         Self::from_named(&f)
     }
 
@@ -150,6 +169,7 @@ impl Record {
             output_tokens: n("output_tokens"),
             cost_micros: n("cost_micros"),
             error: s("error"),
+            billing: s("billing"),
         };
         (r.attempt >= 1).then_some(r)
     }
@@ -209,6 +229,23 @@ mod tests {
         assert_eq!((r.exit_code, r.signal, r.cost_micros), (Some(1), None, 33));
         assert_eq!(r.worker, "host-1\tweird");
         assert_eq!(r.error, "exit 1\twith a tab");
+    }
+
+    #[test]
+    fn the_billing_field_is_optional() {
+        let mut f = packed("w");
+        assert_eq!(Record::from_fields(&f).expect("parses").billing, "");
+        f.insert("b".into(), "u0 m0:10000:60000:10000".into());
+        let r = Record::from_fields(&f).expect("parses");
+        assert_eq!(
+            (r.billing.as_str(), r.cost_micros),
+            ("u0 m0:10000:60000:10000", 33)
+        );
+        let named = outbox_fields(f);
+        assert_eq!(
+            named.get("billing").map(String::as_str),
+            Some("u0 m0:10000:60000:10000")
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use fred::prelude::*;
 use serde::Serialize;
 
 use super::{Queue, QueueError};
-use crate::model::limits::{LimitsUpdate, Target, TenantLimits, Tier};
+use crate::model::limits::{LimitsUpdate, PriceSteps, Target, TenantLimits, Tier};
 use crate::model::names::validate_name;
 
 // The Redis side of a limits value (an inherent impl may live in any
@@ -44,6 +44,10 @@ pub struct PublishedTier {
     pub name: String,
     /// Its limits (own settings, else the defaults, else built-in).
     pub limits: TenantLimits,
+    /// Graduated price per agent-minute (empty: flat).
+    pub price_steps: PriceSteps,
+    /// Graduated price per 1,000 tokens (empty: flat).
+    pub token_price_steps: PriceSteps,
 }
 
 /// The tiers published in Redis, by name.
@@ -55,9 +59,12 @@ pub async fn published_tiers(queue: &Queue) -> Result<Vec<PublishedTier>, QueueE
     let mut out = Vec::new();
     for n in names {
         let own: HashMap<String, String> = queue.client().hgetall(keys.key(&["tier", &n])).await?;
+        let (price_steps, token_price_steps) = resolve_steps(&[&own, &defaults]);
         out.push(PublishedTier {
             limits: TenantLimits::resolve(&[&own, &defaults]),
             name: n,
+            price_steps,
+            token_price_steps,
         });
     }
     Ok(out)
@@ -74,6 +81,23 @@ pub struct TenantSettings {
     pub limits: TenantLimits,
     /// Fields the tenant sets itself (the rest come from its tier or defaults).
     pub own: Vec<String>,
+    /// Graduated price per agent-minute in effect (empty: flat).
+    pub price_steps: PriceSteps,
+    /// Graduated price per 1,000 tokens in effect (empty: flat).
+    pub token_price_steps: PriceSteps,
+}
+
+/// The price schedules in effect: each from the first layer that sets it
+/// (as the scripts resolve them; `none` in a layer stops the search).
+pub fn resolve_steps(layers: &[&HashMap<String, String>]) -> (PriceSteps, PriceSteps) {
+    let get = |f: &str| {
+        layers
+            .iter()
+            .find_map(|l| l.get(f))
+            .and_then(|v| PriceSteps::from_field(v))
+            .unwrap_or_default()
+    };
+    (get("price_minute_steps"), get("price_ktok_steps"))
 }
 
 /// Read a tenant's settings (`tenant` None: the defaults of partition 0).
@@ -82,12 +106,17 @@ pub async fn settings(queue: &Queue, tenant: Option<&str>) -> Result<TenantSetti
     let defaults = defaults(queue, p).await?;
     match tenant {
         Some(t) => tenant_settings(queue, t, &defaults).await,
-        None => Ok(TenantSettings {
-            tenant: "(defaults)".into(),
-            tier: None,
-            limits: TenantLimits::resolve(&[&defaults]),
-            own: sorted_keys(&defaults),
-        }),
+        None => {
+            let (price_steps, token_price_steps) = resolve_steps(&[&defaults]);
+            Ok(TenantSettings {
+                tenant: "(defaults)".into(),
+                tier: None,
+                limits: TenantLimits::resolve(&[&defaults]),
+                own: sorted_keys(&defaults),
+                price_steps,
+                token_price_steps,
+            })
+        }
     }
 }
 
@@ -122,10 +151,13 @@ pub async fn tenant_settings(
         Some(name) => queue.client().hgetall(keys.key(&["tier", name])).await?,
         None => HashMap::new(),
     };
+    let (price_steps, token_price_steps) = resolve_steps(&[&own, &tier_fields, defaults]);
     Ok(TenantSettings {
         tenant: tenant.to_string(),
         tier,
         limits: TenantLimits::resolve(&[&own, &tier_fields, defaults]),
         own: sorted_keys(&own),
+        price_steps,
+        token_price_steps,
     })
 }

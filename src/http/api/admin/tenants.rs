@@ -21,7 +21,7 @@ use crate::queue::{Queue, QueueError};
 
 /// Refusal of a change that changes nothing (the flags are named as the
 /// CLI spells them; the API's fields are the same names in snake_case).
-pub const NOTHING_TO_SET: &str = "nothing to set: give at least one of --tier, --max-concurrency, --max-timeout, --max-memory, --weight, --rate, --burst, --quota, --price-per-minute, --price-per-1k-tokens";
+pub const NOTHING_TO_SET: &str = "nothing to set: give at least one of --tier, --max-concurrency, --max-timeout, --max-memory, --weight, --rate, --burst, --quota, --price-per-minute, --price-per-1k-tokens, --price-steps, --token-price-steps, --spend-cap";
 
 /// A change to one tenant: limits, and the queues and kinds it may
 /// enqueue over the HTTP API (`a,b`; `*`: all; None: unchanged).
@@ -180,6 +180,9 @@ struct SetBody {
     quota: Option<String>,
     price_per_minute: Option<f64>,
     price_per_1k_tokens: Option<f64>,
+    price_steps: Option<String>,
+    token_price_steps: Option<String>,
+    spend_cap: Option<String>,
     allowed_queues: Option<Names>,
     allowed_kinds: Option<Names>,
 }
@@ -211,6 +214,13 @@ impl SetBody {
                 price_per_minute: self.price_per_minute,
                 price_per_1k_tokens: self.price_per_1k_tokens,
                 expected_rate: None,
+                price_steps: text("--price-steps", self.price_steps, |s| {
+                    limits::PriceSteps::parse(s, limits::PriceUnit::Minutes)
+                })?,
+                token_price_steps: text("--token-price-steps", self.token_price_steps, |s| {
+                    limits::PriceSteps::parse(s, limits::PriceUnit::Tokens)
+                })?,
+                spend_cap: text("--spend-cap", self.spend_cap, limits::parse_spend_cap)?,
             },
             allowed_queues: self.allowed_queues.map(Names::text),
             allowed_kinds: self.allowed_kinds.map(Names::text),
@@ -234,6 +244,10 @@ pub(super) async fn set(
         .and_then(|s| s.check(&tenant))
         .map_err(invalid)?;
     change.apply(&st.queue).await?;
+    if change.limits.spend_cap.is_some_and(|c| c > 0) {
+        // As the CLI: the spend counter counts from the ledger's month-to-date.
+        crate::usage::raise_spend(&st.queue, &st.db, &tenant).await?;
+    }
     let (queues, kinds) = change.describe_allowed();
     tracing::info!(
         target: "agentq::audit",

@@ -160,8 +160,8 @@ local function sched_leave(q, t)
   sched_set(q, t, false)
 end
 
--- Why tenant t may not start a job now ('cap', 'quota', 'rate'), or nil; for
--- quota and rate also when it may start again (ms).
+-- Why tenant t may not start a job now ('cap', 'quota', 'spend', 'rate'), or
+-- nil; for quota, spend and rate also when it may start again (ms).
 local function hold_reason(t)
   local l = limits(t)
   if running(t) >= l.max_concurrency then return 'cap', nil end
@@ -169,6 +169,11 @@ local function hold_reason(t)
   if l.quota_ms > 0 then
     local used = tonumber(redis.call('HGET', k('usage', t), month_of(now))) or 0
     if used >= l.quota_ms then return 'quota', next_month_ms(now) end
+  end
+  if l.spend_cap_micros > 0 then
+    -- the month's spend, added to by charge() (lib/attempt.lua)
+    local spent = tonumber(redis.call('HGET', k('usage', t), month_of(now) .. ':cost')) or 0
+    if spent >= l.spend_cap_micros then return 'spend', next_month_ms(now) end
   end
   if l.rate > 0 then
     local tat = tonumber(redis.call('HGET', k('gcra'), t)) or 0
@@ -199,7 +204,7 @@ local function sync_tenant(t)
   local has_work = next(qs) ~= nil
   local reason, until_ms = nil, nil
   if has_work then reason, until_ms = hold_reason(t) end
-  if reason == 'quota' or reason == 'rate' then
+  if reason == 'quota' or reason == 'rate' or reason == 'spend' then
     redis.call('ZADD', K_THROTTLED, until_ms, t)
     redis.call('HSET', K_HELD, t, reason)
     held_any = true
