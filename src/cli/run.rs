@@ -65,6 +65,9 @@ pub struct WorkerArgs {
     /// another worker under the same attempt while it runs here.
     #[command(flatten)]
     ack: super::ReplicaAck,
+    /// Tenant webhook delivery (README, "Tenant alerts").
+    #[command(flatten)]
+    webhooks: super::webhooks::WebhookWorkerArgs,
 }
 
 impl WorkerArgs {
@@ -94,6 +97,7 @@ impl WorkerArgs {
             (self.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         // This binary runs the lease guard too (`agentq __lease-guard`).
         cfg.lease_guard = std::env::current_exe().ok();
+        cfg.webhooks = self.webhooks.config()?;
         Ok(cfg)
     }
 

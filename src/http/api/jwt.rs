@@ -508,79 +508,29 @@ fn lookup<'a>(claims: &'a Value, name: &str) -> Option<&'a Value> {
     name.split('.').try_fold(claims, |v, part| v.get(part))
 }
 
-/// GET `url` (http or https, HTTP/1.1); the body of a 200, at most `max`
-/// bytes. HTTPS checks the server against the system's root certificates.
+/// GET `url` (http or https, HTTP/1.1, [`crate::net`]); the body of a 200,
+/// at most `max` bytes. HTTPS checks the server against the system's root
+/// certificates.
 async fn fetch(url: &str, max: usize) -> Result<Vec<u8>, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    use hyper::body::Bytes;
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
-    let https = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") => false,
-        _ => return Err("the URL must be http:// or https://".into()),
-    };
-    let host = uri.host().ok_or("the URL has no host")?.to_string();
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let authority = uri
-        .authority()
-        .map_or(host.clone(), |a| a.as_str().to_string());
-    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, authority)
-        .header(hyper::header::ACCEPT, "application/json")
-        .header(hyper::header::USER_AGENT, "agentq-serve")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = if https {
-        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-        for c in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(c);
-        }
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(
-            host.trim_matches(['[', ']']).to_string(),
-        )
-        .map_err(|e| e.to_string())?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| e.to_string())?;
-        send(hyper_util::rt::TokioIo::new(stream), req).await?
-    } else {
-        send(hyper_util::rt::TokioIo::new(tcp), req).await?
-    };
-    if resp.status() != hyper::StatusCode::OK {
-        return Err(format!("HTTP {}", resp.status()));
+    let resp = crate::net::send(crate::net::Request {
+        method: "GET",
+        url,
+        headers: vec![
+            ("accept", "application/json".into()),
+            ("user-agent", "agentq-serve".into()),
+        ],
+        body: Vec::new(),
+        max_body: max,
+        fail_on_long_body: true,
+        public_only: false,
+    })
+    .await?;
+    if resp.status != 200 {
+        let status = hyper::StatusCode::from_u16(resp.status)
+            .map_or_else(|_| resp.status.to_string(), |s| s.to_string());
+        return Err(format!("HTTP {status}"));
     }
-    let body = Limited::new(resp.into_body(), max)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the body: {e}"))?;
-    Ok(body.to_bytes().to_vec())
-}
-
-async fn send<T>(
-    io: hyper_util::rt::TokioIo<T>,
-    req: hyper::Request<http_body_util::Empty<hyper::body::Bytes>>,
-) -> Result<hyper::Response<hyper::body::Incoming>, String>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    sender.send_request(req).await.map_err(|e| e.to_string())
+    Ok(resp.body)
 }
 
 #[cfg(test)]
