@@ -39,6 +39,16 @@ pub struct DemoArgs {
     /// Scale the flood tenant's job count (1 = 240 jobs).
     #[arg(long, default_value_t = 1)]
     scale: usize,
+    /// Serve the API and the dashboard (/ui) here while the demo runs (a
+    /// free port if this one is taken).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Don't serve the dashboard.
+    #[arg(long, conflicts_with = "stay_up")]
+    no_ui: bool,
+    /// Keep the dashboard up after the workload until Ctrl-C (then clean up).
+    #[arg(long)]
+    stay_up: bool,
 }
 
 struct TenantPlan {
@@ -122,6 +132,65 @@ fn light_jobs() -> Vec<JobSpec> {
         .collect()
 }
 
+/// The API and dashboard the demo serves on its own namespace and schema.
+struct Dashboard {
+    stop: CancellationToken,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
+    url: String,
+}
+
+impl Dashboard {
+    /// Serve on `listen` (or a free port), with an operator key and a key
+    /// of tenant acme to sign in with; printed.
+    async fn start(listen: &str, queue: &Queue, pool: &PgPool) -> Result<Dashboard, CliError> {
+        use crate::http::api::keys::{KeySpec, Scope, create_key};
+        let fail = |e: &dyn std::fmt::Display| CliError::Runtime(anyhow::anyhow!("dashboard: {e}"));
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| fail(&e))?,
+        };
+        let addr = listener.local_addr().map_err(|e| fail(&e))?;
+        let admin = KeySpec {
+            scope: Scope::Admin,
+            ..KeySpec::default()
+        };
+        let admin = create_key(pool, &admin).await.map_err(|e| fail(&e))?;
+        let acme = KeySpec {
+            tenant: Some("acme".into()),
+            ..KeySpec::default()
+        };
+        let acme = create_key(pool, &acme).await.map_err(|e| fail(&e))?;
+        let stop = CancellationToken::new();
+        let mut cfg = crate::http::api::ApiConfig::default();
+        cfg.ui.stop = stop.clone();
+        let api = crate::http::api::Api::new(queue.clone(), pool.clone(), &cfg);
+        let served = tokio::spawn(api.serve(listener, stop.clone()));
+        let url = format!("http://{addr}/ui");
+        println!("Dashboard:  {url}");
+        println!("  sign in as operator with {}", admin.key);
+        println!("  or as tenant acme with   {}\n", acme.key);
+        Ok(Dashboard { stop, served, url })
+    }
+
+    /// With `stay_up`, keep serving until Ctrl-C; then stop.
+    async fn finish(self, stay_up: bool) {
+        if stay_up {
+            let ctrl_c = CancellationToken::new();
+            if crate::cli::cancel_on_signals(ctrl_c.clone()).is_ok() {
+                println!(
+                    "\nDashboard still up at {} (--stay-up): Ctrl-C to stop and clean up",
+                    self.url
+                );
+                ctrl_c.cancelled().await;
+            }
+        }
+        self.stop.cancel();
+        let _ = self.served.await;
+    }
+}
+
 /// Run the demo.
 pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
     let settings = g.settings()?;
@@ -164,7 +233,21 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
         s.namespace, ledger.schema
     );
 
+    let ui = if a.no_ui {
+        None
+    } else {
+        match Dashboard::start(&a.listen, &queue, &ledger.pool).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("warning: {e}; the demo runs without it");
+                None
+            }
+        }
+    };
     let result = drive(&a, &queue, &ledger.pool, registry).await;
+    if let Some(ui) = ui {
+        ui.finish(a.stay_up && result.is_ok()).await;
+    }
     if let Err(e) = queue.delete_namespace().await {
         eprintln!("warning: could not remove the demo namespace: {e}");
     }
@@ -173,7 +256,7 @@ pub async fn run(g: &Global, a: DemoArgs) -> CliResult {
 }
 
 async fn drive(a: &DemoArgs, queue: &Queue, pool: &PgPool, registry: Registry) -> CliResult {
-    let tiers = crate::model::limits::builtin_tiers();
+    let tiers = demo_tiers();
     crate::queue::limits::publish_tiers(queue, &tiers).await?;
     for t in &TENANTS {
         let rate = Rate {
@@ -386,6 +469,47 @@ struct TenantRow {
     cost_micros: i64,
 }
 
+/// The built-in tiers, with volume pricing on `pro` at thresholds a short
+/// demo crosses (README, "Volume pricing"): $0.010 per agent-minute for the
+/// first second of the month, $0.008 to 2 s, $0.006 beyond.
+fn demo_tiers() -> Vec<crate::model::limits::Tier> {
+    let mut tiers = crate::model::limits::builtin_tiers();
+    for t in tiers.iter_mut().filter(|t| t.name == "pro") {
+        t.limits.price_steps = crate::model::limits::PriceSteps::parse(
+            "0.010, 0.008@1s, 0.006@2s",
+            crate::model::limits::PriceUnit::Minutes,
+        )
+        .ok();
+    }
+    tiers
+}
+
+/// How a tenant's cost was billed, from its invoice lines: `flat`, or the
+/// agent time in each price step (`20.0s@$0.0100 + 15.2s@$0.0080`).
+async fn billed_steps(pool: &PgPool, tenant: &str) -> String {
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let Ok(inv) = crate::usage::invoice(pool, tenant, &month).await else {
+        return "-".into();
+    };
+    let steps: Vec<String> = inv
+        .lines
+        .iter()
+        .filter(|l| l.item == "agent_minutes")
+        .map(|l| {
+            format!(
+                "{:.1}s@${:.4}",
+                l.agent_ms as f64 / 1000.0,
+                l.rate_micros.unwrap_or(0) as f64 / 1e6
+            )
+        })
+        .collect();
+    if steps.is_empty() {
+        "flat".into()
+    } else {
+        steps.join(" + ")
+    }
+}
+
 /// Per-tenant table read back from the ledger in PostgreSQL.
 async fn summary(pool: &PgPool, elapsed: Duration) -> CliResult {
     let db = |e: sqlx::Error| CliError::Runtime(anyhow::anyhow!("reading the ledger: {e}"));
@@ -418,6 +542,10 @@ async fn summary(pool: &PgPool, elapsed: Duration) -> CliResult {
         "Per tenant, from the usage ledger ({attempts} attempts in {:.1}s):",
         elapsed.as_secs_f64()
     );
+    let mut priced = HashMap::new();
+    for r in &rows {
+        priced.insert(r.tenant.clone(), billed_steps(pool, &r.tenant).await);
+    }
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -443,6 +571,7 @@ async fn summary(pool: &PgPool, elapsed: Duration) -> CliResult {
                 format!("{:.2}s", r.longest_wait_ms as f64 / 1000.0),
                 format!("{peak}/{cap}"),
                 format!("${:.4}", r.cost_micros as f64 / 1e6),
+                priced.get(&r.tenant).cloned().unwrap_or_default(),
             ]
         })
         .collect();
@@ -457,11 +586,15 @@ async fn summary(pool: &PgPool, elapsed: Duration) -> CliResult {
             "longest wait",
             "peak running/cap",
             "cost",
+            "agent time per price step",
         ],
         &table,
     );
     println!(
         "\nlight waited little although flood queued first (fair scheduling); flood never ran more than its cap or faster than its rate."
+    );
+    println!(
+        "the pro tier has volume pricing (0.010, 0.008@1s, 0.006@2s): its cost is billed per step of the month's agent time (agentq invoice --tenant T)."
     );
     Ok(())
 }

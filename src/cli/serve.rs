@@ -34,6 +34,13 @@ pub struct ServeArgs {
     /// JWT sign-in besides API keys (README, "Enqueueing from other services").
     #[command(flatten)]
     jwt: JwtArgs,
+    /// Don't serve the web dashboard at /ui (README, "Dashboard").
+    #[arg(long)]
+    no_ui: bool,
+    /// Mark the dashboard's session cookie Secure: serve is behind a TLS
+    /// proxy (it is also marked so for requests with X-Forwarded-Proto: https).
+    #[arg(long)]
+    ui_secure_cookie: bool,
 }
 
 /// `agentq serve`'s JWT flags: with a JWKS (file or URL), bearer tokens
@@ -133,6 +140,12 @@ pub(super) async fn serve(g: &Global, a: ServeArgs) -> CliResult {
         tenant_rate: a.rate_limit,
         max_streams_per_tenant: a.max_streams_per_tenant,
         jwt,
+        ui: crate::http::api::ui::UiConfig {
+            enabled: !a.no_ui,
+            secure_cookies: a.ui_secure_cookie,
+            stop: stop.clone(),
+            ..Default::default()
+        },
         ..Default::default()
     };
     crate::http::api::serve(addr, queue, db, cfg, stop)
