@@ -15,7 +15,7 @@
 //! | surfaces | [`worker`], [`http`], [`client`], [`apalis`] |
 //! | reports | [`usage`] (usage and cost from the ledger, quota reconcile) |
 //! | background duties | [`duties`] (heartbeat, reaper, ledger writer, sampler, tier publisher), [`lease`] (the attempts a worker holds) |
-//! | stores and processes | [`queue`] (Redis and its scripts), [`ledger`] (PostgreSQL), [`executor`] (task processes) |
+//! | stores and processes | [`queue`] (Redis and its scripts), [`ledger`] (PostgreSQL), [`executor`] (task processes), [`net`] (outbound HTTP: JWKS, webhooks) |
 //! | observability sink | [`metrics`] |
 //! | ground floor | [`model`] (plain types and pure functions) |
 //!
@@ -41,6 +41,7 @@ pub mod lease;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod queue;
 pub mod usage;
 pub mod worker;

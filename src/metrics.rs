@@ -36,7 +36,11 @@ pub const DEAD_LETTERED: &str = "agentq_jobs_dead_lettered_total";
 pub const REFUSED: &str = "agentq_completions_refused_total";
 /// Expired leases returned to ready by this worker's reaper.
 pub const LEASE_EXPIRIES: &str = "agentq_lease_expiries_total";
-/// Tenants held from starting, by reason (concurrency, rate, quota, paused), sampled.
+/// Schedule slots that enqueued no job, by reason: `caps` (the tenant's
+/// caps refuse the job's timeout or memory) or `forbidden` (its queue or
+/// kind is not among the tenant's allowed ones).
+pub const SCHEDULE_REFUSED: &str = "agentq_schedule_slots_refused_total";
+/// Tenants held from starting, by reason (concurrency, rate, quota, spend, paused), sampled.
 pub const THROTTLED: &str = "agentq_tenants_throttled";
 /// Seconds from ready to start, by queue and tenant.
 pub const WAIT_SECONDS: &str = "agentq_job_wait_seconds";
@@ -72,6 +76,12 @@ pub const COST_MICROS: &str = "agentq_cost_micros_total";
 /// counters hold whole numbers, and whole seconds would drop every attempt
 /// shorter than one. `rate()` and `increase()` read it as a counter.
 pub const AGENT_SECONDS: &str = "agentq_agent_seconds_total";
+/// Cost of the current UTC month so far, micro-dollars, by tenant (from
+/// the ledger's daily rollup; `crate::usage::publish_forecast`).
+pub const COST_MONTH_TO_DATE: &str = "agentq_cost_month_to_date_micros";
+/// Projected cost of the current UTC month, micro-dollars, by tenant:
+/// month-to-date + the last 7 days' daily average x the days left.
+pub const COST_PROJECTED: &str = "agentq_cost_projected_month_micros";
 /// Quota threshold crossings, by tenant and threshold (80, 100).
 pub const QUOTA_ALERTS: &str = "agentq_quota_alerts_total";
 /// Tenants starting jobs at twice their tier's expected rate, by tenant.
@@ -246,6 +256,11 @@ pub fn lease_expiries(n: u64) {
     ::metrics::counter!(LEASE_EXPIRIES).increment(n);
 }
 
+/// A schedule slot enqueued no job, for `reason` (`caps`, `forbidden`).
+pub fn schedule_slot_refused(reason: &'static str) {
+    ::metrics::counter!(SCHEDULE_REFUSED, "reason" => reason).increment(1);
+}
+
 /// Create the fleet-level counters at zero, so `increase()` sees their
 /// first event (Prometheus misses a series' first sample otherwise).
 pub fn register_zeroes() {
@@ -254,6 +269,9 @@ pub fn register_zeroes() {
     }
     for reason in RejectReason::ALL {
         ::metrics::counter!(LEDGER_REJECTS, "reason" => reason.as_str()).increment(0);
+    }
+    for reason in ["caps", "forbidden"] {
+        ::metrics::counter!(SCHEDULE_REFUSED, "reason" => reason).increment(0);
     }
 }
 

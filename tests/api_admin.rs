@@ -524,6 +524,7 @@ fn ledger_row(job: &str, tenant: &str, cost: i64) -> agentq::model::record::Reco
         output_tokens: 0,
         cost_micros: cost,
         error: String::new(),
+        billing: String::new(),
     }
 }
 

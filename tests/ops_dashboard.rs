@@ -116,6 +116,14 @@ fn grafana_dashboard_panels_query_agentq_metrics() {
         &|e| e.contains("rate(agentq_cost_micros_total") && e.contains("/ 1e6 * 3600"),
         "cost per tenant in $/hour",
     );
+    has(
+        &|e| e.contains("topk(") && e.contains("agentq_cost_month_to_date_micros"),
+        "cost per tenant, top N",
+    );
+    has(
+        &|e| e.contains("agentq_cost_projected_month_micros"),
+        "month-end cost projection",
+    );
 
     // The provider loads the directory compose mounts the dashboards into.
     let prov = read_yaml("docker/grafana/provisioning/dashboards/agentq.yml");
@@ -157,6 +165,11 @@ const EMITTERS: &[(&str, Kind, &str)] = &[
     ("agentq_jobs_dead_lettered_total", Kind::Counter, "worker"),
     ("agentq_completions_refused_total", Kind::Counter, "worker"),
     ("agentq_lease_expiries_total", Kind::Counter, "worker"),
+    (
+        "agentq_schedule_slots_refused_total",
+        Kind::Counter,
+        "worker",
+    ),
     ("agentq_tenants_throttled", Kind::Gauge, "worker"),
     ("agentq_job_wait_seconds", Kind::Histogram, "worker"),
     ("agentq_job_run_seconds", Kind::Histogram, "worker"),
@@ -171,6 +184,8 @@ const EMITTERS: &[(&str, Kind, &str)] = &[
     ("agentq_ledger_write_errors_total", Kind::Counter, "worker"),
     ("agentq_ledger_rejects_total", Kind::Counter, "worker"),
     ("agentq_cost_micros_total", Kind::Counter, "worker"),
+    ("agentq_cost_month_to_date_micros", Kind::Gauge, "worker"), // the ledger writer, idle
+    ("agentq_cost_projected_month_micros", Kind::Gauge, "worker"),
     ("agentq_agent_seconds_total", Kind::Gauge, "worker"), // fractional: see src/metrics.rs
     ("agentq_quota_alerts_total", Kind::Counter, "worker"),
     ("agentq_rate_alerts_total", Kind::Counter, "worker"),

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod demo;
 mod drain;
+mod invoice;
 mod jobs;
 mod ops;
 pub mod output;
@@ -14,6 +15,7 @@ mod schedules;
 mod serve;
 mod usage;
 mod watch;
+pub mod webhooks;
 
 pub use run::cancel_on_signals;
 
@@ -139,8 +141,13 @@ pub enum Command {
     /// Tenants' recurring schedules: add, list, rm.
     #[command(subcommand)]
     Schedule(schedules::ScheduleCommand),
+    /// Tenants' alert webhooks: set, show, rm, test, dead.
+    #[command(subcommand)]
+    Webhook(webhooks::WebhookCommand),
     /// Usage per tenant from the ledger: agent time, CPU, outcomes, tokens, cost.
     Usage(usage::UsageArgs),
+    /// A tenant's invoice for a month: lines per price step, reconciled with the ledger.
+    Invoice(invoice::InvoiceArgs),
     /// Print a Lua script as loaded into Redis (enqueue: the wire format for other languages).
     Script(jobs::ScriptArgs),
     /// HTTP API for enqueue, status, cancel and usage (tenant API keys).
@@ -285,7 +292,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Tenant(c) => ops::tenant(g, c).await,
         Command::Tiers(a) => ops::tiers(g, a).await,
         Command::Schedule(c) => schedules::schedule(g, c).await,
+        Command::Webhook(c) => webhooks::webhook(g, c).await,
         Command::Usage(a) => usage::usage(g, a).await,
+        Command::Invoice(a) => invoice::invoice(g, a).await,
         Command::Serve(a) => serve::serve(g, a).await,
         Command::Script(a) => jobs::script(a),
         Command::Demo(a) => crate::cli::demo::run(g, a).await,

@@ -16,6 +16,7 @@
 //! | [`sampler`] | turns Redis state into gauges (one worker of the fleet at a time) |
 //! | [`schedules`] | enqueues the due slots of tenants' recurring schedules (each slot once fleet-wide) |
 //! | [`tier_publisher`] | writes the configured tiers to Redis and PostgreSQL |
+//! | [`webhooks`] | delivers tenant alerts to their webhooks, signed, at least once, retried with backoff |
 
 pub mod heartbeat;
 pub mod ledger_writer;
@@ -23,6 +24,7 @@ pub mod reaper;
 pub mod sampler;
 pub mod schedules;
 pub mod tier_publisher;
+pub mod webhooks;
 
 /// A duty's configuration is out of range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -7,7 +7,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `B:seq` | string | job sequence counter |
-//! | `B:job:<id>` | hash | one job: spec, state, attempts, timestamps, last error, result |
+//! | `B:job:<id>` | hash | one job: spec, state, attempts, timestamps, last error, result, latest `progress`, `cancel` (the attempt a cancel marked) |
 //! | `B:idem:<tenant>:<key>` | string (TTL) | job id for an idempotency key |
 //! | `B:queues`, `B:tenants` | set | names seen |
 //! | `B:q:<q>:t:<t>` | zset | tenant `t`'s ready jobs in queue `q`, by priority then age |
@@ -30,7 +30,7 @@
 //! | `B:leases` | zset | running job id -> lease deadline (Redis time, ms) |
 //! | `B:outbox` | stream | ledger records waiting for PostgreSQL (consumer group `ledger`) |
 //! | `B:tier:<name>`, `B:tiers` | hash, set | published tiers |
-//! | `B:usage:<t>` | hash | month (`YYYY-MM`) -> agent ms (the quota counter) |
+//! | `B:usage:<t>` | hash | month (`YYYY-MM`) -> agent ms (the quota counter); `YYYY-MM:tok` -> tokens (token price steps); `YYYY-MM:cost` -> micro-dollars (spend caps) |
 //! | `B:gcra` | hash | tenant -> theoretical arrival time of its next start |
 //! | `B:throttled`, `B:held` | zset, hash | tenants held by rate or quota: when they may start, and why |
 //! | `B:starts:<t>:<minute>` | string (TTL) | starts per minute (expected-rate alert) |
@@ -40,6 +40,9 @@
 //! | `B:schedule:<t>:<name>` | hash | one recurring schedule: `cron` + `tz` or `every_ms`, the job, `missed`, what it last fired |
 //! | `B:schedules` | zset | `<t>:<name>` -> next-due slot (ms) of each schedule of the partition |
 //! | `B:schedules:<t>` | set | tenant t's schedule names |
+//! | `B:schedtick` | string (PX) | (partition 0) guard: one schedules pass per tick across the fleet |
+//! | `B:webhook:<t>` | hash | tenant t's alert webhook: `url`, `secret`, `events` |
+//! | `B:alerts`, `B:alerts:tries`, `B:alerts:dead` | stream, hash, stream | tenant alerts waiting for delivery (group `webhooks`), failed attempts per entry, alerts given up on |
 //! | `B:events:<t>` | stream (PX) | tenant t's job events, bounded by `events_max` and `events_ttl_ms` (`job_events`) |
 //! | `B:qfeed` | hash | queue → `0` when its jobs publish no events |
 //! | `B:api:revoked` | stream (partition 0 only) | revoked API key prefixes, read by every `agentq serve` (`http::api::key_cache`) |

@@ -5,6 +5,7 @@
 //! state change is one script call (see `src/queue/scripts/*.lua`); reads for
 //! operators live in [`inspect`].
 
+pub mod alerts;
 mod call;
 pub mod hub;
 pub mod inspect;
@@ -755,27 +756,35 @@ impl Queue {
     }
 
     /// Extend the leases of `held` (attempts on partition `p`); returns the
-    /// attempts whose lease is lost (reaped, or the job moved on).
+    /// attempts to kill: those whose lease is lost (reaped, or the job moved
+    /// on), and those whose job was cancelled while they run (their leases
+    /// are extended: they hold their slot until their completion closes
+    /// them as `cancelled`).
     pub async fn extend(
         &self,
         p: u32,
         lease: Duration,
         held: &[AttemptKey],
-    ) -> Result<Vec<AttemptKey>, QueueError> {
+    ) -> Result<Extended, QueueError> {
         let mut args = vec![lease.as_millis().to_string()];
         for key in held {
             args.push(key.id.clone());
             args.push(key.attempt.to_string());
         }
         let flat = strings(self.call(ScriptName::Extend, p, args).await?)?;
-        flat.chunks_exact(2)
-            .map(|c| {
-                let attempt = c[1]
-                    .parse()
-                    .map_err(|_| QueueError::Protocol(format!("extend said attempt {:?}", c[1])))?;
-                Ok(AttemptKey::new(c[0].clone(), attempt))
-            })
-            .collect()
+        let mut out = Extended::default();
+        for c in flat.chunks_exact(3) {
+            let attempt = c[1]
+                .parse()
+                .map_err(|_| QueueError::Protocol(format!("extend said attempt {:?}", c[1])))?;
+            let key = AttemptKey::new(c[0].clone(), attempt);
+            match c[2].as_str() {
+                "lost" => out.lost.push(key),
+                "cancel" => out.cancelled.push(key),
+                why => return Err(QueueError::Protocol(format!("extend said {why:?}"))),
+            }
+        }
+        Ok(out)
     }
 
     /// Run the reaper on partition `p` unless another worker ran it within
@@ -961,10 +970,14 @@ impl Queue {
     }
 
     /// Cancel a job that has not finished. Returns its state before
-    /// (`ready`, `delayed` or `running`: cancelled; anything else: left as
-    /// it was). A running job's attempt is closed at once with outcome
-    /// `cancelled` (one ledger record, no retry) and the worker holding it
-    /// is told to kill it (`cancel.lua`).
+    /// (`ready` or `delayed`: cancelled now; `running`: being cancelled;
+    /// anything else, `cancelled` included: left as it was). A running
+    /// job's attempt is marked and the worker holding it told to kill it
+    /// (`cancel.lua`); it keeps its tenant slot until its completion (or
+    /// the reaper, or a shutdown hand-back) closes it as `cancelled` (one
+    /// ledger record with the worker's measured time, no retry), unless it
+    /// had succeeded already. Repeating the call is harmless: a job being
+    /// cancelled answers `running` again (and its worker is told again).
     pub async fn cancel(&self, id: &str) -> Result<String, QueueError> {
         let p = self.partition_of_job(id)?;
         match self
@@ -1072,6 +1085,16 @@ impl Queue {
         }
         Ok(())
     }
+}
+
+/// What a lease extension ([`Queue::extend`]) says to kill.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extended {
+    /// Attempts whose lease is gone (reaped, or the job moved on).
+    pub lost: Vec<AttemptKey>,
+    /// Attempts whose job was cancelled while they run (`cancel.lua`):
+    /// still leased, to be killed and completed.
+    pub cancelled: Vec<AttemptKey>,
 }
 
 /// A usage counter before and after [`Queue::raise_usage`], agent ms.

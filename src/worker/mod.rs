@@ -1,6 +1,7 @@
 //! The worker: claims fairly in batches, runs each attempt, acknowledges
 //! completions in batches, and shuts down gracefully, with its background
-//! duties (heartbeat, reaper, ledger writer, sampler, schedules) beside it.
+//! duties (heartbeat, reaper, ledger writer, sampler, schedules, webhooks)
+//! beside it.
 //!
 //! Files: `claim` (the claim loop), `slots` (splitting slots across
 //! partitions), `attempt` (one attempt, start to close), `complete` (the
@@ -25,6 +26,7 @@ use crate::duties::ledger_writer::LedgerWriter;
 use crate::duties::reaper::{Reaper, ReaperConfig};
 use crate::duties::sampler::{Sampler, SamplerConfig};
 use crate::duties::schedules::{Schedules, SchedulesConfig};
+use crate::duties::webhooks::{Webhooks, WebhooksConfig};
 use crate::executor::lease_guard::LeaseGuard;
 use crate::executor::{self, Handlers, Registry};
 use crate::lease::{Held, StopReason};
@@ -67,6 +69,8 @@ pub struct WorkerConfig {
     /// None: no guard (the worker still kills lapsed attempts itself while
     /// it runs). `agentq worker` sets it to itself.
     pub lease_guard: Option<std::path::PathBuf>,
+    /// Tenant webhook delivery ([`crate::duties::webhooks`]).
+    pub webhooks: WebhooksConfig,
 }
 
 impl WorkerConfig {
@@ -85,6 +89,7 @@ impl WorkerConfig {
             idle_poll: Duration::from_secs(1),
             sample_metrics: None,
             lease_guard: None,
+            webhooks: WebhooksConfig::default(),
         }
     }
 }
@@ -220,6 +225,14 @@ impl Worker {
         let schedules = tokio::spawn(
             Schedules::new(self.queue.clone(), SchedulesConfig::default()).run(background.clone()),
         );
+        let webhooks = tokio::spawn(
+            Webhooks::new(
+                self.queue.clone(),
+                self.cfg.id.clone(),
+                self.cfg.webhooks.clone(),
+            )
+            .run(background.clone()),
+        );
         let writer = self.ledger.clone().map(|(pool, tiers)| {
             let mut w = LedgerWriter::new(self.queue.clone(), pool, self.cfg.id.clone());
             w.tiers = tiers;
@@ -280,6 +293,7 @@ impl Worker {
         let _ = heartbeat.await;
         let _ = reaper.await;
         let _ = schedules.await;
+        let _ = webhooks.await;
         for task in [writer, sampler].into_iter().flatten() {
             let _ = task.await;
         }

@@ -26,6 +26,9 @@ pub mod keys;
 mod schedules;
 // Operator control plane (admin-scope keys only).
 pub mod admin;
+// The web dashboard at /ui (src/http/ui/): a child of this module so it signs in through any_caller.
+#[path = "../ui/mod.rs"]
+pub mod ui;
 mod wire;
 
 use std::collections::HashMap;
@@ -183,6 +186,8 @@ pub struct ApiConfig {
     /// `too_many_streams`. Each holds a connection and a task, so without
     /// a bound one tenant could exhaust the server for all.
     pub max_streams_per_tenant: usize,
+    /// The web dashboard at `/ui` (on by default); see [`ui`].
+    pub ui: ui::UiConfig,
 }
 
 impl Default for ApiConfig {
@@ -195,6 +200,7 @@ impl Default for ApiConfig {
             max_tracked: 100_000,
             key_cache: key_cache::KeyCacheConfig::default(),
             jwt: None,
+            ui: ui::UiConfig::default(),
             allowed_ttl: Duration::from_secs(5),
             max_streams_per_tenant: 100,
         }
@@ -421,6 +427,7 @@ fn routes(state: AppState, cfg: &ApiConfig) -> Router {
                 .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .merge(streaming(cfg))
+        .merge(ui::routes(&cfg.ui))
         .with_state(state)
 }
 
@@ -737,16 +744,22 @@ async fn delete_job(
 ) -> Result<Json<Value>, ApiError> {
     let tenant = tenant_of(&st, &headers, client.ip()).await?;
     own_job(&st, &tenant, &id).await?;
+    // 200 with the job's state after ("cancelled", or "cancelling" while
+    // the worker kills a running attempt) and before ("was"); a repeat
+    // answers alike, and one already cancelled is a success too.
     let before = st.queue.cancel(&id).await?;
-    if matches!(before.as_str(), "ready" | "delayed" | "running") {
-        Ok(Json(json!({ "id": id, "state": "cancelled" })))
-    } else {
-        Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "not_cancellable",
-            format!("job {id} is {before}: only jobs that have not finished can be cancelled"),
-        ))
-    }
+    let state = match before.as_str() {
+        "ready" | "delayed" | "cancelled" => "cancelled",
+        "running" => "cancelling",
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_cancellable",
+                format!("job {id} is {before}: only jobs that have not finished can be cancelled"),
+            ));
+        }
+    };
+    Ok(Json(json!({ "id": id, "state": state, "was": before })))
 }
 
 async fn get_usage(
@@ -769,7 +782,10 @@ async fn get_usage(
     let rows =
         crate::usage::tenant_report(&st.db, &tenant, since, until, crate::usage::Period::Day)
             .await?;
+    // This month's cost so far and its month-end projection (README,
+    // "Volume pricing, spend caps, invoices"), whatever since/until say.
+    let forecast = crate::usage::tenant_forecast(&st.db, &tenant, today).await?;
     Ok(Json(
-        json!({ "tenant": tenant, "since": since, "until": until, "days": rows }),
+        json!({ "tenant": tenant, "since": since, "until": until, "days": rows, "forecast": forecast }),
     ))
 }

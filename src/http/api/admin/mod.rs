@@ -7,13 +7,16 @@
 //! matching CLI command does, through the same library functions, so the
 //! rules and error texts are the same: `tenant set`/`show` ([`tenants`]),
 //! `tenant key create`/`revoke` ([`keys`]), `usage` and `dead
-//! list`/`retry`/`purge` ([`ops`]). Errors have the tenant API's shape and
+//! list`/`retry`/`purge` ([`ops`]), `webhook show`/`set`/`rm`/`test`
+//! (`webhooks`). Errors have the tenant API's shape and
 //! statuses; every write is logged on target `agentq::audit` with the
 //! operator's key prefix.
 
+mod invoices;
 mod keys;
 mod ops;
 pub mod tenants;
+mod webhooks;
 
 use std::net::IpAddr;
 
@@ -34,9 +37,20 @@ pub(super) fn routes() -> Router<AppState> {
             "/v1/admin/tenants/{tenant}",
             get(tenants::show).put(tenants::set).patch(tenants::set),
         )
+        .route(
+            "/v1/admin/tenants/{tenant}/webhook",
+            get(webhooks::show)
+                .put(webhooks::set)
+                .delete(webhooks::remove),
+        )
+        .route(
+            "/v1/admin/tenants/{tenant}/webhook/test",
+            post(webhooks::test),
+        )
         .route("/v1/admin/keys", get(keys::list).post(keys::create))
         .route("/v1/admin/keys/{prefix}", delete(keys::revoke))
         .route("/v1/admin/usage", get(ops::usage))
+        .route("/v1/admin/invoices", get(invoices::invoice))
         .route("/v1/admin/dead", get(ops::dead))
         .route("/v1/admin/dead/{id}", delete(ops::purge))
         .route("/v1/admin/dead/{id}/retry", post(ops::retry))

@@ -14,20 +14,68 @@ local function lease_rem(id) lease_rems[#lease_rems + 1] = id end
 -- outcome and usage. Returns the job's new state.
 -- Charge an attempt to its tenant's usage this month (the quota counter) and
 -- price it; emits quota threshold events when 80% or 100% is crossed.
--- Usage of tenants without a quota is summed and written once by finish().
+-- Usage of tenants without a quota or price steps is summed and written once
+-- by finish(), and priced flat: floor(run_ms x price/60000 + tokens x
+-- price/1000). A tenant with price steps (README, "Volume pricing") has
+-- its month's counter read and incremented here, per attempt (HINCRBY is
+-- the read), so two attempts in any two calls never price the same minutes:
+-- each is priced at the steps of the usage it actually added. A tenant with
+-- a spend cap adds the cost to B:usage:<t> field <month>:cost, which the
+-- admission check (hold_reason) reads.
 local usage_delta = {}
+local charge_now, charge_month = nil, nil
 local function charge(t, run_ms, tokens, now)
   local l = limits(t)
-  if l.quota_ms > 0 then
-    local used = redis.call('HINCRBY', k('usage', t), month_of(now), run_ms)
-    for _, pct in ipairs({ 80, 100 }) do
-      local line = l.quota_ms * pct / 100
-      if used >= line and used - run_ms < line then event('quota_' .. pct .. ':' .. t) end
+  charge_note = nil
+  local msteps, ksteps = price_steps(l.price_minute_steps), price_steps(l.price_ktok_steps)
+  local cap = l.spend_cap_micros
+  if now ~= charge_now then charge_now, charge_month = now, month_of(now) end
+  local ukey = k('usage', t)
+  local used = nil
+  if l.quota_ms > 0 or msteps then
+    used = redis.call('HINCRBY', ukey, charge_month, run_ms)
+    if l.quota_ms > 0 then
+      for _, pct in ipairs({ 80, 100 }) do
+        local line = l.quota_ms * pct / 100
+        if used >= line and used - run_ms < line then event('quota_' .. pct .. ':' .. t) end
+      end
     end
   else
     usage_delta[t] = (usage_delta[t] or 0) + run_ms
   end
-  return math.floor(run_ms * l.price_minute_micros / 60000 + tokens * l.price_ktok_micros / 1000)
+  local cost
+  if not (msteps or ksteps) then
+    cost = math.floor(run_ms * l.price_minute_micros / 60000 + tokens * l.price_ktok_micros / 1000)
+    if cap <= 0 then return cost end
+  else
+    local notes = {}
+    if msteps then
+      notes[1] = 'u' .. (used - run_ms)
+      cost = graduated(msteps, 60000, used - run_ms, run_ms, 'm', notes)
+    else
+      cost = step_amount(run_ms, l.price_minute_micros, 60000)
+      if run_ms > 0 then notes[#notes + 1] = 'm0:' .. l.price_minute_micros .. ':' .. run_ms .. ':' .. cost end
+    end
+    tokens = math.floor(tokens)
+    if ksteps and tokens > 0 then
+      local tused = redis.call('HINCRBY', ukey, charge_month .. ':tok', tokens)
+      notes[#notes + 1] = 'k' .. (tused - tokens)
+      cost = cost + graduated(ksteps, 1000, tused - tokens, tokens, 't', notes)
+    elseif tokens > 0 then
+      local c = step_amount(tokens, l.price_ktok_micros, 1000)
+      notes[#notes + 1] = 't0:' .. l.price_ktok_micros .. ':' .. tokens .. ':' .. c
+      cost = cost + c
+    end
+    charge_note = table.concat(notes, ' ')
+  end
+  if cap > 0 and cost > 0 then
+    local spent = redis.call('HINCRBY', ukey, charge_month .. ':cost', cost)
+    for _, pct in ipairs({ 80, 100 }) do
+      local line = cap * pct / 100
+      if spent >= line and spent - cost < line then event('spend_' .. pct .. ':' .. t) end
+    end
+  end
+  return cost
 end
 
 -- How long a succeeded job of queue q keeps its hash, in ms as text:
@@ -74,6 +122,15 @@ end
 
 local function finish_attempt(id, job, a, now)
   local q, t = job.queue, job.tenant
+  -- A cancelled attempt (cancel.lua marked it: job field cancel = its
+  -- number) closes as cancelled whoever closes it (its worker's completion,
+  -- the reaper, a hand-back) and whatever it says, unless it succeeded: a
+  -- task that finished before the kill keeps its success.
+  if job.cancel and job.cancel == job.attempts and a.outcome ~= 'succeeded' then
+    local why = (a.error and a.error ~= '') and ('; ' .. a.error) or ''
+    a.outcome, a.permanent, a.backoff_ms = 'cancelled', true, 0
+    a.error = 'cancelled while running' .. why
+  end
   lease_rem(id)
   add_running(t, -1)
   stat(q, t, 'running', -1)
@@ -90,7 +147,7 @@ local function finish_attempt(id, job, a, now)
   if a.outcome == 'succeeded' then
     state = 'succeeded'
   elseif a.outcome == 'cancelled' then
-    -- cancel.lua: no retry, not dead-lettered
+    -- a marked attempt (above): no retry, not dead-lettered
     state = 'cancelled'
   elseif a.permanent or used >= (tonumber(job.max_attempts) or 1) then
     state = 'dead'
@@ -101,6 +158,7 @@ local function finish_attempt(id, job, a, now)
   end
   sync_later(t)
   feed_attempt_end(id, job, a, state, now)
+  if state == 'dead' then alert_dead(id, job, a) end -- lib/events.lua: the tenant's webhook
   local keep = (state == 'succeeded' and keep_completed(q))
     or (state == 'cancelled' and retention_str())
   if keep == '0' then
@@ -141,7 +199,7 @@ local function finish_attempt(id, job, a, now)
 end
 
 local JOB_FIELDS = { 'state', 'tenant', 'queue', 'kind', 'attempts', 'base',
-  'max_attempts', 'enqueued_at', 'ready_at', 'started_at', 'score', 'worker' }
+  'max_attempts', 'enqueued_at', 'ready_at', 'started_at', 'score', 'worker', 'cancel' }
 local function load_job(id)
   local v = redis.call('HMGET', k('job', id), unpack(JOB_FIELDS))
   if not v[1] then return nil end
