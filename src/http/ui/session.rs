@@ -21,6 +21,10 @@ const COOKIE: &str = "agentq_session";
 const LOGIN_COOKIE: &str = "agentq_login";
 /// Sessions kept at most (expired ones are dropped first).
 const MAX_SESSIONS: usize = 10_000;
+/// Sessions one key or JWT may hold: signing in again past this ends its
+/// oldest session, so one tenant cannot fill [`MAX_SESSIONS`] and lock
+/// everyone else out of the dashboard.
+const MAX_PER_CREDENTIAL: usize = 16;
 
 /// One signed-in browser.
 struct Session {
@@ -34,6 +38,23 @@ struct Session {
 pub(super) struct Sessions {
     map: Mutex<HashMap<String, Session>>,
     ttl: Duration,
+}
+
+/// End the oldest sessions of `credential` until it holds at most `keep`.
+fn evict_oldest_beyond(m: &mut HashMap<String, Session>, credential: &str, keep: usize) {
+    let mut own: Vec<(Instant, String)> = m
+        .iter()
+        .filter(|(_, s)| s.credential == credential)
+        .map(|(id, s)| (s.expires, id.clone()))
+        .collect();
+    if own.len() <= keep {
+        return;
+    }
+    own.sort();
+    let over = own.len() - keep;
+    for (_, id) in own.into_iter().take(over) {
+        m.remove(&id);
+    }
 }
 
 /// 32 random bytes, hex.
@@ -58,6 +79,7 @@ impl Sessions {
         let mut m = self.lock();
         let now = Instant::now();
         m.retain(|_, s| s.expires > now);
+        evict_oldest_beyond(&mut m, &credential, MAX_PER_CREDENTIAL - 1);
         if m.len() >= MAX_SESSIONS {
             return None;
         }
@@ -398,6 +420,26 @@ mod tests {
         );
         let h = headers(&[("cookie", "a=1; agentq_session=xyz")]);
         assert_eq!(cookie(&h, COOKIE).as_deref(), Some("xyz"));
+    }
+
+    #[test]
+    fn one_key_holds_a_bounded_number_of_sessions() {
+        let s = Sessions::new(Duration::from_secs(60));
+        let first = s.create("key-a".into()).expect("session");
+        let other = s.create("key-b".into()).expect("session");
+        for _ in 0..MAX_PER_CREDENTIAL {
+            s.create("key-a".into()).expect("session");
+        }
+        let held = |c: &str| s.lock().values().filter(|x| x.credential == c).count();
+        assert_eq!(held("key-a"), MAX_PER_CREDENTIAL);
+        assert!(
+            s.get(&first).is_none(),
+            "the oldest of key-a's sessions ended"
+        );
+        assert!(
+            s.get(&other).is_some(),
+            "another key's session is untouched"
+        );
     }
 
     #[test]
