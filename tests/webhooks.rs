@@ -235,12 +235,17 @@ async fn alerts_arrive_signed_with_their_ids() {
     );
     let (code, _, _) = tq.cli(&["webhook", "rm", "gen"]);
     assert_eq!(code, 0);
-    set_webhook(&tq, "acme", &rx.url(), &["--events", "quota,rate,dead"]);
+    set_webhook(
+        &tq,
+        "acme",
+        &rx.url(),
+        &["--events", "quota,spend,rate,dead"],
+    );
     let (code, out, _) = tq.cli(&["webhook", "show", "acme", "--json"]);
     assert_eq!(code, 0);
     let shown: Value = serde_json::from_str(&out).expect("show --json");
     assert_eq!(shown["url"], rx.url());
-    assert_eq!(shown["events"], json!(["quota", "rate", "dead"]));
+    assert_eq!(shown["events"], json!(["quota", "spend", "rate", "dead"]));
     assert!(!out.contains(SECRET), "the secret is never shown");
     let (code, out, err) = tq.cli(&["webhook", "test", "acme"]);
     assert_eq!(code, 0, "webhook test: {out}{err}");
@@ -264,6 +269,18 @@ async fn alerts_arrive_signed_with_their_ids() {
         )
         .await;
     }
+    // acme also pays $1 per agent-minute under a $0.02 monthly spend cap:
+    // the 900 ms and 300 ms jobs below take it past 80% and 100% of it.
+    let (code, out, err) = tq.cli(&[
+        "tenant",
+        "set",
+        "acme",
+        "--price-per-minute",
+        "1",
+        "--spend-cap",
+        "$0.02/month",
+    ]);
+    assert_eq!(code, 0, "tenant set: {out}{err}");
     let _worker = Proc(tq.spawn_worker_with(
         &["--queues", "q", "--concurrency", "2"],
         &WorkerProc {
@@ -291,13 +308,20 @@ async fn alerts_arrive_signed_with_their_ids() {
     }
     eventually(
         PATIENCE,
-        "quota_80, quota_100, rate_2x and dead alerts",
+        "quota_80, quota_100, spend_80, spend_100, rate_2x and dead alerts",
         || async {
             let kinds: Vec<String> = rx.got().iter().map(|r| r.kind().to_string()).collect();
-            ["quota_80", "quota_100", "rate_2x", "dead"]
-                .iter()
-                .all(|k| kinds.iter().any(|g| g == k))
-                .then_some(())
+            [
+                "quota_80",
+                "quota_100",
+                "spend_80",
+                "spend_100",
+                "rate_2x",
+                "dead",
+            ]
+            .iter()
+            .all(|k| kinds.iter().any(|g| g == k))
+            .then_some(())
         },
     )
     .await;
@@ -327,6 +351,8 @@ async fn alerts_arrive_signed_with_their_ids() {
     assert_eq!(dead[0].json["data"]["job_kind"], "fail");
     assert_eq!(rx.of_kind("quota_80")[0].json["data"]["percent"], 80);
     assert_eq!(rx.of_kind("quota_100")[0].json["data"]["percent"], 100);
+    assert_eq!(rx.of_kind("spend_80")[0].json["data"]["percent"], 80);
+    assert_eq!(rx.of_kind("spend_100")[0].json["data"]["percent"], 100);
     // Each fires once per crossing, and was delivered once (no failures).
     let mut ids: Vec<&str> = Vec::new();
     let got = rx.got();
@@ -340,12 +366,12 @@ async fn alerts_arrive_signed_with_their_ids() {
     }
 
     // Delivered alerts leave the stream; quiet's events were never stored:
-    // only acme's four alerts were ever added.
+    // only acme's six alerts were ever added.
     eventually(PATIENCE, "the alert stream emptied", || async {
         (xlen(&tq, &["alerts"]).await == 0).then_some(())
     })
     .await;
-    assert_eq!(alerts_added(&tq).await, 4, "quiet's alerts were stored");
+    assert_eq!(alerts_added(&tq).await, 6, "quiet's alerts were stored");
     assert_eq!(xlen(&tq, &["alerts", "dead"]).await, 0);
     let quiet_usage: HashMap<String, u64> = tq
         .queue
