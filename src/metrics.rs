@@ -40,6 +40,12 @@ pub const LEASE_EXPIRIES: &str = "agentq_lease_expiries_total";
 /// caps refuse the job's timeout or memory) or `forbidden` (its queue or
 /// kind is not among the tenant's allowed ones).
 pub const SCHEDULE_REFUSED: &str = "agentq_schedule_slots_refused_total";
+/// Task programs' `{"progress": ...}` reports, by outcome: `sent` (a job
+/// event), `coalesced` (replaced by a newer one within the interval),
+/// `dropped_size` (over the size bound).
+pub const PROGRESS_REPORTS: &str = "agentq_progress_reports_total";
+/// The outcomes of [`PROGRESS_REPORTS`].
+const PROGRESS_OUTCOMES: [&str; 3] = ["sent", "coalesced", "dropped_size"];
 /// Tenants held from starting, by reason (concurrency, rate, quota, spend, paused), sampled.
 pub const THROTTLED: &str = "agentq_tenants_throttled";
 /// Seconds from ready to start, by queue and tenant.
@@ -261,6 +267,18 @@ pub fn schedule_slot_refused(reason: &'static str) {
     ::metrics::counter!(SCHEDULE_REFUSED, "reason" => reason).increment(1);
 }
 
+/// One attempt's progress reports: sent, coalesced and dropped for size.
+pub fn progress_reports(sent: u64, coalesced: u64, dropped_size: u64) {
+    for (outcome, n) in PROGRESS_OUTCOMES
+        .into_iter()
+        .zip([sent, coalesced, dropped_size])
+    {
+        if n > 0 {
+            ::metrics::counter!(PROGRESS_REPORTS, "outcome" => outcome).increment(n);
+        }
+    }
+}
+
 /// Create the fleet-level counters at zero, so `increase()` sees their
 /// first event (Prometheus misses a series' first sample otherwise).
 pub fn register_zeroes() {
@@ -272,6 +290,9 @@ pub fn register_zeroes() {
     }
     for reason in ["caps", "forbidden"] {
         ::metrics::counter!(SCHEDULE_REFUSED, "reason" => reason).increment(0);
+    }
+    for outcome in PROGRESS_OUTCOMES {
+        ::metrics::counter!(PROGRESS_REPORTS, "outcome" => outcome).increment(0);
     }
 }
 

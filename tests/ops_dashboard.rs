@@ -170,6 +170,7 @@ const EMITTERS: &[(&str, Kind, &str)] = &[
         Kind::Counter,
         "worker",
     ),
+    ("agentq_progress_reports_total", Kind::Counter, "worker"),
     ("agentq_tenants_throttled", Kind::Gauge, "worker"),
     ("agentq_job_wait_seconds", Kind::Histogram, "worker"),
     ("agentq_job_run_seconds", Kind::Histogram, "worker"),

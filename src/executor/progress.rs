@@ -207,10 +207,13 @@ impl Forwarder {
                 "the last progress report was not sent in time: dropped");
         }
         let c = &self.shared.counts;
-        tracing::debug!(attempt = %self.shared.label,
-            sent = c.sent.load(Ordering::Relaxed),
-            coalesced = c.coalesced.load(Ordering::Relaxed),
-            dropped_size = c.dropped_size.load(Ordering::Relaxed),
+        let (sent, coalesced, dropped_size) = (
+            c.sent.load(Ordering::Relaxed),
+            c.coalesced.load(Ordering::Relaxed),
+            c.dropped_size.load(Ordering::Relaxed),
+        );
+        crate::metrics::progress_reports(sent, coalesced, dropped_size);
+        tracing::debug!(attempt = %self.shared.label, sent, coalesced, dropped_size,
             "progress reports");
     }
 }

@@ -23,6 +23,7 @@ pub const METRICS: &[&str] = &[
     "agentq_completions_refused_total",
     "agentq_lease_expiries_total",
     "agentq_schedule_slots_refused_total",
+    "agentq_progress_reports_total",
     "agentq_ledger_rows_written_total",
     "agentq_ledger_write_errors_total",
     "agentq_ledger_rejects_total",
