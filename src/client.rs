@@ -95,12 +95,14 @@ impl Client {
         inspect::job_info(&self.queue, id).await
     }
 
-    /// Cancel a job that has not finished (queued or running); true if it
-    /// was cancelled, false if it had already finished.
+    /// Cancel a job that has not finished (queued, or running: its worker
+    /// kills it and the attempt closes as `cancelled`); true if it is
+    /// cancelled or being cancelled (also when it already was: a repeat is
+    /// harmless), false if it had succeeded or died first.
     pub async fn cancel(&self, id: &str) -> Result<bool, QueueError> {
         Ok(matches!(
             self.queue.cancel(id).await?.as_str(),
-            "ready" | "delayed" | "running"
+            "ready" | "delayed" | "running" | "cancelled"
         ))
     }
 

@@ -163,7 +163,11 @@ export class AgentqClient {
     return this.call<Job>("GET", `/v1/jobs/${encodeURIComponent(id)}`);
   }
 
-  /** Cancel a job that has not finished: queued, or running (killed); 409 AgentqError once it has finished. */
+  /**
+   * Cancel a job that has not finished: queued, or running (its worker kills it; the job
+   * shows `running` until that attempt closes as `cancelled`). Cancelling a cancelled job
+   * again succeeds; a succeeded or dead job is refused with a 409 AgentqError.
+   */
   async cancel(id: string): Promise<void> {
     await this.call("DELETE", `/v1/jobs/${encodeURIComponent(id)}`);
   }
