@@ -464,3 +464,50 @@ async fn a_tenant_cannot_hold_more_streams_than_its_share() {
     stop.cancel();
     tq.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_large_result_stays_on_the_job_not_in_every_stream_entry() {
+    // A task may print a result of up to 1 MiB; kept in each of a tenant's
+    // 10,000 retained events, that would be 10 GiB of Redis.
+    let tq = TestQueue::new("ev-big").await;
+    let small = tq.enqueue(&JobSpec::new("acme", "q", "echo")).await;
+    let big = tq.enqueue(&JobSpec::new("acme", "q", "echo")).await;
+    let jobs = claim(&tq.queue, &["q"], 10, LEASE).await;
+    let large = format!("\"{}\"", "x".repeat(64 * 1024));
+    let acks: Vec<_> = jobs
+        .iter()
+        .map(|j| {
+            let mut c = done(j, Outcome::Succeeded);
+            c.result = Some(if j.id == big {
+                large.clone()
+            } else {
+                "1".into()
+            });
+            c
+        })
+        .collect();
+    complete(&tq.queue, &acks).await;
+    let ev = events_of(&tq, "acme").await;
+    let end = |id: &str| {
+        ev.iter()
+            .find(|e| e.job == id && e.kind == T::Succeeded)
+            .cloned()
+            .expect("succeeded")
+    };
+    assert_eq!(
+        (end(&small).result, end(&small).result_bytes),
+        (Some(json!(1)), None)
+    );
+    let b = end(&big);
+    assert_eq!(b.result, None, "a large result is left out of the event");
+    assert_eq!(b.result_bytes, Some(large.len() as u64), "its size says so");
+    let info = agentq::queue::inspect::job_info(&tq.queue, &big)
+        .await
+        .expect("job");
+    assert_eq!(
+        info.result,
+        Some(json!("x".repeat(64 * 1024))),
+        "the job keeps it"
+    );
+    tq.cleanup().await;
+}

@@ -123,6 +123,9 @@ fn describe(e: &JobEvent) -> String {
     for v in [&e.progress, &e.result].into_iter().flatten() {
         parts.push(short_json(v, 80));
     }
+    if let Some(n) = e.result_bytes {
+        parts.push(format!("result of {n} bytes (agentq inspect shows it)"));
+    }
     if let Some(at) = e.run_at {
         let when = rfc3339_ms(at as i64).unwrap_or_else(|| at.to_string());
         parts.push(format!("runs at {when}"));

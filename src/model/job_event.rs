@@ -139,6 +139,11 @@ pub struct JobEvent {
     /// The task's result (succeeded events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
+    /// A result too large for the event (over the partition's
+    /// `events_result_max`, 16 KiB): its size in bytes. Read it from the
+    /// job (`GET /v1/jobs/{id}`) while the job is retained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_bytes: Option<u64>,
     /// The task's report (progress events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Value>,
@@ -167,6 +172,7 @@ impl JobEvent {
             outcome: None,
             error: None,
             result: None,
+            result_bytes: None,
             progress: None,
             run_at: None,
         };
@@ -179,6 +185,7 @@ impl JobEvent {
                 "outcome" => e.outcome = Some(v.to_string()),
                 "error" => e.error = Some(v.to_string()),
                 "result" => e.result = Some(json_or_text(v)),
+                "result_bytes" => e.result_bytes = v.parse().ok(),
                 "progress" => e.progress = Some(json_or_text(v)),
                 "run_at" => e.run_at = v.parse().ok(),
                 _ => {}

@@ -94,14 +94,16 @@ impl TenantLimits {
 /// them): the payload limit, how long idempotency keys and finished jobs
 /// are kept, attempts per job, and the retention of each tenant's job
 /// events (at most `events_max` entries, gone `events_ttl_ms` after the
-/// last one).
-pub const PARTITION_BUILTIN: [(&str, u64); 6] = [
+/// last one; a result over `events_result_max` bytes is left out of its
+/// event, which gives its size instead).
+pub const PARTITION_BUILTIN: [(&str, u64); 7] = [
     ("max_payload", 1 << 20),
     ("idem_ttl_ms", 86_400_000),
     ("retention_ms", 86_400_000),
     ("default_max_attempts", 3),
     ("events_max", 10_000),
     ("events_ttl_ms", 3_600_000),
+    ("events_result_max", 16_384),
 ];
 
 /// Every built-in field by its stored name: [`BUILTIN`] and

@@ -239,6 +239,7 @@ impl JobInfo {
             outcome: self.outcome.clone(),
             error: self.last_error.clone(),
             result: self.result.clone(),
+            result_bytes: None,
             progress: None,
             run_at: None,
         }

@@ -74,6 +74,8 @@ export interface JobEvent {
   error?: string;
   /** The task's result (succeeded). */
   result?: unknown;
+  /** A result too large for the event (over 16 KiB): its size; read it with `get(id)`. */
+  result_bytes?: number;
   /** The task's report (progress). */
   progress?: unknown;
   /** When the job runs (enqueued with a delay, retrying), ms since the epoch. */

@@ -100,7 +100,12 @@ end
 local function feed_attempt_end(id, job, a, state, now)
   local t, q, n = job.tenant, job.queue, job.attempts
   if state == 'succeeded' then
-    if a.result and a.result ~= '' then
+    local size = a.result and #a.result or 0
+    if size > default('events_result_max') then
+      -- kept on the job, not in each retained event: a tenant's 10,000
+      -- events could otherwise hold 10,000 results of up to 1 MiB
+      feed(t, q, id, 'succeeded', 'attempt', n, 'result_bytes', size)
+    elseif size > 0 then
       feed(t, q, id, 'succeeded', 'attempt', n, 'result', a.result)
     else
       feed(t, q, id, 'succeeded', 'attempt', n)
