@@ -269,8 +269,10 @@ async fn alerts_arrive_signed_with_their_ids() {
         )
         .await;
     }
-    // acme also pays $1 per agent-minute under a $0.02 monthly spend cap:
-    // the 900 ms and 300 ms jobs below take it past 80% and 100% of it.
+    // acme also pays $1 per agent-minute under a $0.0166 monthly spend cap:
+    // 100% at 996 ms of agent time, just under the quota's 1 s, so the
+    // attempt that crosses the quota crosses the cap too (a cap crossed
+    // first would hold the job that must cross the quota).
     let (code, out, err) = tq.cli(&[
         "tenant",
         "set",
@@ -278,7 +280,7 @@ async fn alerts_arrive_signed_with_their_ids() {
         "--price-per-minute",
         "1",
         "--spend-cap",
-        "$0.02/month",
+        "$0.0166/month",
     ]);
     assert_eq!(code, 0, "tenant set: {out}{err}");
     let _worker = Proc(tq.spawn_worker_with(
