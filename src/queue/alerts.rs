@@ -220,38 +220,26 @@ pub struct DeadAlert {
     pub payload: serde_json::Value,
 }
 
-/// Where a read takes entries from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Read {
-    /// This consumer's own unacknowledged entries (after a restart with the
-    /// same name, or to re-read what it holds).
-    OwnPending,
-    /// Entries idle at least this long with another (dead) consumer.
-    Reclaim(std::time::Duration),
-    /// New entries.
-    New,
-}
+pub use super::group_reader::Read;
 
 /// Reads and settles the alert streams as one consumer of [`GROUP`].
 pub struct AlertReader {
     queue: Queue,
-    consumer: String,
-    groups: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    reader: super::group_reader::GroupReader,
 }
 
 impl AlertReader {
     /// A reader named `consumer` (the worker id).
     pub fn new(queue: Queue, consumer: impl Into<String>) -> AlertReader {
         AlertReader {
+            reader: super::group_reader::GroupReader::new(queue.clone(), GROUP, consumer.into()),
             queue,
-            consumer: consumer.into(),
-            groups: std::sync::Mutex::new(Default::default()),
         }
     }
 
     /// The consumer name.
     pub fn consumer(&self) -> &str {
-        &self.consumer
+        self.reader.consumer()
     }
 
     /// Partition `p`'s alert stream key.
@@ -264,73 +252,17 @@ impl AlertReader {
     /// acknowledged here and not returned.
     pub async fn read(&self, p: u32, from: Read, count: usize) -> Result<Vec<Alert>, QueueError> {
         let key = self.key(p);
-        self.ensure_group(&key).await?;
-        let client = self.queue.client();
-        let reply: Result<Value, QueueError> = match from {
-            Read::Reclaim(idle) => {
-                let args: Vec<Value> = vec![
-                    key.as_str().into(),
-                    GROUP.into(),
-                    self.consumer.as_str().into(),
-                    idle.as_millis().to_string().into(),
-                    "0-0".into(),
-                    "COUNT".into(),
-                    count.to_string().into(),
-                ];
-                client
-                    .custom::<Value, Value>(fred::cmd!("XAUTOCLAIM"), args)
-                    .await
-                    .map(|r| match r {
-                        Value::Array(mut parts) if parts.len() >= 2 => parts.swap_remove(1),
-                        _ => Value::Null,
-                    })
-                    .map_err(Into::into)
-            }
-            _ => {
-                let args: Vec<Value> = vec![
-                    "GROUP".into(),
-                    GROUP.into(),
-                    self.consumer.as_str().into(),
-                    "COUNT".into(),
-                    count.to_string().into(),
-                    "STREAMS".into(),
-                    key.as_str().into(),
-                    if from == Read::OwnPending { "0" } else { ">" }.into(),
-                ];
-                let on_key = fred::types::ClusterHash::from(key.as_str());
-                client
-                    .custom::<Value, Value>(fred::cmd!("XREADGROUP", hash: on_key), args)
-                    .await
-                    .map(|r| match r {
-                        Value::Array(mut streams) if !streams.is_empty() => {
-                            match streams.swap_remove(0) {
-                                Value::Array(mut kv) if kv.len() == 2 => kv.swap_remove(1),
-                                _ => Value::Null,
-                            }
-                        }
-                        Value::Map(m) => m.inner().into_values().next().unwrap_or(Value::Null),
-                        _ => Value::Null,
-                    })
-                    .map_err(Into::into)
-            }
-        };
-        let reply = reply.inspect_err(|e| {
-            if e.to_string().contains("NOGROUP")
-                && let Ok(mut g) = self.groups.lock()
-            {
-                g.remove(&key);
-            }
-        })?;
+        let entries = self.reader.read(&key, from, count).await?;
         let mut out = Vec::new();
         let mut gone = Vec::new();
-        for (entry, fields) in parse_entries(reply) {
-            match fields {
-                None => gone.push(entry),
-                Some(f) => out.push(alert_of(p, entry, f)),
+        for e in entries {
+            match e.fields {
+                None => gone.push(e.id),
+                Some(f) => out.push(alert_of(p, e.id, text_fields(f))),
             }
         }
         if !gone.is_empty() {
-            let _: i64 = client.xack(&key, GROUP, gone).await?;
+            let _: i64 = self.queue.client().xack(&key, GROUP, gone).await?;
         }
         Ok(out)
     }
@@ -346,7 +278,7 @@ impl AlertReader {
         let mut args: Vec<Value> = vec![
             key.as_str().into(),
             GROUP.into(),
-            self.consumer.as_str().into(),
+            self.reader.consumer().into(),
             "0".into(),
         ];
         args.extend(entries.iter().map(|e| Value::from(e.as_str())));
@@ -437,26 +369,6 @@ impl AlertReader {
         let _: Value = self.queue.client().custom(fred::cmd!("XADD"), args).await?;
         self.ack(a).await
     }
-
-    async fn ensure_group(&self, key: &str) -> Result<(), QueueError> {
-        if self.groups.lock().is_ok_and(|g| g.contains(key)) {
-            return Ok(());
-        }
-        let r: Result<(), fred::error::Error> = self
-            .queue
-            .client()
-            .xgroup_create(key, GROUP, "0", true)
-            .await;
-        match r {
-            Err(e) if !e.details().contains("BUSYGROUP") => Err(e.into()),
-            _ => {
-                if let Ok(mut g) = self.groups.lock() {
-                    g.insert(key.to_string());
-                }
-                Ok(())
-            }
-        }
-    }
 }
 
 /// Alerts waiting in every partition's stream (delivered ones are deleted).
@@ -498,9 +410,11 @@ pub async fn dead_alerts(
                 .into(),
         ];
         let reply: Value = q.client().custom(fred::cmd!("XREVRANGE"), args).await?;
-        for (entry, fields) in parse_entries(reply) {
-            let Some(f) = fields else { continue };
-            let m: HashMap<String, String> = pairs(f).into_iter().collect();
+        for e in super::group_reader::parse_entries(reply) {
+            let (entry, Some(f)) = (e.id, e.fields) else {
+                continue;
+            };
+            let m: HashMap<String, String> = pairs(text_fields(f)).into_iter().collect();
             if tenant.is_some_and(|t| m.get("tenant").map(String::as_str) != Some(t)) {
                 continue;
             }
@@ -560,43 +474,12 @@ fn pairs(f: Vec<String>) -> Vec<(String, String)> {
     out
 }
 
-/// `[[id, [field, value, ...]], ...]`; a deleted entry's body is None.
-fn parse_entries(v: Value) -> Vec<(String, Option<Vec<String>>)> {
-    let Value::Array(entries) = v else {
-        return Vec::new();
-    };
-    let mut out = Vec::with_capacity(entries.len());
-    for e in entries {
-        let Value::Array(mut pair) = e else { continue };
-        if pair.len() != 2 {
-            continue;
-        }
-        let fields = pair.pop().unwrap_or(Value::Null);
-        let Some(id) = pair.pop().and_then(|i| i.as_string()) else {
-            continue;
-        };
-        let fields = match fields {
-            Value::Array(f) => Some(
-                f.iter()
-                    .map(|x| x.as_string().unwrap_or_default())
-                    .collect(),
-            ),
-            Value::Map(m) => Some(
-                m.inner()
-                    .into_iter()
-                    .flat_map(|(k, v)| {
-                        [
-                            k.as_str().map(|s| s.to_string()).unwrap_or_default(),
-                            v.as_string().unwrap_or_default(),
-                        ]
-                    })
-                    .collect(),
-            ),
-            _ => None,
-        };
-        out.push((id, fields));
-    }
-    out
+/// A stream entry's fields as text (invalid UTF-8 replaced: alerts are
+/// written by agentq's own scripts from validated names and numbers).
+fn text_fields(f: Vec<Vec<u8>>) -> Vec<String> {
+    f.into_iter()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .collect()
 }
 
 #[cfg(test)]

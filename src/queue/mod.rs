@@ -7,6 +7,7 @@
 
 pub mod alerts;
 mod call;
+mod group_reader;
 pub mod hub;
 pub mod inspect;
 pub mod job;
