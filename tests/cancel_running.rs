@@ -24,40 +24,6 @@ use agentq::queue::inspect::job_info;
 use common::{Proc, TestDb, TestQueue, WorkerProc, eventually};
 use serde_json::json;
 
-/// Live (not zombie) direct children of `parent` that run a task program:
-/// not the lease guard (as in tests/stalled.rs).
-fn task_leaders(parent: u32) -> Vec<u32> {
-    let agentq = std::fs::canonicalize(common::bin()).unwrap_or_default();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
-        let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
-        if ppid != Some(parent) || state == Some("Z") {
-            continue;
-        }
-        // A binary rebuilt while the test runs reads "<path> (deleted)".
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-        let exe = std::path::PathBuf::from(
-            exe.to_string_lossy()
-                .trim_end_matches(" (deleted)")
-                .to_string(),
-        );
-        if exe != agentq {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 fn sleep_job(ms: u64) -> JobSpec {
     let mut s = JobSpec::new("t", "q", "sleep").payload(&json!({ "ms": ms }));
     s.max_attempts = Some(5);
@@ -96,7 +62,7 @@ async fn cancelling_a_running_job_kills_it_bills_it_once_and_frees_the_slot() {
     let long = tq.enqueue(&sleep_job(60_000)).await;
     let wpid = w.id();
     let task = eventually(Duration::from_secs(30), "the task starts", || async move {
-        task_leaders(wpid).first().copied()
+        common::task_leaders(wpid).first().copied()
     })
     .await;
     let started = Instant::now();
@@ -122,7 +88,7 @@ async fn cancelling_a_running_job_kills_it_bills_it_once_and_frees_the_slot() {
         "the task process outlived the cancel by more than 1 s"
     );
     let gone_in = cancelled_at.elapsed();
-    assert!(task_leaders(wpid).iter().all(|p| *p != task));
+    assert!(common::task_leaders(wpid).iter().all(|p| *p != task));
     assert_eq!(state(&tq, &long).await, ("cancelled".to_string(), 1));
 
     // The slot is free: the next job of the same tenant runs to the end.
@@ -156,7 +122,10 @@ async fn cancelling_a_running_job_kills_it_bills_it_once_and_frees_the_slot() {
     );
     // No retry: the attempts did not grow and the state stayed.
     assert_eq!(state(&tq, &long).await, ("cancelled".to_string(), 1));
-    assert!(task_leaders(wpid).is_empty(), "nothing runs any more");
+    assert!(
+        common::task_leaders(wpid).is_empty(),
+        "nothing runs any more"
+    );
     eprintln!("task gone {gone_in:?} after the cancel returned; run_ms {run_ms}, ran {ran_ms} ms");
 
     // Cancelling it again succeeds and says it was already cancelled;
@@ -205,7 +174,7 @@ async fn a_running_job_cancelled_through_the_library_leaves_one_record() {
     let id = tq.enqueue(&sleep_job(60_000)).await;
     let wpid = w.id();
     let task = eventually(Duration::from_secs(30), "the task starts", || async move {
-        task_leaders(wpid).first().copied()
+        common::task_leaders(wpid).first().copied()
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -267,7 +236,7 @@ async fn a_running_job_cancelled_over_http_is_killed() {
     let id = tq.enqueue(&sleep_job(60_000)).await;
     let wpid = w.id();
     let task = eventually(Duration::from_secs(30), "the task starts", || async move {
-        task_leaders(wpid).first().copied()
+        common::task_leaders(wpid).first().copied()
     })
     .await;
     let first = delete(id.clone()).await;
@@ -516,7 +485,7 @@ async fn a_missed_cancel_message_still_kills_within_a_third_of_the_lease() {
     let id = tq.enqueue(&sleep_job(60_000)).await;
     let wpid = w.id();
     let task = eventually(Duration::from_secs(30), "the task starts", || async move {
-        task_leaders(wpid).first().copied()
+        common::task_leaders(wpid).first().copied()
     })
     .await;
     let jk = tq.queue.keys(0).key(&["job", &id]);

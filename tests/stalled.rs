@@ -19,34 +19,6 @@ use serde_json::json;
 
 const LEASE: &str = "2s";
 
-/// Live (not zombie) direct children of `parent` that run a task program:
-/// not the lease guard, nor a fork of the worker that has not exec'd yet.
-fn task_leaders(parent: u32) -> Vec<u32> {
-    let agentq = std::fs::canonicalize(common::bin()).unwrap_or_default();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
-        let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
-        if ppid != Some(parent) || state == Some("Z") {
-            continue;
-        }
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-        if exe != agentq {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 fn signal(c: &Proc, sig: libc::c_int) {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(c.id() as libc::pid_t, sig) };
@@ -62,7 +34,7 @@ where
     let start = Instant::now();
     let mut most = 0;
     while start.elapsed() < limit {
-        let n: usize = workers.iter().map(|w| task_leaders(*w).len()).sum();
+        let n: usize = workers.iter().map(|w| common::task_leaders(*w).len()).sum();
         most = most.max(n);
         if until().await {
             break;
@@ -88,7 +60,7 @@ fn worker(tq: &TestQueue) -> Proc {
 async fn wait_for_task(w: &Proc) {
     let pid = w.id();
     eventually(Duration::from_secs(30), "the task starts", || async move {
-        (!task_leaders(pid).is_empty()).then_some(())
+        (!common::task_leaders(pid).is_empty()).then_some(())
     })
     .await;
 }
@@ -114,7 +86,7 @@ async fn a_worker_stopped_past_its_lease_runs_its_job_once_at_a_time() {
     wait_for_task(&w).await;
     signal(&w, libc::SIGSTOP);
     let during = most_at_once(&[w.id()], Duration::from_secs(6), || async { false }).await;
-    let killed_in_stall = task_leaders(w.id()).is_empty();
+    let killed_in_stall = common::task_leaders(w.id()).is_empty();
     signal(&w, libc::SIGCONT);
     let after = most_at_once(&[w.id()], Duration::from_secs(40), || async {
         agentq::queue::inspect::job_info(&tq.queue, &id)

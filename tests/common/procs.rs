@@ -313,3 +313,37 @@ pub fn lease_guard_of(worker: u32) -> Option<u32> {
             .then_some(pid)
     })
 }
+
+/// Live (not zombie) direct children of `parent` that run a task program:
+/// not the lease guard, nor a fork of the worker that has not exec'd yet.
+pub fn task_leaders(parent: u32) -> Vec<u32> {
+    let agentq = std::fs::canonicalize(bin()).unwrap_or_default();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
+        if ppid != Some(parent) || state == Some("Z") {
+            continue;
+        }
+        // A binary rebuilt while the test runs reads "<path> (deleted)".
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        let exe = std::path::PathBuf::from(
+            exe.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_string(),
+        );
+        if exe != agentq {
+            out.push(pid);
+        }
+    }
+    out
+}
