@@ -895,6 +895,26 @@ impl Queue {
         Ok(())
     }
 
+    /// Retry (`retry` true) or purge the one dead job `id` (the operator
+    /// API and the dashboard act on one job). Returns the job as it was
+    /// when it was changed; None if it is not dead (or stopped being so
+    /// meanwhile: the dead-letter script checks again atomically).
+    pub async fn change_dead_job(
+        &self,
+        id: &str,
+        retry: bool,
+    ) -> Result<Option<inspect::JobInfo>, QueueError> {
+        let info = inspect::job_info(self, id).await?;
+        if info.state != "dead" {
+            return Ok(None);
+        }
+        let jobs = [id.to_string()];
+        let done = self
+            .dead_jobs(retry, &info.queue, None, Duration::ZERO, &jobs)
+            .await?;
+        Ok((done.values().sum::<u64>() > 0).then_some(info))
+    }
+
     /// Retry (`retry` true) or purge dead jobs of `queue`: the given `jobs`,
     /// or all of `tenant`'s (every tenant's if None) dead for at least
     /// `older_than`. Returns how many per tenant.

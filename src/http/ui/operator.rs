@@ -364,22 +364,11 @@ pub(super) async fn dead_action(
         "purge" => false,
         _ => return Err(UiError::NotFound),
     };
-    let info = inspect::job_info(&st.queue, &id).await?;
-    let done = if info.state == "dead" {
-        let jobs = [id.clone()];
-        let n = st
-            .queue
-            .dead_jobs(retry, &info.queue, None, std::time::Duration::ZERO, &jobs)
-            .await?;
-        n.values().sum::<u64>() > 0
-    } else {
-        false
-    };
-    if !done {
+    let Some(info) = st.queue.change_dead_job(&id, retry).await? else {
         let text = format!("Job {id} is not dead: only dead jobs can be retried or purged.");
         ui.sessions.flash(&v.sid, text);
         return Ok(Redirect::to("/ui/dead").into_response());
-    }
+    };
     audit(
         &v,
         if retry { "dead.retry" } else { "dead.purge" },

@@ -143,25 +143,13 @@ async fn change_dead(
     id: &str,
     retry: bool,
 ) -> Result<(String, String), ApiError> {
-    let info = inspect::job_info(&st.queue, id).await?;
-    let not_dead = || {
-        ApiError::new(
+    let Some(info) = st.queue.change_dead_job(id, retry).await? else {
+        return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_dead",
             format!("job {id} is not dead: only dead jobs can be retried or purged here"),
-        )
+        ));
     };
-    if info.state != "dead" {
-        return Err(not_dead());
-    }
-    let jobs = [id.to_string()];
-    let done = st
-        .queue
-        .dead_jobs(retry, &info.queue, None, std::time::Duration::ZERO, &jobs)
-        .await?;
-    if done.values().sum::<u64>() == 0 {
-        return Err(not_dead());
-    }
     tracing::info!(
         target: "agentq::audit",
         admin = %admin.prefix,
